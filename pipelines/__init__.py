@@ -1,0 +1,1 @@
+"""cnncodes' pipelines: the CLI and everything built on cached CNN codes."""

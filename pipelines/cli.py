@@ -1,0 +1,239 @@
+"""The ``cnncodes`` command line: one click group of thin subcommands over the library.
+
+torch and the models are imported inside the commands so that ``--help`` is instant.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+EXIT_INTERRUPTED = 130
+
+
+def _fail_cleanly(fn):
+    """Library errors become one-line messages and exit status 1, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from extractor.errors import CnnCodesError
+        try:
+            return fn(*args, **kwargs)
+        except (CnnCodesError, ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="cnncodes")
+@click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Transfer learning with pretrained CNNs: CNN codes of any layer into a resumable HDF5
+    cache, for linear classifiers, layer sweeps and fine-tuning.
+
+    \b
+    Start here:
+      cnncodes sample-data digits data/digits
+      cnncodes list-layers --model efficientnet_lite0
+      cnncodes extract data/digits --layer stage3 --layer penultimate
+      cnncodes info cache/digits-efficientnet_lite0.h5
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(levelname)s: %(message)s")
+
+
+@cli.command("sample-data")
+@click.argument("name", type=click.Choice(["digits"]))
+@click.argument("directory", type=click.Path(file_okay=False), default="data/digits")
+@click.option("--seed", default=0, show_default=True, help="Seed of the stratified 80/20 split.")
+@_fail_cleanly
+def sample_data(name: str, directory: str, seed: int) -> None:
+    """Write an embedded sample data set as an image folder (nothing is downloaded).
+
+    \b
+    digits: scikit-learn's 1,797 8x8 handwritten digits, as
+            DIRECTORY/train/<digit>/*.png and DIRECTORY/test/<digit>/*.png (80/20, stratified).
+
+    \b
+    Example:
+      cnncodes sample-data digits data/digits
+    """
+    from pipelines.sample_data import write_digits
+    counts = write_digits(directory, seed=seed)
+    state = f"wrote {counts['written']} files" if counts["written"] else "already there"
+    click.echo(f"{directory}: {counts['train']} train + {counts['test']} test images ({state})")
+
+
+@cli.command("list-models")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fail_cleanly
+def list_models_cmd(as_json: bool) -> None:
+    """List the backbones and whether their default weights are present offline.
+
+    torchvision weights are read from the torch hub cache ($TORCH_HOME/hub/checkpoints) or a
+    file given with --weights; nothing is downloaded. Any timm architecture is available as
+    timm:<name> with --weights PATH.
+    """
+    from extractor import list_models
+    rows = list_models()
+    if as_json:
+        _echo_json(rows)
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        mark = "offline" if r["offline"] else "missing"
+        click.echo(f"{r['name']:<{width}}  {r['family']:<11}  {mark:<7}  {r['default_weights']}")
+    click.echo(f"timm:<name>{'':<{max(0, width - 11)}}  timm         --weights PATH or none")
+
+
+@cli.command("list-layers")
+@click.option("--model", "-m", default="efficientnet_lite0", show_default=True, help="Backbone name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Also list the modules inside each block.")
+@_fail_cleanly
+def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
+    """Print every tappable layer with its output shape and stride at the model's input size.
+
+    \b
+    Any name printed here, or an alias, is a valid --layer for `extract`:
+      stage1..stage5  the last module whose output has stride 2, 4, 8, 16, 32
+      penultimate     the pooled features that feed the classifier
+
+    \b
+    Example:
+      cnncodes list-layers --model resnet18
+    """
+    from extractor import list_layers
+    layers, aliases = list_layers(model)
+    if as_json:
+        _echo_json({"model": model,
+                    "layers": [{"name": l.name, "type": l.type, "shape": list(l.shape), "stride": l.stride}
+                               for l in layers],
+                    "aliases": {a: l.name for a, l in aliases.items()}})
+        return
+    depth = min(l.name.count(".") for l in layers) + 1
+    shown = layers if show_all else [l for l in layers if l.name.count(".") <= depth
+                                     or l.name in {a.name for a in aliases.values()}]
+    width = max(len(l.name) for l in shown)
+    click.echo(f"{'layer':<{width}}  {'type':<20}  {'output shape':<16}  stride")
+    for l in shown:
+        click.echo(f"{l.name:<{width}}  {l.type[:20]:<20}  {'x'.join(map(str, l.shape)):<16}  {l.stride or '-'}")
+    if not show_all and len(shown) < len(layers):
+        click.echo(f"({len(layers) - len(shown)} inner modules hidden; --all shows them)")
+    click.echo("\naliases:")
+    for a, l in aliases.items():
+        click.echo(f"  {a:<12} -> {l.name} ({'x'.join(map(str, l.shape))})")
+
+
+@cli.command("extract")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Cache file [default: cache/<data>-<model>.h5].")
+@click.option("--model", "-m", default="efficientnet_lite0", show_default=True, help="Backbone (see list-models).")
+@click.option("--weights", "-w", default="DEFAULT", show_default=True,
+              help="DEFAULT, a torchvision enum name (IMAGENET1K_V2), a file, or none.")
+@click.option("--layer", "-l", "layers", multiple=True, default=["penultimate"], show_default=True,
+              help="Layer name or alias (stage1..stage5, penultimate); repeat for several.")
+@click.option("--pool", default="avg", show_default=True, help="avg | max | avgmax | grid:K | spp:1,2,4 | none")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage type of the codes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
+              help="Decoding processes [default: one per CPU core, at most 8].")
+@click.option("--strict", is_flag=True, help="Stop at the first image that fails to decode.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file made by another recipe.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_fail_cleanly
+def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precision, batch_size,
+                workers, strict, overwrite, quiet, as_json) -> None:
+    """Extract CNN codes of one or more layers for every image of DATA into an HDF5 cache.
+
+    DATA is an image folder (ROOT/<class>/<image>, or ROOT/train|val|test/<class>/<image>) or a
+    CSV manifest with a header path,label[,split]. All layers come from one forward pass that
+    stops after the deepest of them. Images that fail to decode are recorded in the cache and
+    skipped (--strict stops instead).
+
+    Interrupt at any moment and rerun the same command: only missing images are processed.
+    Rerunning a finished extraction does nothing.
+
+    \b
+    Examples:
+      cnncodes extract data/digits
+      cnncodes extract photos/ --model resnet50 --layer layer3 --layer penultimate --pool avgmax
+      cnncodes extract manifest.csv --model timm:resnet18 --weights r18.pth --out cache/r18.h5
+    """
+    from extractor import ExtractionInterrupted, extract
+    try:
+        r = extract(data, out, model=model, weights=weights, layers=layers, pool=pool, dtype=dtype,
+                    device=device, precision=precision, batch_size=batch_size, workers=workers,
+                    strict=strict, overwrite=overwrite, progress=False if quiet else None)
+    except ExtractionInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    for path, err in r.failures[:10]:
+        click.echo(f"failed: {path}: {err}", err=True)
+    if len(r.failures) > 10:
+        click.echo(f"... and {len(r.failures) - 10} more failed images (see /images/error)", err=True)
+    if as_json:
+        _echo_json(r.as_dict())
+        return
+    dims = ", ".join(f"{k}: {v}" for k, v in r.layers.items())
+    if r.state == "up to date":
+        click.echo(f"{r.path} is up to date: {r.done} images done, {r.failed} failed ({dims})")
+    else:
+        click.echo(f"{r.path}: {r.state}, {r.done}/{r.images} images done, {r.failed} failed; "
+                   f"{r.processed} processed in {r.seconds:.1f}s ({r.images_per_s:.1f} img/s on "
+                   f"{r.device}); layers {dims}")
+
+
+@cli.command("info")
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fail_cleanly
+def info_cmd(cache: str, as_json: bool) -> None:
+    """Summarise a cache: recipe, layers, progress, splits.
+
+    \b
+    Example:
+      cnncodes info cache/digits-efficientnet_lite0.h5 --json
+    """
+    from extractor.cache import open_cache
+    with open_cache(cache) as c:
+        s = c.summary()
+    if as_json:
+        _echo_json(s)
+        return
+    pre = s["preprocessing"]
+    click.echo(f"{s['path']}  ({s['size_bytes'] / 1e6:.1f} MB, {s['format']} v{s['schema_version']})")
+    click.echo(f"  model         {s['model']}  weights {s['weights']['name']}"
+               + (f" (sha256 {s['weights']['sha256'][:12]})" if s['weights'].get('sha256') else ""))
+    click.echo(f"  preprocessing resize {pre['resize']} {pre['interpolation']}, crop {pre['crop']}, "
+               f"mean {pre['mean']}, std {pre['std']}")
+    click.echo(f"  pooling       {s['pooling']}, {s['dtype']}, precision {s['precision']}")
+    click.echo(f"  images        {s['images']}: {s['done']} done, {s['failed']} failed, {s['pending']} pending; "
+               f"{s['classes']} classes; splits " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
+    for name, l in s["layers"].items():
+        click.echo(f"  layer {name:<12} {l['dim']:>6}-d  module {l['module']}, "
+                   f"unpooled {'x'.join(map(str, l['unpooled_shape']))}, stride {l['stride'] if l['stride'] > 0 else '-'}")
+    state = "complete" if s["complete"] else "INCOMPLETE"
+    extra = (f"; {s['unmerged_rows']} rows of an interrupted run await the next `extract`"
+             if s["unmerged_rows"] else "")
+    click.echo(f"  state         {state}{extra}; created {s['created']}")
+
+
+def main() -> None:
+    cli(prog_name="cnncodes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared fixtures: small generated image folders, fixed-weight tiny-ish models, shared data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CALTECH = SHARED / "datasets" / "caltech101-mini"
+IMAGENET_CHECK = SHARED / "datasets" / "imagenet-check"
+
+needs_shared = pytest.mark.skipif(not CALTECH.is_dir(), reason="../shared/datasets is not beside the repo")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def write_image(path: Path, seed: int, size=(40, 32), mode="RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(a).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """root/<class>/<img>: 3 classes x 4 images, 40x32 px PNGs."""
+    root = tmp_path / "imgs"
+    for c, cls in enumerate(["cat", "dog", "eel"]):
+        for i in range(4):
+            write_image(root / cls / f"{i}.png", seed=10 * c + i)
+    return root
+
+
+@pytest.fixture
+def split_folder(tmp_path) -> Path:
+    """root/train|test/<class>/<img>: 2 classes, 5 train + 2 test each."""
+    root = tmp_path / "split"
+    for c, cls in enumerate(["a", "b"]):
+        for i in range(5):
+            write_image(root / "train" / cls / f"{i}.png", seed=100 + 10 * c + i)
+        for i in range(2):
+            write_image(root / "test" / cls / f"{i}.png", seed=200 + 10 * c + i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def r18_weights(tmp_path_factory) -> Path:
+    """A fixed (seeded) resnet18 state dict with non-trivial batch-norm statistics."""
+    import torchvision
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("weights") / "r18.pth"
+    torch.save(m.state_dict(), path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _offline_torch_home(tmp_path, monkeypatch):
+    """No test may find (or fetch) weights from the developer's own hub cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+
+
