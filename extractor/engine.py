@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .cache import (DONE, FAILED, PENDING, CacheWriter, Journal, LayerSpec, create_cache,
                     open_status, read_attrs, recipe_differences)
-from .errors import CacheError, ImageDecodeError, IncompatibleCacheError
+from .errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
 from .fusion import fold_batchnorm
 from .images import ImageTable, find_images, load_rgb
 from .layers import Probe, Tap, Tapper
@@ -268,8 +268,12 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         Storage type of the codes.
     device, precision : str
         ``auto`` picks CUDA, then MPS, then CPU; bf16 autocast on CUDA, fp32 elsewhere.
-    batch_size, workers : int
-        Images per forward pass; decoding processes (default: one per CPU core, at most 8).
+    batch_size : int
+        Images decoded, computed and saved together (a resumed run forms the same batches).
+    workers : int, optional
+        DataLoader decoding processes. Default: on CUDA/MPS one per CPU core (at most 8); on a
+        CPU 0, which decodes each batch on threads and then computes it, in turn (on a machine
+        whose cores the forward pass already fills, that beats worker processes).
     strict : bool
         Stop at the first image that fails to decode instead of recording and skipping it.
     overwrite : bool
@@ -320,6 +324,8 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     specs = _layer_specs(taps, pooling, bb.input_size)
 
     def create():
+        if out.exists() and not overwrite and not exists:
+            raise CacheLockedError(f"{out} was created by another process meanwhile; rerun to use it.")
         create_cache(out, paths=table.paths, labels=table.labels, splits=table.splits,
                      classes=table.classes, layers=specs, attrs=recipe)
 

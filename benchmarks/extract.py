@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Benchmark `cnncodes extract` against the reference peers and the forward-only ceiling.
+
+One run, same images, same machine, each program in its own process:
+
+- 512 evenly spaced images of ../shared/datasets/caltech101-mini/train (the peers' --limit 512),
+  EfficientNet-Lite0 (packaged ImageNet weights), taps blocks.4 and blocks.6, average pooling;
+- ``naive`` and ``tuned``: ../shared/peers/extract_peer.py;
+- ``cnncodes``: the real CLI writing a real HDF5 cache;
+- ``ceiling``: the same truncated, BN-folded model cnncodes runs, timed on tensors decoded
+  beforehand (what cnncodes would reach if decoding and writing were free);
+- memory: peak RSS of `cnncodes extract` on 500 and on 2,000 images (it should stream).
+
+Throughput is images / seconds of each program's own extraction loop (model loading excluded
+for all, as the peers report it); whole-process wall times are recorded too. Rounds are
+interleaved and the median is reported, because a shared 2-core machine is noisy.
+
+Example:
+  python benchmarks/extract.py --repeats 3 --update-readme
+Writes benchmarks/results/extract-<device>.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared"
+CALTECH = SHARED / "datasets" / "caltech101-mini"
+PEER = SHARED / "peers" / "extract_peer.py"
+LAYERS = ["blocks.4", "blocks.6"]
+TARGETS = {"vs_naive": 1.8, "vs_tuned": 1.1, "of_ceiling": 0.85, "memory_ratio": 1.10}
+
+
+def evenly_spaced(files: list[Path], n: int) -> list[Path]:
+    import numpy as np
+    idx = np.linspace(0, len(files) - 1, n).astype(int)
+    return [files[i] for i in idx]
+
+
+def image_folder_order(root: Path) -> list[Path]:
+    """The order torchvision's ImageFolder lists files in (so the subset equals the peers')."""
+    out = []
+    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        out += [root / cls / f for f in sorted(os.listdir(root / cls))]
+    return out
+
+
+def write_manifest(path: Path, files: list[Path]) -> Path:
+    path.write_text("path,label\n" + "".join(f"{f},{f.parent.name}\n" for f in files))
+    return path
+
+
+def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
+    """Like run(), with the child's peak resident memory from wait4()."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    out_chunks = proc.stdout.read()
+    err_chunks = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err_chunks[-2000:]}")
+    start = out_chunks.find("{")
+    return json.loads(out_chunks[start:]), wall, usage.ru_maxrss / 1024
+
+
+def cnncodes_cmd(manifest: Path, out: Path, device: str, batch_size: int) -> list[str]:
+    cmd = [sys.executable, "-m", "pipelines.cli", "extract", str(manifest), "--out", str(out),
+           "--overwrite", "--quiet", "--json", "--device", device, "--batch-size", str(batch_size)]
+    for layer in LAYERS:
+        cmd += ["--layer", layer]
+    return cmd
+
+
+def ceiling(manifest: Path, device: str, batch_size: int) -> dict:
+    """In-process: the engine's own prepared model on pre-decoded tensors."""
+    import torch
+
+    import extractor
+    from extractor.engine import cpu_micro_batch, prepare_model, tune_cpu_allocator
+    from extractor.layers import Probe, Tapper
+    from extractor.pooling import parse_pooling
+    dev = torch.device(device)
+    table = extractor.find_images(manifest)
+    bb = extractor.load_backbone()
+    probe = Probe(bb.model, bb.input_size)
+    taps = probe.resolve(LAYERS)
+    net = prepare_model(bb, taps, dev)
+    micro = batch_size
+    if dev.type == "cpu":
+        tune_cpu_allocator()
+        micro = min(batch_size, cpu_micro_batch(probe, taps))
+    split = bb.split
+    batches = []
+    for lo in range(0, len(table), batch_size):
+        x = torch.stack([split.pil(extractor.load_rgb(table.absolute(i)))
+                         for i in range(lo, min(lo + batch_size, len(table)))])
+        batches.append(split.batch(x).contiguous(memory_format=torch.channels_last))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
+    with Tapper(net, taps, parse_pooling("avg")) as tap, torch.inference_mode():
+        tap(batches[0][:micro].to(dev))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for x in batches:
+            x = x.to(dev, non_blocking=True)
+            for i in range(0, len(x), micro):
+                if autocast:
+                    with autocast:
+                        out = tap(x[i:i + micro])
+                else:
+                    out = tap(x[i:i + micro])
+                for v in out.values():
+                    v.float().cpu()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    return {"images": len(table), "seconds": round(dt, 3), "images_per_s": round(len(table) / dt, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the README's table")
+    ap.add_argument("--readme-only", action="store_true",
+                    help="rebuild the README table from the saved JSON without running anything")
+    ap.add_argument("--ceiling-only", metavar="MANIFEST", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.readme_only:
+        saved = json.loads((HERE / "results" / f"extract-{args.device}.json").read_text())
+        saved["memory"] = {int(k): v for k, v in saved["memory"].items()}
+        update_readme(markdown(saved), args.device)
+        return
+    if args.ceiling_only:
+        print(json.dumps(ceiling(Path(args.ceiling_only), args.device, args.batch_size)))
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
+    train = image_folder_order(CALTECH / "train")
+    manifest = write_manifest(tmp / "subset.csv", evenly_spaced(train, args.images))
+    everything = image_folder_order(CALTECH / "train") + image_folder_order(CALTECH / "test")
+    m500 = write_manifest(tmp / "m500.csv", evenly_spaced(everything, 500))
+    m2000 = write_manifest(tmp / "m2000.csv", evenly_spaced(everything, 2000))
+
+    peer = lambda kind: [sys.executable, str(PEER), "--peer", kind, "--images", str(CALTECH / "train"),
+                         "--limit", str(args.images), "--batch-size", str(args.batch_size)] + \
+        [a for layer in LAYERS for a in ("--layer", layer)]
+    runs = {"naive": [], "tuned": [], "cnncodes": [], "ceiling": []}
+    for r in range(args.repeats):
+        for name in runs:
+            if name in ("naive", "tuned"):
+                cmd = peer(name)
+            elif name == "cnncodes":
+                cmd = cnncodes_cmd(manifest, tmp / "codes.h5", args.device, args.batch_size)
+            else:
+                cmd = [sys.executable, str(HERE / "extract.py"), "--ceiling-only", str(manifest),
+                       "--device", args.device, "--batch-size", str(args.batch_size)]
+            res, wall, rss = run_measured(cmd)
+            runs[name].append({"images_per_s": res["images_per_s"], "seconds": res["seconds"],
+                               "process_wall_s": round(wall, 2), "peak_rss_mib": round(rss, 1)})
+            print(f"round {r + 1} {name:9s} {res['images_per_s']:7.1f} img/s  "
+                  f"(loop {res['seconds']:.1f}s, process {wall:.1f}s, {rss:.0f} MiB)", file=sys.stderr)
+
+    mem = {}
+    for n, m in ((500, m500), (2000, m2000)):
+        res, wall, rss = run_measured(cnncodes_cmd(m, tmp / f"mem{n}.h5", args.device, args.batch_size))
+        mem[n] = {"images": res["images"], "peak_rss_mib": round(rss, 1), "images_per_s": res["images_per_s"]}
+        print(f"memory {n}: {rss:.0f} MiB peak", file=sys.stderr)
+
+    med = {k: statistics.median(x["images_per_s"] for x in v) for k, v in runs.items()}
+    ratios = {"vs_naive": med["cnncodes"] / med["naive"], "vs_tuned": med["cnncodes"] / med["tuned"],
+              "of_ceiling": med["cnncodes"] / med["ceiling"],
+              "memory_ratio": mem[2000]["peak_rss_mib"] / mem[500]["peak_rss_mib"]}
+    met = {k: (v <= TARGETS[k] if k == "memory_ratio" else v >= TARGETS[k]) for k, v in ratios.items()}
+    import torch
+    result = {
+        "benchmark": "extract", "device": args.device,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+        "settings": {"images": args.images, "batch_size": args.batch_size, "layers": LAYERS,
+                     "pooling": "avg", "model": "efficientnet_lite0", "repeats": args.repeats},
+        "median_images_per_s": {k: round(v, 2) for k, v in med.items()},
+        "runs": runs, "memory": mem,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets": TARGETS, "met": met,
+        "versions": __import__("extractor.engine", fromlist=["x"]).library_versions(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out = HERE / "results" / f"extract-{args.device}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    print(table)
+    if args.update_readme:
+        update_readme(table, args.device)
+
+
+def markdown(r: dict) -> str:
+    m, x, t, ok = r["median_images_per_s"], r["ratios"], r["targets"], r["met"]
+    yes = lambda k: "yes" if ok[k] else "**no**"
+    rows = [
+        "| extract, 512 Caltech images, Lite0 `blocks.4`+`blocks.6` | images/s (median of "
+        f"{r['settings']['repeats']}) | cnncodes is | target | met |",
+        "|---|---:|---:|---:|:---:|",
+        f"| peer `naive` | {m['naive']:.1f} | {x['vs_naive']:.2f}x | >= {t['vs_naive']}x | {yes('vs_naive')} |",
+        f"| peer `tuned` | {m['tuned']:.1f} | {x['vs_tuned']:.2f}x | >= {t['vs_tuned']}x | {yes('vs_tuned')} |",
+        f"| forward-only ceiling | {m['ceiling']:.1f} | {x['of_ceiling']:.2f} of it | >= {t['of_ceiling']} | {yes('of_ceiling')} |",
+        f"| **cnncodes** | **{m['cnncodes']:.1f}** | | | |",
+        f"| peak memory, 2,000 vs 500 images | {r['memory'][2000]['peak_rss_mib']:.0f} vs "
+        f"{r['memory'][500]['peak_rss_mib']:.0f} MiB | {x['memory_ratio']:.2f}x | <= {t['memory_ratio']}x | {yes('memory_ratio')} |",
+    ]
+    dev = r["machine"]["gpu"] or f"{r['machine']['cpus']}-core CPU"
+    return "\n".join(rows) + f"\n\n({r['device']}: {dev}, {r['date']}; `python benchmarks/extract.py --repeats {r['settings']['repeats']}`)"
+
+
+def update_readme(table: str, device: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = f"<!-- bench:extract-{device} -->", f"<!-- /bench:extract-{device} -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()
