@@ -9,7 +9,7 @@ Examples
 """
 from .backbones import DEFAULT_MODEL, Backbone, list_models, load_backbone
 from .cache import Cache, open_cache
-from .engine import ExtractResult, ExtractionInterrupted, extract
+from .engine import ExtractResult, ExtractionInterrupted, encode_images, extract
 from .errors import (CacheError, CacheLockedError, CnnCodesError, ImageDecodeError, ImageSourceError,
                      IncompatibleCacheError, LayerNotFoundError, ModelNotFoundError, PoolingError,
                      WeightsNotFoundError)
@@ -29,7 +29,7 @@ def list_layers(model: str = DEFAULT_MODEL, weights: str | None = "none") -> tup
 
 
 __all__ = ["DEFAULT_MODEL", "Backbone", "Cache", "CacheError", "CacheLockedError", "CnnCodesError",
-           "ExtractResult", "ExtractionInterrupted", "ImageDecodeError", "ImageSourceError",
+           "ExtractResult", "ExtractionInterrupted", "encode_images", "ImageDecodeError", "ImageSourceError",
            "ImageTable", "IncompatibleCacheError", "LayerNotFoundError", "ModelNotFoundError",
            "PoolingError", "Probe", "Tapper", "WeightsNotFoundError", "extract", "find_images",
            "list_layers", "list_models", "load_backbone", "load_rgb", "open_cache", "parse_pooling"]

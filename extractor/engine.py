@@ -161,6 +161,66 @@ def _threaded_batches(dataset, blocks, threads: int):
             yield _collate(list(pool.map(dataset.__getitem__, block)))
 
 
+def _encode(net, taps, pooling, loader, split, dev, prec, micro, dims, np_dtype):
+    """Yield ``(rows, ok, errors, codes)`` per batch: codes per layer, zeros for failed rows."""
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
+                if prec in ("bf16", "fp16") else contextlib.nullcontext())
+    with Tapper(net, taps, pooling) as tapper, torch.inference_mode():
+        for rows, x, errs in loader:
+            ok = np.array([not e for e in errs])
+            codes = {name: np.zeros((len(rows), d), np_dtype) for name, d in dims.items()}
+            if x is not None:
+                x = x.to(dev, non_blocking=True)
+                if split:
+                    x = split.batch(x)
+                if dev.type in ("cpu", "cuda"):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                good = np.flatnonzero(ok)
+                for lo in range(0, len(x), micro):
+                    with autocast:
+                        feats = tapper(x[lo:lo + micro])
+                    for name, f in feats.items():
+                        codes[name][good[lo:lo + micro]] = f.float().cpu().numpy()
+            yield rows, ok, errs, codes
+
+
+def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str = "auto",
+                  precision: str = "auto", batch_size: int = 32, dtype: str = "float32"):
+    """Codes of image files in memory, with no cache: ``({layer: N x D}, errors)``.
+
+    ``errors[i]`` is "" for an image that decoded, else its error (its codes are zeros). The
+    same decoding, taps, pooling and network preparation as :func:`extract`.
+
+    Examples
+    --------
+    >>> codes, errors = encode_images(load_backbone(), ["a.jpg", "b.png"], ["penultimate"])  # doctest: +SKIP
+    """
+    from pathlib import Path as _P
+    pooling = parse_pooling(pool)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    paths = [str(_P(p).resolve()) for p in paths]
+    table = ImageTable(_P("/"), paths, np.full(len(paths), -1, dtype=np.int64), [""] * len(paths), [])
+    probe = Probe(bb.model, bb.input_size, bb.name)
+    taps = probe.resolve(list(layers))
+    dims = {t.name: pooling.dim(t.shape) for t in taps}
+    out = {name: np.zeros((len(paths), d), np.dtype(dtype)) for name, d in dims.items()}
+    errors = [""] * len(paths)
+    if not paths:
+        return out, errors
+    net = prepare_model(bb, taps, dev)
+    micro = _micro_batch(dev, batch_size, probe, taps)
+    split = bb.split
+    dataset = _Images(table, split.pil if split else bb.transform)
+    loader = _threaded_batches(dataset, _blocks(np.arange(len(paths)), batch_size), max(1, torch.get_num_threads()))
+    for rows, ok, errs, codes in _encode(net, taps, pooling, loader, split, dev, prec, micro, dims, np.dtype(dtype)):
+        for name, block in codes.items():
+            out[name][rows] = block
+        for r, e in zip(rows.tolist(), errs):
+            errors[r] = e
+    return out, errors
+
+
 def _blocks(rows: np.ndarray, batch_size: int) -> list[list[int]]:
     """Pending rows grouped by their fixed block ``row // batch_size``."""
     if not len(rows):
@@ -218,6 +278,14 @@ def cpu_micro_batch(probe: Probe, taps: list[Tap]) -> int:
     deepest = max(t.order for t in taps)
     biggest = max((int(np.prod(l.shape)) * 4 for l in probe.layers if l.order <= deepest), default=1)
     return max(1, _MICRO_BATCH_BYTES // biggest)
+
+
+def _micro_batch(dev: torch.device, batch_size: int, probe: Probe, taps: list[Tap]) -> int:
+    """Images per forward pass: the batch on accelerators, allocator-friendly slices on a CPU."""
+    if dev.type != "cpu":
+        return batch_size
+    tune_cpu_allocator()
+    return min(batch_size, cpu_micro_batch(probe, taps))
 
 
 def prepare_model(bb: Backbone, taps: list[Tap], device: torch.device, fold_bn: bool = True):
@@ -349,10 +417,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         try:
             if len(pending):
                 net = prepare_model(bb, taps, dev)
-                micro = batch_size
-                if dev.type == "cpu":
-                    tune_cpu_allocator()
-                    micro = min(batch_size, cpu_micro_batch(probe, taps))
+                micro = _micro_batch(dev, batch_size, probe, taps)
                 clock["loop"] = time.perf_counter()
                 _run(net, taps, specs, pooling, bb, table, pending, writer, dev, prec, dtype,
                      batch_size, micro, workers, strict, progress, failures, counter)
@@ -390,9 +455,6 @@ def _run(net, taps, specs, pooling, bb, table, pending, writer, dev, prec, dtype
             pin_memory=dev.type == "cuda", prefetch_factor=4)
     np_dtype = np.dtype(dtype)
     dims = {s.name: s.dim for s in specs}
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
-                if prec in ("bf16", "fp16") else contextlib.nullcontext())
-
     # The writer thread: journal shard + working copy, while the next batch computes.
     q: queue.Queue = queue.Queue(maxsize=4)
     errors: list[BaseException] = []
@@ -415,33 +477,18 @@ def _run(net, taps, specs, pooling, bb, table, pending, writer, dev, prec, dtype
     if on_main:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`: save, as Ctrl-C does
     try:
-        with Tapper(net, taps, pooling) as tapper, torch.inference_mode():
-            for rows, x, errs in loader:
-                if errors:
-                    raise errors[0]
-                ok = np.array([not e for e in errs])
-                bad = [(table.paths[r], e) for r, e in zip(rows.tolist(), errs) if e]
-                if bad and strict:
-                    raise ImageDecodeError(f"{bad[0][0]}: {bad[0][1]} (stopped by --strict)")
-                codes = {name: np.zeros((len(rows), d), np_dtype) for name, d in dims.items()}
-                if x is not None:
-                    x = x.to(dev, non_blocking=True)
-                    if split:
-                        x = split.batch(x)
-                    if dev.type in ("cpu", "cuda"):
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    good = np.flatnonzero(ok)
-                    for lo in range(0, len(x), micro):
-                        with autocast:
-                            feats = tapper(x[lo:lo + micro])
-                        for name, f in feats.items():
-                            codes[name][good[lo:lo + micro]] = f.float().cpu().numpy()
-                q.put((rows, np.where(ok, DONE, FAILED), list(errs), codes))
-                failures.extend(bad)
-                counter[0] += len(rows)
-                bar.update(len(rows))
-                if bad:
-                    bar.set_postfix(failed=len(failures), refresh=False)
+        for rows, ok, errs, codes in _encode(net, taps, pooling, loader, split, dev, prec, micro, dims, np_dtype):
+            if errors:
+                raise errors[0]
+            bad = [(table.paths[r], e) for r, e in zip(rows.tolist(), errs) if e]
+            if bad and strict:
+                raise ImageDecodeError(f"{bad[0][0]}: {bad[0][1]} (stopped by --strict)")
+            q.put((rows, np.where(ok, DONE, FAILED), list(errs), codes))
+            failures.extend(bad)
+            counter[0] += len(rows)
+            bar.update(len(rows))
+            if bad:
+                bar.set_postfix(failed=len(failures), refresh=False)
     finally:
         q.put(None)
         thread.join()

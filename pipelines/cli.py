@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
@@ -43,6 +44,8 @@ def cli(verbose: int) -> None:
       cnncodes list-layers --model efficientnet_lite0
       cnncodes extract data/digits --layer stage3 --layer penultimate
       cnncodes info cache/digits-efficientnet_lite0.h5
+      cnncodes fit-svm --cache cache/digits-efficientnet_lite0.h5 --layer stage3 --out svm.joblib
+      cnncodes predict --model svm.joblib data/digits/test/3
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
@@ -234,6 +237,161 @@ def info_cmd(cache: str, as_json: bool) -> None:
     extra = (f"; {s['unmerged_rows']} rows of an interrupted run await the next `extract`"
              if s["unmerged_rows"] else "")
     click.echo(f"  state         {state}{extra}; created {s['created']}")
+
+
+def _fit_options(fn):
+    """Options shared by fit-svm and fit-softmax."""
+    options = [
+        click.option("--cache", "-c", required=True, type=click.Path(exists=True, dir_okay=False),
+                     help="HDF5 cache written by `cnncodes extract`."),
+        click.option("--layer", "-l", help="Layer of the cache [default: its only layer, or penultimate]."),
+        click.option("--c-grid", help="Comma-separated C values [default: 1e-4,1e-3,...,1e2]."),
+        click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+                     help="Stratified, shuffled cross-validation folds."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds (and holdout)."),
+        click.option("--norm", type=click.Choice(["standard", "l2", "power", "none"]), default="standard",
+                     show_default=True, help="Fitted inside each fold; power = signed sqrt, then L2."),
+        click.option("--pca", help="Number of PCA components, or 'whiten' (fitted inside each fold)."),
+        click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="Without a test split in the cache: keep this stratified share as the test."),
+        click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache."),
+        click.option("--n-jobs", "-j", type=int, default=1, show_default=True,
+                     help="Folds fitted in parallel (threads; the codes are shared, not copied)."),
+        click.option("--report", "report_dir", type=click.Path(file_okay=False),
+                     help="Write per-class metrics, a confusion matrix (PNG, CSV) and fit.json here."),
+        click.option("--out", "-o", type=click.Path(dir_okay=False),
+                     help="Save the fitted model (joblib, with a .sha256 sidecar) for `predict`."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out file."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allow_incomplete, n_jobs,
+         report_dir, out, overwrite, as_json) -> None:
+    from pipelines.artifacts import save_model
+    from pipelines.classifiers import fit_linear_probe
+    from pipelines.report import write_fit_report
+    if out and os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
+    r = fit_linear_probe(cache, layer, classifier, c_grid=c_grid, folds=folds, seed=seed, norm=norm,
+                         pca=pca, holdout=holdout, allow_incomplete=allow_incomplete, n_jobs=n_jobs)
+    summary = r.as_dict()
+    if report_dir:
+        summary["report"] = {k: str(v) for k, v in write_fit_report(r, report_dir).items()}
+    if out:
+        summary["model_file"] = str(save_model(r, out, overwrite=overwrite))
+    if as_json:
+        _echo_json(summary)
+        return
+    click.echo(f"{classifier} on {r.layer} of {cache}: {r.n_train} training rows, {r.n_test} test rows"
+               + (f" ({', '.join(f'{v} {k}' for k, v in r.excluded.items())} excluded)" if r.excluded else ""))
+    click.echo(f"{'C':>10}  {'CV accuracy':>18}")
+    for g in r.grid:
+        mark = "  <- chosen" if g["C"] == r.C else ""
+        click.echo(f"{g['C']:>10g}  {g['mean']:>9.4f} +- {g['std']:.4f}{mark}")
+    if r.test_accuracy is None:
+        click.echo(f"no test rows (use split folders or --holdout); CV accuracy {r.cv_accuracy:.4f}")
+    else:
+        click.echo(f"test: accuracy {r.test_accuracy:.4f}, balanced accuracy {r.balanced_accuracy:.4f}, "
+                   f"macro-F1 {r.macro_f1:.4f}")
+    for key, label in (("report", "report"), ("model_file", "model")):
+        if key in summary:
+            click.echo(f"{label}: {summary[key] if key == 'model_file' else report_dir}")
+    click.echo(f"({r.seconds:.1f}s)")
+
+
+@cli.command("fit-svm")
+@_fit_options
+@_fail_cleanly
+def fit_svm(**kw) -> None:
+    """Linear SVM (LinearSVC) on cached CNN codes, C chosen by cross-validation.
+
+    With train/val/test splits in the cache, C is cross-validated on train (+ val), the model is
+    refitted on them with the best C and scored once on test. Without splits all rows are
+    cross-validated, and --holdout keeps a test part aside.
+
+    \b
+    Examples:
+      cnncodes fit-svm --cache cache/digits-efficientnet_lite0.h5 --layer stage3
+      cnncodes fit-svm -c codes.h5 --c-grid 0.01,0.1,1 --norm power --report reports/svm --out svm.joblib
+    """
+    _fit("svm", **kw)
+
+
+@cli.command("fit-softmax")
+@_fit_options
+@_fail_cleanly
+def fit_softmax(**kw) -> None:
+    """Multinomial logistic regression (softmax) on cached CNN codes; options as fit-svm.
+
+    \b
+    Example:
+      cnncodes fit-softmax --cache cache/digits-efficientnet_lite0.h5 --json
+    """
+    _fit("softmax", **kw)
+
+
+@cli.command("evaluate")
+@click.option("--model", "-m", "model_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--cache", "-c", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fail_cleanly
+def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
+    """Score a saved model on another cache made by the same recipe.
+
+    \b
+    Example:
+      cnncodes evaluate --model svm.joblib --cache cache/holdout-efficientnet_lite0.h5
+    """
+    from pipelines.predict import evaluate_model
+    r = evaluate_model(model_file, cache, allow_incomplete)
+    if as_json:
+        _echo_json(r)
+        return
+    click.echo(f"{r['n']} images: accuracy {r['accuracy']:.4f}, balanced accuracy "
+               f"{r['balanced_accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}")
+
+
+@cli.command("predict")
+@click.option("--model", "-m", "model_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write CSV here instead of stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
+@_fail_cleanly
+def predict_cmd(model_file, paths, out, overwrite, device, batch_size) -> None:
+    """Classify image files or folders with a saved model, extracting codes with its own recipe.
+
+    Prints (or writes) CSV: path, label, score (probability for softmax, decision score for SVM)
+    and error; an unreadable image is a row with its error, not a failure of the run.
+
+    \b
+    Example:
+      cnncodes predict --model svm.joblib photos/ extra.jpg --out predictions.csv
+    """
+    import csv
+
+    from pipelines.predict import predict_images
+    if out and os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
+    rows = predict_images(model_file, paths, batch_size=batch_size, device=device)
+    fh = open(out, "w", newline="") if out else sys.stdout
+    try:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "score", "error"])
+        for p in rows:
+            w.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}", p.error])
+    finally:
+        if out:
+            fh.close()
+    failed = sum(1 for p in rows if p.error)
+    if failed:
+        click.echo(f"{failed} of {len(rows)} images could not be read (see the error column)", err=True)
 
 
 def main() -> None:

