@@ -60,8 +60,12 @@ def parse_pca(value) -> int | str | None:
     return n
 
 
+SOLVERS = ("auto", "sklearn", "torch")
+
+
 def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=None, *,
-                  n_samples: int | None = None, n_features: int | None = None, seed: int = 0) -> Pipeline:
+                  n_samples: int | None = None, n_features: int | None = None, seed: int = 0,
+                  solver: str = "sklearn") -> Pipeline:
     """The estimator fitted in every fold and at the end.
 
     ``dual`` of LinearSVC is chosen by shape (the dual problem is smaller when there are fewer
@@ -82,7 +86,10 @@ def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=N
     if pca is not None:
         steps.append(("pca", PCA(n_components=None if pca == "whiten" else pca,
                                  whiten=pca == "whiten", random_state=seed)))
-    if classifier == "svm":
+    if solver == "torch":
+        from .torch_linear import TorchLinearClassifier
+        clf = TorchLinearClassifier(loss="squared_hinge" if classifier == "svm" else "log_loss", C=C)
+    elif classifier == "svm":
         dual = bool(n_samples is not None and n_features is not None and n_samples < n_features)
         clf = LinearSVC(C=C, dual=dual, max_iter=5000, random_state=seed)
     else:
@@ -177,7 +184,7 @@ def split_rows(codes: Codes, holdout: float | None, seed: int) -> tuple[np.ndarr
 def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *, c_grid=None,
                      folds: int = 5, seed: int = 0, norm: str = "standard", pca=None,
                      holdout: float | None = None, allow_incomplete: bool = False,
-                     n_jobs: int = 1) -> FitResult:
+                     n_jobs: int = 1, solver: str = "auto") -> FitResult:
     """Cross-validate C on the training rows, refit with the best C, score once on the test rows.
 
     Parameters
@@ -195,6 +202,9 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     pca : int or 'whiten', optional
     holdout : float, optional
         Without test split in the cache, keep this stratified share aside as the test.
+    solver : {'auto', 'sklearn', 'torch'}
+        ``torch`` fits every fold x C at once as one batched problem (float32, GPU if present);
+        ``auto`` uses it for codes of 256 or more dimensions without PCA.
 
     Examples
     --------
@@ -215,11 +225,25 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     splits = list(cv.split(X, y))
     for k, (_, held) in enumerate(splits):
         fold_of_row[held] = k
-    scores, oof = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
+    if solver == "torch" and parse_pca(pca) is not None:
+        raise ValueError("--solver torch does not do PCA; use --solver sklearn with --pca.")
+    if solver == "auto":
+        # Measured on the digits cache (1,437 rows, 2 CPU cores): torch is 3.3x faster on the
+        # 1,280-d penultimate codes (SVM grid: 16.6 s vs 54.3 s, same CV accuracy to 0.1
+        # point) but 3x slower on 40-d codes, where one liblinear fit takes milliseconds.
+        solver = "torch" if parse_pca(pca) is None and X.shape[1] >= 256 else "sklearn"
+    if solver == "torch":
+        from .torch_linear import cv_scores_batched
+        scores, oof = cv_scores_batched(X, y, splits, grid, classifier, norm)
+    else:
+        scores, oof = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs)
     table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()), "folds": [round(float(v), 6) for v in s]}
              for c, s in zip(grid, scores)]
     best = max(table, key=lambda g: (round(g["mean"], 10), -g["C"]))  # ties: the stronger regularisation
-    final = make_pipeline(classifier, best["C"], norm, pca, n_samples=len(y), n_features=X.shape[1], seed=seed)
+    final = make_pipeline(classifier, best["C"], norm, pca, n_samples=len(y), n_features=X.shape[1],
+                          seed=seed, solver=solver)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         final.fit(X, y)
@@ -234,7 +258,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     return FitResult(codes.layer, classifier, best["C"], best["mean"], best["std"], table, acc, bal, f1,
                      len(train), len(test), time.perf_counter() - t0, seed, folds, norm, parse_pca(pca),
                      codes.classes, final, fold_of_row, codes.rows[train], codes.rows[test], y_test,
-                     y_pred, codes.excluded, cache_summary(codes), y_train=y,
+                     y_pred, codes.excluded, cache_summary(codes), solver=solver, y_train=y,
                      cv_pred=oof[grid.index(best["C"])])
 
 

@@ -255,6 +255,9 @@ def _fit_options(fn):
         click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Without a test split in the cache: keep this stratified share as the test."),
         click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache."),
+        click.option("--solver", type=click.Choice(["auto", "sklearn", "torch"]), default="auto",
+                     show_default=True, help="torch: every fold x C fitted at once as one batched "
+                     "problem (GPU when present); auto: torch for codes of >= 256 dimensions without --pca."),
         click.option("--n-jobs", "-j", type=int, default=1, show_default=True,
                      help="Folds fitted in parallel (threads; the codes are shared, not copied)."),
         click.option("--report", "report_dir", type=click.Path(file_okay=False),
@@ -269,15 +272,16 @@ def _fit_options(fn):
     return fn
 
 
-def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allow_incomplete, n_jobs,
-         report_dir, out, overwrite, as_json) -> None:
+def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allow_incomplete, solver,
+         n_jobs, report_dir, out, overwrite, as_json) -> None:
     from pipelines.artifacts import save_model
     from pipelines.classifiers import fit_linear_probe
     from pipelines.report import write_fit_report
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
     r = fit_linear_probe(cache, layer, classifier, c_grid=c_grid, folds=folds, seed=seed, norm=norm,
-                         pca=pca, holdout=holdout, allow_incomplete=allow_incomplete, n_jobs=n_jobs)
+                         pca=pca, holdout=holdout, allow_incomplete=allow_incomplete, n_jobs=n_jobs,
+                         solver=solver)
     summary = r.as_dict()
     if report_dir:
         summary["report"] = {k: str(v) for k, v in write_fit_report(r, report_dir).items()}
@@ -300,7 +304,7 @@ def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allo
     for key, label in (("report", "report"), ("model_file", "model")):
         if key in summary:
             click.echo(f"{label}: {summary[key] if key == 'model_file' else report_dir}")
-    click.echo(f"({r.seconds:.1f}s)")
+    click.echo(f"({r.seconds:.1f}s, solver {r.solver})")
 
 
 @cli.command("fit-svm")

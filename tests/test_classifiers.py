@@ -151,3 +151,26 @@ def test_cli_fit_json_report_and_errors(tmp_path):
     assert r.exit_code == 1 and "comma-separated" in r.output
     r = run("fit-softmax", "--cache", tmp_path / "c.h5")
     assert r.exit_code == 0 and "<- chosen" in r.output and "test: accuracy" in r.output
+
+
+@pytest.mark.parametrize("classifier", ["svm", "softmax"])
+@pytest.mark.parametrize("norm", ["standard", "power"])
+def test_torch_solver_matches_scikit_learn_on_the_same_grid_and_folds(tmp_path, classifier, norm):
+    make_cache(tmp_path / "c.h5", n_per_class=30, classes=4, dim=16, seed=3)
+    kw = dict(classifier=classifier, c_grid="0.01,0.1,1", norm=norm, folds=4)
+    a = fit_linear_probe(tmp_path / "c.h5", solver="sklearn", **kw)
+    b = fit_linear_probe(tmp_path / "c.h5", solver="torch", **kw)
+    assert (a.solver, b.solver) == ("sklearn", "torch")
+    assert np.array_equal(a.fold_of_row, b.fold_of_row)
+    for ga, gb in zip(a.grid, b.grid):
+        assert abs(ga["mean"] - gb["mean"]) <= 0.02  # 120 rows: one row is 0.8 points
+    assert abs(a.test_accuracy - b.test_accuracy) <= 0.05
+    m = save_model(b, tmp_path / "t.joblib")
+    assert type(load_model(m).pipeline[-1]).__name__ == "TorchLinearClassifier"
+
+
+def test_torch_solver_refuses_pca(tmp_path):
+    make_cache(tmp_path / "c.h5")
+    with pytest.raises(ValueError, match="does not do PCA"):
+        fit_linear_probe(tmp_path / "c.h5", solver="torch", pca=4)
+    assert fit_linear_probe(tmp_path / "c.h5", pca=4, c_grid="1").solver == "sklearn"
