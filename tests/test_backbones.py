@@ -89,3 +89,6 @@ def test_split_transform_is_bitwise_the_weights_own(name, weights):
     ref = torch.stack([bb.transform(i) for i in imgs])
     got = bb.split.batch(torch.stack([bb.split.pil(i) for i in imgs]))
     assert torch.equal(ref, got)
+    # the engine converts the uint8 batch to channels_last before the float arithmetic
+    cl = bb.split.batch(torch.stack([bb.split.pil(i) for i in imgs]).contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ref, cl)

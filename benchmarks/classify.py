@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Benchmark `cnncodes fit-svm` / `fit-softmax` against the stock scikit-learn peer.
+
+One run, same codes, same C grid (1e-4 .. 1e2), same folds (StratifiedKFold(5, shuffle,
+random_state=0) over the same rows in the same order), each program in its own process:
+
+1. Caltech-101 codes: ../shared/datasets/caltech101-mini through EfficientNet-Lite0,
+   ``penultimate`` (1,280-d); cross-validation on train (1,515), scored on test (505).
+2. A 20,000 x 2,048 matrix built from those training codes: rows repeated, features
+   [codes, codes[:, :768]], Gaussian noise of 0.1 x each feature's std; cross-validation only.
+   The peer gets --peer-timeout seconds there (it can take hours); the target for cnncodes is
+   the whole grid in under 5 minutes.
+
+Example:
+  python benchmarks/classify.py --update-readme
+Writes benchmarks/results/classify-cpu.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared"
+CALTECH = SHARED / "datasets" / "caltech101-mini"
+PEER = SHARED / "peers" / "classify_peer.py"
+WORK = HERE / ".work"
+GRID = "1e-4,1e-3,1e-2,1e-1,1,10,100"
+TARGETS = {"speedup": 5.0, "accuracy_points": 0.5, "big_seconds": 300.0}
+
+
+def sh(cmd, timeout=None) -> tuple[dict | None, float]:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-2000:]}")
+    out = p.stdout[p.stdout.find("{"):]
+    return json.loads(out), time.perf_counter() - t0
+
+
+def caltech_cache() -> Path:
+    WORK.mkdir(exist_ok=True)
+    cache = WORK / "caltech-lite0.h5"
+    sh([sys.executable, "-m", "pipelines.cli", "extract", str(CALTECH), "--out", str(cache), "-q", "--json"])
+    return cache
+
+
+def peer_npz(cache: Path) -> Path:
+    from pipelines.codes import load_codes
+    c = load_codes(cache, "penultimate")
+    tr, te = c.splits != "test", c.splits == "test"
+    path = WORK / "caltech-codes.npz"
+    np.savez(path, X_train=c.X[tr], y_train=c.y[tr], X_test=c.X[te], y_test=c.y[te])
+    return path
+
+
+def big_matrix(cache: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, Path]:
+    from extractor.cache import DONE, CacheWriter, LayerSpec, create_cache
+    from pipelines.codes import load_codes
+    c = load_codes(cache, "penultimate")
+    tr = c.splits != "test"
+    X0, y0 = c.X[tr], c.y[tr]
+    rng = np.random.default_rng(seed)
+    idx = np.arange(rows) % len(X0)
+    X = np.concatenate([X0, X0[:, : dim - X0.shape[1]]], axis=1)[idx]
+    X = (X + rng.normal(0, 1, X.shape) * (0.1 * X.std(0, keepdims=True))).astype(np.float32)
+    y = y0[idx]
+    h5 = WORK / f"big-{rows}x{dim}.h5"
+    if h5.exists():
+        h5.unlink()
+    create_cache(h5, paths=[f"row{i}" for i in range(rows)], labels=y, splits=[""] * rows, classes=c.classes,
+                 layers=[LayerSpec("penultimate", dim, {"module": "synthetic", "kind": "input"})],
+                 attrs={"model": "synthetic", "weights": {"name": "none"}, "weights_sha256": "none",
+                        "preprocessing": {}, "pooling": "avg", "dtype": "float32", "precision": "fp32",
+                        "image_fingerprint": "synthetic"})
+    with CacheWriter(h5) as w:
+        for lo in range(0, rows, 4096):
+            r = np.arange(lo, min(rows, lo + 4096))
+            w.add(r, np.full(len(r), DONE), [""] * len(r), {"penultimate": X[r]})
+        w.commit()
+    npz = WORK / f"big-{rows}x{dim}.npz"
+    np.savez(npz, X_train=X, y_train=y)
+    return h5, npz
+
+
+def ours(cache: Path, classifier: str, solver: str = "auto") -> dict:
+    res, wall = sh([sys.executable, "-m", "pipelines.cli", f"fit-{classifier}", "--cache", str(cache),
+                    "--layer", "penultimate", "--c-grid", GRID, "--solver", solver, "--json"])
+    return {"seconds": res["seconds"], "process_wall_s": round(wall, 2), "C": res["C"],
+            "cv_accuracy": res["cv_accuracy"], "test_accuracy": res["test_accuracy"], "solver": res["solver"]}
+
+
+def peer(npz: Path, classifier: str, timeout: float | None) -> dict:
+    res, wall = sh([sys.executable, str(PEER), "--codes", str(npz), "--classifier", classifier,
+                    "--c-grid", GRID], timeout=timeout)
+    if res is None:
+        return {"timed_out_after_s": round(wall, 1)}
+    return {"seconds": res["seconds"], "process_wall_s": round(wall, 2), "C": res["best_C"],
+            "cv_accuracy": res["cv_accuracy"], "test_accuracy": res.get("test_accuracy")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--big-rows", type=int, default=20000)
+    ap.add_argument("--big-dim", type=int, default=2048)
+    ap.add_argument("--peer-timeout", type=float, default=600, help="seconds for the peer on the big matrix; 0 skips it")
+    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--update-readme", action="store_true")
+    args = ap.parse_args()
+    cache = caltech_cache()
+    npz = peer_npz(cache)
+    result = {"benchmark": "classify", "device": "cpu", "cpus": os.cpu_count(), "grid": GRID, "folds": 5,
+              "date": time.strftime("%Y-%m-%d"), "targets": TARGETS, "caltech": {}, "big": {}}
+    for clf in ("svm", "softmax"):
+        p = peer(npz, clf, None)
+        o = ours(cache, clf)
+        o_sk = ours(cache, clf, "sklearn")
+        result["caltech"][clf] = {"peer": p, "cnncodes": o, "cnncodes_sklearn_solver": o_sk,
+                                  "speedup": round(p["seconds"] / o["seconds"], 2),
+                                  "cv_points": round(100 * (o["cv_accuracy"] - p["cv_accuracy"]), 2),
+                                  "test_points": round(100 * (o["test_accuracy"] - p["test_accuracy"]), 2)}
+        print(clf, json.dumps(result["caltech"][clf]), file=sys.stderr)
+    if not args.skip_big:
+        h5, big_npz = big_matrix(cache, args.big_rows, args.big_dim)
+        for clf in ("svm", "softmax"):
+            o = ours(h5, clf)
+            p = peer(big_npz, clf, args.peer_timeout) if args.peer_timeout else {"skipped": True}
+            result["big"][clf] = {"cnncodes": o, "peer": p}
+            print("big", clf, json.dumps(result["big"][clf]), file=sys.stderr)
+    from extractor.engine import library_versions
+    result["versions"] = library_versions()
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "classify-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result, args)
+    print(table)
+    if args.update_readme:
+        readme = REPO / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- bench:classify-cpu -->", "<!-- /bench:classify-cpu -->"
+        if start in text:
+            head, rest = text.split(start, 1)
+            readme.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+
+
+def markdown(r: dict, args) -> str:
+    t = r["targets"]
+    rows = ["| fit, C grid 1e-4..1e2 x 5 folds | peer s | cnncodes s | speed-up | CV acc peer / cnncodes | test acc peer / cnncodes |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for clf, v in r["caltech"].items():
+        p, o = v["peer"], v["cnncodes"]
+        rows.append(f"| Caltech 1,515 x 1,280, `fit-{clf}` ({o['solver']}) | {p['seconds']:.1f} | {o['seconds']:.1f} | "
+                    f"{v['speedup']:.1f}x | {p['cv_accuracy']:.4f} / {o['cv_accuracy']:.4f} | "
+                    f"{p['test_accuracy']:.4f} / {o['test_accuracy']:.4f} |")
+    for clf, v in r["big"].items():
+        p, o = v["peer"], v["cnncodes"]
+        ps = f"{p['seconds']:.1f}" if "seconds" in p else (f"> {p['timed_out_after_s']:.0f}" if "timed_out_after_s" in p else "not run")
+        pa = f"{p['cv_accuracy']:.4f}" if "cv_accuracy" in p else "-"
+        rows.append(f"| {args.big_rows:,} x {args.big_dim:,}, `fit-{clf}` ({o['solver']}) | {ps} | {o['seconds']:.1f} | | "
+                    f"{pa} / {o['cv_accuracy']:.4f} | - |")
+    return "\n".join(rows) + (f"\n\n(targets: >= {t['speedup']}x the peer within {t['accuracy_points']} points; the "
+                              f"{args.big_rows:,} x {args.big_dim:,} grid < {t['big_seconds']:.0f} s. {r['cpus']}-core CPU, "
+                              f"{r['date']}; `python benchmarks/classify.py`)")
+
+
+if __name__ == "__main__":
+    main()
