@@ -216,6 +216,10 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     grid = parse_c_grid(c_grid) if not isinstance(c_grid, (list, tuple)) else tuple(sorted(c_grid))
     if folds < 2:
         raise ValueError(f"--folds must be >= 2, got {folds}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
+    if solver == "torch" and parse_pca(pca) is not None:
+        raise ValueError("--solver torch does not do PCA; use --solver sklearn with --pca.")
     codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete)
     train, test = split_rows(codes, holdout, seed)
     X, y = codes.X[train], codes.y[train]
@@ -225,10 +229,6 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     splits = list(cv.split(X, y))
     for k, (_, held) in enumerate(splits):
         fold_of_row[held] = k
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
-    if solver == "torch" and parse_pca(pca) is not None:
-        raise ValueError("--solver torch does not do PCA; use --solver sklearn with --pca.")
     if solver == "auto":
         # Measured on the digits cache (1,437 rows, 2 CPU cores): torch is 3.3x faster on the
         # 1,280-d penultimate codes (SVM grid: 16.6 s vs 54.3 s, same CV accuracy to 0.1

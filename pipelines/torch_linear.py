@@ -30,7 +30,7 @@ def _device(device: str) -> torch.device:
 
 
 def fit_batched(Xs: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs, n_classes: int,
-                loss: str = "squared_hinge", max_iter: int = 300, tol: float = 1e-5):
+                loss: str = "squared_hinge", max_iter: int = 300, tol: float = 1e-5, init=None):
     """Fit F x G linear models at once.
 
     Parameters
@@ -43,6 +43,8 @@ def fit_batched(Xs: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs, n_cl
         Training rows of each fold.
     Cs : sequence of G floats
         Inverse regularisation strengths.
+    init : (W, b) as returned for G = 1, optional
+        Starting point (warm start), broadcast to every C.
 
     Returns
     -------
@@ -57,8 +59,13 @@ def fit_batched(Xs: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs, n_cl
     w = masks.to(dt) / masks.sum(1, keepdim=True).to(dt)                     # (F, N) mean weights
     n = masks.sum(1).to(dt)                                                  # (F,)
     reg = 1.0 / (2.0 * C[None, :] * n[:, None])                              # (F, G)
-    W = torch.zeros(F, D, G * K, dtype=dt, device=dev, requires_grad=True)
-    b = torch.zeros(F, 1, G * K, dtype=dt, device=dev, requires_grad=True)
+    W = torch.zeros(F, D, G * K, dtype=dt, device=dev)
+    b = torch.zeros(F, 1, G * K, dtype=dt, device=dev)
+    if init is not None:
+        W.copy_(init[0][:, 0].repeat(1, 1, G))
+        b.copy_(init[1][:, 0].repeat(1, G)[:, None])
+    W.requires_grad_(True)
+    b.requires_grad_(True)
     if loss == "squared_hinge":
         T = torch.full((N, K), -1.0, dtype=dt, device=dev)
         T[torch.arange(N, device=dev), y] = 1.0
@@ -118,18 +125,23 @@ def cv_scores_batched(X: np.ndarray, y: np.ndarray, splits, grid, classifier: st
     else:
         Xs = Xt[None].expand(F, -1, -1).contiguous()
     yt = torch.as_tensor(idx, dtype=torch.long, device=dev)
-    W, b = fit_batched(Xs, yt, masks, list(grid), len(classes),
-                       "squared_hinge" if classifier == "svm" else "log_loss")
+    loss = "squared_hinge" if classifier == "svm" else "log_loss"
     scores = np.zeros((len(grid), F))
     oof = np.empty((len(grid), len(y)), dtype=y.dtype)
-    with torch.no_grad():
-        for f, (_, held) in enumerate(splits):
-            h = torch.as_tensor(held, device=dev)
-            S = torch.einsum("nd,gdk->gnk", Xs[f, h], W[f]) + b[f][:, None, :]
-            pred = S.argmax(-1).cpu().numpy()
-            for g in range(len(grid)):
-                oof[g, held] = classes[pred[g]]
-                scores[g, f] = float((classes[pred[g]] == y[held]).mean())
+    # All folds at once, one C at a time from strong to weak regularisation, each C starting
+    # from the previous solution: batching the C values too makes every model wait for the
+    # slowest (weakest-regularised) one; measured 2x slower than this on the Caltech codes.
+    order = sorted(range(len(grid)), key=lambda g: grid[g])
+    state = None
+    for g in order:
+        state = fit_batched(Xs, yt, masks, [grid[g]], len(classes), loss, init=state)
+        W, b = state
+        with torch.no_grad():
+            for f, (_, held) in enumerate(splits):
+                h = torch.as_tensor(held, device=dev)
+                pred = (Xs[f, h] @ W[f, 0] + b[f, 0]).argmax(-1).cpu().numpy()
+                oof[g, held] = classes[pred]
+                scores[g, f] = float((classes[pred] == y[held]).mean())
     return [scores[g] for g in range(len(grid))], oof
 
 
