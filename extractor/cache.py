@@ -39,7 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import CacheError, CacheLockedError, IncompatibleCacheError
+from .errors import CacheError, CacheLockedError
 
 FORMAT = "cnncodes-cache"
 SCHEMA_VERSION = 1

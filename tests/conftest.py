@@ -1,7 +1,6 @@
 """Shared fixtures: small generated image folders, fixed-weight tiny-ish models, shared data."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
