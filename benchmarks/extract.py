@@ -61,12 +61,15 @@ def write_manifest(path: Path, files: list[Path]) -> Path:
 
 
 def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
-    """Like run(), with the child's peak resident memory from wait4()."""
+    """Run a command; return its JSON stdout, wall seconds and peak RSS (MiB, from wait4())."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    out_chunks = proc.stdout.read()
-    err_chunks = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    # stderr goes to a file: reading two pipes one after the other can deadlock.
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        out_chunks = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        err.seek(0)
+        err_chunks = err.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -88,7 +91,7 @@ def ceiling(manifest: Path, device: str, batch_size: int) -> dict:
     import torch
 
     import extractor
-    from extractor.engine import cpu_micro_batch, prepare_model, tune_cpu_allocator
+    from extractor.engine import micro_batch_size, prepare_model
     from extractor.layers import Probe, Tapper
     from extractor.pooling import parse_pooling
     dev = torch.device(device)
@@ -97,10 +100,7 @@ def ceiling(manifest: Path, device: str, batch_size: int) -> dict:
     probe = Probe(bb.model, bb.input_size)
     taps = probe.resolve(LAYERS)
     net = prepare_model(bb, taps, dev)
-    micro = batch_size
-    if dev.type == "cpu":
-        tune_cpu_allocator()
-        micro = min(batch_size, cpu_micro_batch(probe, taps))
+    micro = micro_batch_size(dev, batch_size, probe, taps)  # exactly as the engine runs it
     split = bb.split
     batches = []
     for lo in range(0, len(table), batch_size):

@@ -211,7 +211,7 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
     if not paths:
         return out, errors
     net = prepare_model(bb, taps, dev)
-    micro = _micro_batch(dev, batch_size, probe, taps)
+    micro = micro_batch_size(dev, batch_size, probe, taps)
     split = bb.split
     dataset = _Images(table, split.pil if split else bb.transform)
     loader = _threaded_batches(dataset, _blocks(np.arange(len(paths)), batch_size), max(1, torch.get_num_threads()))
@@ -282,7 +282,7 @@ def cpu_micro_batch(probe: Probe, taps: list[Tap]) -> int:
     return max(1, _MICRO_BATCH_BYTES // biggest)
 
 
-def _micro_batch(dev: torch.device, batch_size: int, probe: Probe, taps: list[Tap]) -> int:
+def micro_batch_size(dev: torch.device, batch_size: int, probe: Probe, taps: list[Tap]) -> int:
     """Images per forward pass: the batch on accelerators, allocator-friendly slices on a CPU."""
     if dev.type != "cpu":
         return batch_size
@@ -419,7 +419,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         try:
             if len(pending):
                 net = prepare_model(bb, taps, dev)
-                micro = _micro_batch(dev, batch_size, probe, taps)
+                micro = micro_batch_size(dev, batch_size, probe, taps)
                 clock["loop"] = time.perf_counter()
                 _run(net, taps, specs, pooling, bb, table, pending, writer, dev, prec, dtype,
                      batch_size, micro, workers, strict, progress, failures, counter)

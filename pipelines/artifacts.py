@@ -76,7 +76,8 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     if not side.is_file():
         raise ModelFileError(f"{path} has no {side.name} beside it, so it was not saved by cnncodes "
                              f"(or was moved without it); refusing to unpickle it.")
-    expected = side.read_text().split()[0].strip().lower() if side.read_text().strip() else ""
+    recorded = side.read_text().split()
+    expected = recorded[0].lower() if recorded else ""
     if sha256_of(path) != expected:
         raise ModelFileError(f"{path} does not match its {side.name}: it was changed after saving; "
                              f"refusing to unpickle it.")

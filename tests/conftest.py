@@ -73,7 +73,3 @@ def _offline_torch_home(tmp_path, monkeypatch):
     """No test may find (or fetch) weights from the developer's own hub cache."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-
-
