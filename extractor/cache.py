@@ -39,7 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import CacheError, CacheLockedError
+from .errors import CacheError, CacheLockedError, IncompatibleCacheError
 
 FORMAT = "cnncodes-cache"
 SCHEMA_VERSION = 1
@@ -384,6 +384,27 @@ class CacheWriter:
             if any(errors[i] for i in part):
                 self._f["images/error"][lo:hi] = np.array([errors[i] for i in part], dtype=object)
         self._status[rows] = status
+
+    def add_layers_from(self, source: str | os.PathLike) -> list[str]:
+        """Copy the ``/codes`` datasets that this cache lacks from ``source``, a complete cache
+        of the same images made by the same recipe (the caller checks the recipe).
+
+        Both must agree on which rows failed; the new datasets keep the source's chunking,
+        compression and attributes. Returns the names of the layers added.
+        """
+        with h5py.File(source, "r") as src:
+            if not bool(src.attrs.get("complete")):
+                raise CacheError(f"{source} is incomplete; finish it before adding its layers.")
+            status = src["images/status"][()]
+            if len(status) != len(self._status) or (status != self._status).any():
+                raise IncompatibleCacheError(
+                    f"{source} and {self.path} disagree on which images were extracted or failed.")
+            names = [n for n in src["codes"] if n not in self._f["codes"]]
+            for name in names:
+                src.copy(src["codes"][name], self._f["codes"], name=name)
+            layers = list(_decode_attr(self._f.attrs["layers"])) + names
+            self._f.attrs["layers"] = _json_attr(layers)
+        return names
 
     def commit(self) -> bool:
         """Finalise the working copy and rename it over the cache; returns ``complete``."""

@@ -8,6 +8,7 @@ uninterrupted run would have formed, and on the CPU its codes are bitwise identi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
-from .cache import (DONE, FAILED, PENDING, CacheWriter, Journal, LayerSpec, create_cache,
+from .cache import (DONE, FAILED, PENDING, CacheWriter, Journal, LayerSpec, create_cache, open_cache,
                     open_status, read_attrs, recipe_differences)
 from .errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
 from .fusion import fold_batchnorm
@@ -50,7 +51,7 @@ class ExtractResult:
     """What ``extract`` did."""
 
     path: Path
-    state: str                      # 'created', 'resumed', 'up to date' or 'interrupted'
+    state: str                      # 'created', 'resumed', 'layers added', 'up to date', 'interrupted'
     images: int
     done: int
     failed: int
@@ -246,7 +247,8 @@ def _layer_specs(taps: list[Tap], pooling: Pooling, input_size: int) -> list[Lay
     return [LayerSpec(t.name, pooling.dim(t.shape),
                       {"module": t.module, "kind": t.kind, "pooling": str(pooling) if len(t.shape) == 3 else "none",
                        "unpooled_shape": list(t.shape), "stride": t.stride or -1,
-                       "dim": pooling.dim(t.shape), "input_size": input_size})
+                       "dim": pooling.dim(t.shape), "input_size": input_size,
+                       "relative_depth": t.relative_depth, "flops": int(t.flops)})
             for t in taps]
 
 
@@ -380,13 +382,15 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         except CacheError as e:
             raise CacheError(f"{e} Refusing to overwrite it: choose another --out, or pass --overwrite.") from None
         diffs = recipe_differences(attrs, recipe)
-        missing = [l for l in layers if l not in attrs["layers"]]
-        if missing:
-            diffs.append(f"layers {', '.join(missing)} are not in the cache (it has {', '.join(attrs['layers'])})")
         if diffs:
             raise IncompatibleCacheError(
                 f"{out} was made by a different recipe: " + "; ".join(diffs) +
                 ". Pass --overwrite to replace it, or choose another --out.")
+        missing = [l for l in layers if l not in attrs["layers"]]
+        if missing:
+            return _add_layers(data, out, missing, attrs, t_start, dict(
+                model=model, weights=weights, pool=pool, dtype=dtype, device=device, precision=precision,
+                batch_size=batch_size, workers=workers, strict=strict, progress=progress))
         layers = list(attrs["layers"])  # a resumed row needs every layer the cache holds
 
     probe = Probe(bb.model, bb.input_size, model)
@@ -434,6 +438,28 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
             raise
         writer.commit()
         return result(state)
+
+
+def _add_layers(data, out: Path, missing: list[str], attrs: dict, t_start: float, options: dict) -> ExtractResult:
+    """Add ``missing`` layers to an existing cache of the same recipe.
+
+    The cache is first finished with the layers it has (if it was interrupted); the new layers
+    are then extracted into a companion cache ``<out>.adding.h5``, resumable on its own like any
+    cache, and finally copied into a working copy that replaces ``out`` in one rename. So a
+    kill at any moment leaves ``out`` whole and the next run carries on where this one stopped.
+    """
+    if not attrs.get("complete") or Journal(out).shards():
+        extract(data, out, layers=list(attrs["layers"]), **options)
+    part = out.with_name(out.name + ".adding.h5")
+    res = extract(data, part, layers=missing, **options)
+    with CacheWriter(out) as writer:
+        writer.add_layers_from(part)
+        writer.commit()
+    part.unlink()
+    with open_cache(out) as c:
+        dims = {name: int(c.layer_attrs(name)["dim"]) for name in c.layers}
+    return dataclasses.replace(res, path=out, state="layers added", layers=dims,
+                               setup_seconds=time.perf_counter() - t_start - res.seconds)
 
 
 def _result(out, status, table, state, processed, seconds, dev, specs, failures, warnings, setup):

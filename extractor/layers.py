@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import LayerNotFoundError
 from .pooling import Pooling
@@ -36,6 +37,8 @@ class LayerInfo:
     order: int         # position in execution order (when the module's forward returned)
     start: int = 0     # when the module's forward began (a counter shared with ``order``)
     in_stride: int | None = None  # nominal stride of its input
+    flops: int = 0     # forward FLOPs of the whole model spent when this module's forward returned
+    relative_depth: float = 0.0  # ``flops`` as a share of the whole forward pass
 
     @property
     def depth(self) -> int:
@@ -52,6 +55,8 @@ class Tap:
     shape: tuple
     stride: int | None
     order: int
+    relative_depth: float = 0.0  # share of the model's forward FLOPs spent up to this tap
+    flops: int = 0               # forward FLOPs per image spent up to this tap
 
 
 def _first_tensor(out):
@@ -89,7 +94,7 @@ class Probe:
                 if name not in starts:
                     t = _first_tensor(args)
                     in_stride = _nominal_stride(input_size, t.shape[-1]) if t is not None and t.ndim == 4 else None
-                    starts[name] = (clock[0], in_stride)
+                    starts[name] = (clock[0], in_stride, counter.get_total_flops())
                     clock[0] += 1
             return fn
 
@@ -101,9 +106,9 @@ class Probe:
                 seen.add(name)
                 shape = tuple(t.shape[1:])
                 stride = _nominal_stride(input_size, shape[-1]) if len(shape) == 3 else None
-                start, in_stride = starts.get(name, (clock[0], None))
+                start, in_stride, _ = starts.get(name, (clock[0], None, 0))
                 self.layers.append(LayerInfo(name, type(module).__name__, shape, stride, clock[0],
-                                             start, in_stride))
+                                             start, in_stride, counter.get_total_flops()))
                 clock[0] += 1
                 if isinstance(module, nn.Linear):
                     linears.append((name, int(args[0].flatten(1).shape[1]) if args else module.in_features))
@@ -115,8 +120,11 @@ class Probe:
                 handles.append(module.register_forward_hook(hook(name)))
         was_training = model.training
         model.eval()
+        # torch's own FLOP counter (convolutions and matrix products, which are nearly all of a
+        # CNN's work) read at every hook gives each layer's relative depth.
+        counter = FlopCounterMode(display=False)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), counter:
                 param = next(model.parameters(), None)
                 x = torch.zeros(1, 3, input_size, input_size,
                                 device=param.device if param is not None else "cpu")
@@ -126,8 +134,16 @@ class Probe:
                 h.remove()
             model.train(was_training)
         self.by_name = {l.name: l for l in self.layers}
+        self.total_flops = int(counter.get_total_flops())
+        self._input_flops = {name: int(v[2]) for name, v in starts.items()}
+        for info in self.layers:
+            info.relative_depth = self.relative_depth(info.flops)
         if linears:
             self.classifier = linears[-1]
+
+    def relative_depth(self, flops: int) -> float:
+        """``flops`` spent so far as a share of the whole forward pass (0..1)."""
+        return round(flops / self.total_flops, 6) if self.total_flops else 0.0
 
     def aliases(self) -> dict[str, LayerInfo]:
         """``stageK`` and ``penultimate`` -> the layer each means for this model."""
@@ -140,7 +156,9 @@ class Probe:
         if self.classifier:
             name, dim = self.classifier
             out["penultimate"] = LayerInfo(name, "input of " + self.by_name[name].type, (dim,), None,
-                                           self.by_name[name].order)
+                                           self.by_name[name].order,
+                                           flops=self._input_flops.get(name, self.by_name[name].flops))
+            out["penultimate"].relative_depth = self.relative_depth(out["penultimate"].flops)
         return out
 
     def _stage_end(self, s: int, at_s: list[LayerInfo], strides: list[int]) -> LayerInfo:
@@ -173,7 +191,8 @@ class Probe:
                         f"{self.model_name} has no Linear classifier, so 'penultimate' is not "
                         f"defined for it; pick a layer from 'cnncodes list-layers'.")
                 info = aliases[name]
-                taps.append(Tap(name, info.name, "input", info.shape, None, info.order))
+                taps.append(Tap(name, info.name, "input", info.shape, None, info.order,
+                                info.relative_depth, info.flops))
             elif name in ALIASES:
                 if name not in aliases:
                     have = ", ".join(a for a in aliases if a.startswith("stage")) or "none"
@@ -181,10 +200,12 @@ class Probe:
                         f"{self.model_name} has no module with the stride of {name} at input "
                         f"size {self.input_size} (its stages: {have}).")
                 info = aliases[name]
-                taps.append(Tap(name, info.name, "output", info.shape, info.stride, info.order))
+                taps.append(Tap(name, info.name, "output", info.shape, info.stride, info.order,
+                                info.relative_depth, info.flops))
             elif name in self.by_name:
                 info = self.by_name[name]
-                taps.append(Tap(name, name, "output", info.shape, info.stride, info.order))
+                taps.append(Tap(name, name, "output", info.shape, info.stride, info.order,
+                                info.relative_depth, info.flops))
             else:
                 close = difflib.get_close_matches(name, list(self.by_name) + list(ALIASES), n=3, cutoff=0.6)
                 hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -1,4 +1,5 @@
 """End to end: images -> real HDF5 cache, with resume after real interrupts."""
+import json
 import os
 import signal
 import subprocess
@@ -55,13 +56,29 @@ def test_rerun_is_up_to_date_and_other_recipes_are_refused(image_folder, tmp_pat
     assert r.state == "up to date" and r.processed == 0 and out.stat().st_mtime_ns == before
     with pytest.raises(IncompatibleCacheError, match="pooling: 'avg' in the cache, 'max' requested"):
         _extract(image_folder, out, r18_weights, pool="max")
-    with pytest.raises(IncompatibleCacheError, match="layers layer3 are not in the cache"):
-        _extract(image_folder, out, r18_weights, layers=["layer3"])
     write_image(image_folder / "cat" / "new.png", seed=5)
     with pytest.raises(IncompatibleCacheError, match="image list differs"):
         _extract(image_folder, out, r18_weights)
     r = _extract(image_folder, out, r18_weights, pool="max", overwrite=True)
     assert r.state == "created" and r.done == 13
+
+
+def test_missing_layers_are_added_to_an_existing_cache(image_folder, tmp_path, r18_weights):
+    out, alone = tmp_path / "c.h5", tmp_path / "alone.h5"
+    _extract(image_folder, out, r18_weights)
+    with h5py.File(out, "r") as f:
+        before = {k: f["codes"][k][()] for k in f["codes"]}
+    r = _extract(image_folder, out, r18_weights, layers=["layer3", "penultimate"])
+    assert r.state == "layers added" and set(r.layers) == {*before, "layer3"} and r.complete
+    _extract(image_folder, alone, r18_weights, layers=["layer3"])
+    with h5py.File(out, "r") as f, h5py.File(alone, "r") as g:
+        assert json.loads(f.attrs["layers"]) == [*before, "layer3"] and f.attrs["complete"]
+        np.testing.assert_array_equal(f["codes/layer3"][()], g["codes/layer3"][()])
+        assert f["codes/layer3"].attrs["module"] == "layer3" and 0 < f["codes/layer3"].attrs["relative_depth"] < 1
+        for k, v in before.items():
+            np.testing.assert_array_equal(f["codes"][k][()], v)
+    assert sorted(p.name for p in tmp_path.glob("*.h5*")) == ["alone.h5", "c.h5"]  # no companion left
+    assert _extract(image_folder, out, r18_weights, layers=["layer3"]).state == "up to date"
 
 
 def test_non_hdf5_output_is_never_overwritten_silently(image_folder, tmp_path, r18_weights):

@@ -45,6 +45,19 @@ def test_probe_shapes_strides_and_aliases():
     assert al["penultimate"].shape == (16,)
 
 
+def test_relative_depth_is_the_share_of_forward_flops_spent():
+    p = Probe(Toy().eval(), 32, "toy")
+    # Multiply-adds x 2, as torch's FLOP counter counts them.
+    conv = lambda cin, cout, hw: 2 * cin * cout * 9 * hw * hw
+    stem, b1, b2, fc = conv(3, 4, 16), conv(4, 8, 8), conv(8, 16, 4), 2 * 16 * 5
+    total = stem + b1 + b2 + fc
+    assert p.total_flops == total
+    assert p.by_name["stem"].relative_depth == pytest.approx(stem / total, abs=1e-6)
+    assert p.by_name["block2"].relative_depth == pytest.approx((stem + b1 + b2) / total, abs=1e-6)
+    pen = p.resolve(["penultimate"])[0]  # the input of fc: everything but the classifier
+    assert pen.relative_depth == pytest.approx((total - fc) / total, abs=1e-6) and pen.flops == total - fc
+
+
 def test_unknown_layer_suggests_and_points_to_list_layers():
     p = Probe(Toy().eval(), 32, "toy")
     with pytest.raises(LayerNotFoundError, match=r"'blok1' is not a layer of toy\. Did you mean 'block1'"
