@@ -7,6 +7,7 @@ unpickling, so a file changed after saving (or not written by cnncodes) is refus
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,28 @@ def save_model(result, path: str | os.PathLike, overwrite: bool = False) -> Path
                "versions": library_versions()}
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     joblib.dump(payload, tmp, compress=3)
-    digest = sha256_of(tmp)
+    return _publish(tmp, path)
+
+
+def _publish(tmp: Path, path: Path) -> Path:
+    """Give the finished file ``tmp`` its sha256 sidecar and move both to ``path``."""
     side_tmp = sidecar(tmp)
-    side_tmp.write_text(f"{digest}  {path.name}\n")
+    side_tmp.write_text(f"{sha256_of(tmp)}  {path.name}\n")
     os.replace(tmp, path)
     os.replace(side_tmp, sidecar(path))
     return path
+
+
+def copy_model(source: str | os.PathLike, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Copy a saved model (checked first) to ``path`` with a sidecar of its own, atomically."""
+    load_model(source)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ModelFileError(f"{path} exists: pass --overwrite to replace it, or choose another --out.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    return _publish(tmp, path)
 
 
 def load_model(path: str | os.PathLike) -> SavedModel:

@@ -40,12 +40,14 @@ def cli(verbose: int) -> None:
 
     \b
     Start here:
+      cnncodes demo
       cnncodes sample-data digits data/digits
       cnncodes list-layers --model efficientnet_lite0
       cnncodes extract data/digits --layer stage3 --layer penultimate
       cnncodes info cache/digits-efficientnet_lite0.h5
       cnncodes fit-svm --cache cache/digits-efficientnet_lite0.h5 --layer stage3 --out svm.joblib
       cnncodes predict --model svm.joblib data/digits/test/3
+      cnncodes sweep data/digits --layers stage2,stage3,stage4
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
@@ -106,7 +108,10 @@ def list_models_cmd(as_json: bool) -> None:
 @click.option("--all", "show_all", is_flag=True, help="Also list the modules inside each block.")
 @_fail_cleanly
 def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
-    """Print every tappable layer with its output shape and stride at the model's input size.
+    """Print every tappable layer with its output shape, stride and relative depth.
+
+    Shapes are at the model's input size; depth is the share of the forward pass's FLOPs
+    spent when the layer's output is ready.
 
     \b
     Any name printed here, or an alias, is a valid --layer for `extract`:
@@ -121,17 +126,18 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
     layers, aliases = list_layers(model)
     if as_json:
         _echo_json({"model": model,
-                    "layers": [{"name": l.name, "type": l.type, "shape": list(l.shape), "stride": l.stride}
-                               for l in layers],
+                    "layers": [{"name": l.name, "type": l.type, "shape": list(l.shape), "stride": l.stride,
+                                "relative_depth": l.relative_depth} for l in layers],
                     "aliases": {a: l.name for a, l in aliases.items()}})
         return
     depth = min(l.name.count(".") for l in layers) + 1
     shown = layers if show_all else [l for l in layers if l.name.count(".") <= depth
                                      or l.name in {a.name for a in aliases.values()}]
     width = max(len(l.name) for l in shown)
-    click.echo(f"{'layer':<{width}}  {'type':<20}  {'output shape':<16}  stride")
+    click.echo(f"{'layer':<{width}}  {'type':<20}  {'output shape':<16}  stride  depth")
     for l in shown:
-        click.echo(f"{l.name:<{width}}  {l.type[:20]:<20}  {'x'.join(map(str, l.shape)):<16}  {l.stride or '-'}")
+        click.echo(f"{l.name:<{width}}  {l.type[:20]:<20}  {'x'.join(map(str, l.shape)):<16}  "
+                   f"{l.stride or '-'!s:>6}  {l.relative_depth:>5.0%}")
     if not show_all and len(shown) < len(layers):
         click.echo(f"({len(layers) - len(shown)} inner modules hidden; --all shows them)")
     click.echo("\naliases:")
@@ -239,18 +245,24 @@ def info_cmd(cache: str, as_json: bool) -> None:
     click.echo(f"  state         {state}{extra}; created {s['created']}")
 
 
+# How C is cross-validated: shared by fit-svm, fit-softmax, sweep and demo.
+_CV_OPTIONS = [
+    click.option("--c-grid", help="Comma-separated C values [default: 1e-4,1e-3,...,1e2]."),
+    click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+                 help="Stratified, shuffled cross-validation folds."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds (and holdout)."),
+    click.option("--norm", type=click.Choice(["standard", "l2", "power", "none"]), default="standard",
+                 show_default=True, help="Fitted inside each fold; power = signed sqrt, then L2."),
+]
+
+
 def _fit_options(fn):
     """Options shared by fit-svm and fit-softmax."""
     options = [
         click.option("--cache", "-c", required=True, type=click.Path(exists=True, dir_okay=False),
                      help="HDF5 cache written by `cnncodes extract`."),
         click.option("--layer", "-l", help="Layer of the cache [default: its only layer, or penultimate]."),
-        click.option("--c-grid", help="Comma-separated C values [default: 1e-4,1e-3,...,1e2]."),
-        click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
-                     help="Stratified, shuffled cross-validation folds."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds (and holdout)."),
-        click.option("--norm", type=click.Choice(["standard", "l2", "power", "none"]), default="standard",
-                     show_default=True, help="Fitted inside each fold; power = signed sqrt, then L2."),
+        *_CV_OPTIONS,
         click.option("--pca", help="Number of PCA components, or 'whiten' (fitted inside each fold)."),
         click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Without a test split in the cache: keep this stratified share as the test."),
@@ -336,6 +348,116 @@ def fit_softmax(**kw) -> None:
       cnncodes fit-softmax --cache cache/digits-efficientnet_lite0.h5 --json
     """
     _fit("softmax", **kw)
+
+
+def _sweep_options(fn):
+    """Options shared by sweep and demo (what to fit and how)."""
+    options = [
+        *_CV_OPTIONS,
+        click.option("--solver", type=click.Choice(["auto", "sklearn", "torch"]), default="auto",
+                     show_default=True, help="As for fit-svm."),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps"),
+        click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+        click.option("--json", "as_json", is_flag=True, help="Print every row and the conclusion as JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _print_sweep(df, extra: dict | None = None, as_json: bool = False) -> None:
+    from pipelines.sweep_report import table_rows
+    if as_json:
+        _echo_json({"rows": df.drop(columns=["model_file"]).to_dict("records"), **{
+            k: df.attrs.get(k) for k in ("conclusion", "best", "kendall_tau", "report", "files", "seconds")},
+            **(extra or {})})
+        return
+    head, rows = table_rows(df)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    click.echo("  ".join(h.rjust(w) if i > 2 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths))))
+    for r in rows:
+        click.echo("  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    click.echo("")
+    for line in df.attrs.get("conclusion", []):
+        click.echo(line)
+    tau = {k: v for k, v in df.attrs.get("kendall_tau", {}).items() if v is not None}
+    if tau:
+        click.echo("LogME ranked the layers with Kendall's tau " +
+                   ", ".join(f"{v:+.2f} ({k})" for k, v in tau.items()) + " against CV accuracy.")
+    for label, value in (extra or {}).items():
+        click.echo(f"{label}: {value}")
+    click.echo(f"report: {df.attrs['files']['html']} ({df.attrs['seconds']:.0f}s)")
+
+
+@cli.command("sweep")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--model", "-m", "models", multiple=True, default=["efficientnet_lite0"], show_default=True,
+              help="Backbone; repeat to compare several.")
+@click.option("--weights", "-w", default="DEFAULT", show_default=True, help="As for extract (every --model).")
+@click.option("--layers", "-l", default="all-stages", show_default=True,
+              help="all-stages (stage1..stage5, and penultimate when it differs) or a comma list of layers.")
+@click.option("--classifier", "classifiers", default="svm,softmax", show_default=True,
+              help="svm, softmax or both (comma-separated).")
+@click.option("--cache", "-c", type=click.Path(dir_okay=False),
+              help="Cache to reuse and extend (one --model) [default: cache/<data>-<model>.h5].")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Report folder [default: reports/<data>-<model>].")
+@click.option("--prescreen", type=click.IntRange(min=1),
+              help="Score every layer with LogME; cross-validate only the K best of each backbone.")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Without a test split: keep this stratified share as the test.")
+@click.option("--pool", default="avg", show_default=True, help="Pooling of feature maps, as for extract.")
+@_sweep_options
+@_fail_cleanly
+def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, prescreen, holdout, pool,
+              c_grid, folds, seed, norm, solver, device, batch_size, quiet, as_json) -> None:
+    """Which layer should the classifier read? Depth vs accuracy across layers and backbones.
+
+    Extracts every requested layer in one forward pass per backbone (an existing cache gains
+    only the layers it lacks), scores each layer with LogME (training-free), cross-validates a
+    linear classifier on each, and writes index.html, sweep.md/.csv/.json, sweep.png and the
+    best layer's confusion matrix. Interrupt and rerun: finished extractions and fits are kept.
+
+    \b
+    Examples:
+      cnncodes sweep data/digits
+      cnncodes sweep data/birds --model resnet50 --model efficientnet_lite0 --classifier svm
+      cnncodes sweep data/birds --layers layer2,layer3,layer4 --prescreen 2 --json
+    """
+    from pipelines.sweep import sweep
+    df = sweep(data, list(models), layers, [c.strip() for c in classifiers.split(",") if c.strip()],
+               weights=weights, cache=cache, report=report_dir, c_grid=c_grid, folds=folds, seed=seed,
+               norm=norm, solver=solver, holdout=holdout, prescreen=prescreen, pool=pool,
+               batch_size=batch_size, device=device, progress=False if quiet else None)
+    _print_sweep(df, as_json=as_json)
+
+
+@cli.command("demo")
+@click.option("--data", default="data/digits", show_default=True, type=click.Path(file_okay=False),
+              help="Where the digits image folder is (generated when missing).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Report folder [default: reports/digits-efficientnet_lite0].")
+@_sweep_options
+@_fail_cleanly
+def demo(data, report_dir, c_grid, folds, seed, norm, solver, device, batch_size, quiet, as_json) -> None:
+    """The whole recipe on the embedded default; nothing to download.
+
+    Writes scikit-learn's handwritten digits as an image folder (if missing), sweeps every
+    stage of efficientnet_lite0 with a linear SVM and softmax, saves the best layer's SVM for
+    `cnncodes predict`, and writes the report. About 2 minutes on 2 CPU cores.
+
+    \b
+    Example:
+      cnncodes demo && cnncodes predict --model reports/digits-efficientnet_lite0/best-svm.joblib data/digits/test/3
+    """
+    from pipelines.demo import run_demo
+    df = run_demo(data, report_dir, c_grid=c_grid, folds=folds, seed=seed, norm=norm, solver=solver,
+                  device=device, batch_size=batch_size, progress=False if quiet else None)
+    extra = {"saved SVM": f"{df.attrs['model_file']} ({df.attrs['model_layer']})"}
+    if df.attrs["data_written"]:
+        extra = {"data": f"{data} ({df.attrs['data_written']} images generated)", **extra}
+    _print_sweep(df, extra, as_json)
 
 
 @cli.command("evaluate")

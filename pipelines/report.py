@@ -52,7 +52,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     k = len(classes)
-    size = min(14, 3 + 0.25 * k)
+    size = min(14, max(5, 3 + 0.25 * k))
     fig, ax = plt.subplots(figsize=(size, size), dpi=100)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)

@@ -44,7 +44,10 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture
 def split_folder(tmp_path) -> Path:
     """root/train|test/<class>/<img>: 2 classes, 5 train + 2 test each."""
-    root = tmp_path / "split"
+    return write_split_folder(tmp_path / "split")
+
+
+def write_split_folder(root: Path) -> Path:
     for c, cls in enumerate(["a", "b"]):
         for i in range(5):
             write_image(root / "train" / cls / f"{i}.png", seed=100 + 10 * c + i)

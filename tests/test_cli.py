@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from pipelines.cli import cli
 
-COMMANDS = ["extract", "info", "list-layers", "list-models", "sample-data"]
+COMMANDS = ["extract", "info", "list-layers", "list-models", "sample-data", "sweep", "demo"]
 
 
 @pytest.fixture

@@ -1,0 +1,237 @@
+"""A sweep's report: the table (CSV, Markdown, JSON), the depth-vs-accuracy plot, the best
+layer's confusion matrix, a conclusion in words, and one self-contained ``index.html``."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from extractor.engine import library_versions
+
+from .report import plot_confusion
+
+
+def _fitted(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["fitted"] & df["cv_accuracy"].notna()]
+
+
+def kendall_taus(df: pd.DataFrame) -> dict:
+    """Kendall's tau between LogME and CV accuracy over the fitted layers, per classifier
+    (None with fewer than 3 layers): how well the training-free score ranked the layers."""
+    from scipy.stats import kendalltau
+    out = {}
+    for clf, part in _fitted(df).groupby("classifier", sort=False):
+        if len(part) >= 3:
+            tau = kendalltau(part["logme"], part["cv_accuracy"]).statistic
+            out[clf] = None if tau is None or math.isnan(tau) else round(float(tau), 4)
+        else:
+            out[clf] = None
+    return out
+
+
+def _name(row) -> str:
+    return f"{row['classifier']} on {row['layer']} of {row['model']}"
+
+
+def conclude(df: pd.DataFrame) -> dict:
+    """The best layer, the cheapest within 1 point of it, and whether accuracy still rises at
+    the top, in sentences (``conclusion``) and as the ``best`` row."""
+    fitted = _fitted(df)
+    if fitted.empty:
+        return {"conclusion": ["No layer was cross-validated."], "best": None}
+    order = fitted.assign(_cost=fitted["gflops"].fillna(np.inf))
+    best = order.sort_values(["cv_accuracy", "_cost"], ascending=[False, True]).iloc[0]
+    test = "" if pd.isna(best["test_accuracy"]) else f", test accuracy {best['test_accuracy']:.3f}"
+    lines = [f"Best: {_name(best)} (module {best['module']}, {best['relative_depth']:.0%} of the "
+             f"forward pass): CV accuracy {best['cv_accuracy']:.3f} +- {best['cv_std']:.3f}{test}."]
+    near = order[order["cv_accuracy"] >= best["cv_accuracy"] - 0.01].sort_values(["_cost", "cv_accuracy"],
+                                                                                   ascending=[True, False])
+    cheap = near.iloc[0]
+    if cheap["layer"] == best["layer"] and cheap["model"] == best["model"]:
+        lines.append("No cheaper layer comes within 1 point of it.")
+    else:
+        lines.append(f"Cheapest within 1 point: {_name(cheap)} ({cheap['relative_depth']:.0%} of the "
+                     f"forward pass, {cheap['gflops']:.2f} GFLOPs per image), CV accuracy "
+                     f"{cheap['cv_accuracy']:.3f}.")
+    line = fitted[(fitted["model"] == best["model"]) & (fitted["classifier"] == best["classifier"])]
+    line = line.sort_values("relative_depth")
+    if len(line) >= 2:
+        top, below = line.iloc[-1], line.iloc[-2]
+        delta = top["cv_accuracy"] - below["cv_accuracy"]
+        if delta > 0.005:
+            trend = (f"Accuracy still rises at the top ({below['layer']} {below['cv_accuracy']:.3f} -> "
+                     f"{top['layer']} {top['cv_accuracy']:.3f}): the deepest codes are the best here, the "
+                     f"pattern expected for images like ImageNet's.")
+        elif delta < -0.005:
+            trend = (f"Accuracy falls at the top ({below['layer']} {below['cv_accuracy']:.3f} -> "
+                     f"{top['layer']} {top['cv_accuracy']:.3f}): an earlier layer transfers better, the "
+                     f"pattern expected for images unlike ImageNet's.")
+        else:
+            trend = (f"Accuracy levels off at the top ({below['layer']} {below['cv_accuracy']:.3f}, "
+                     f"{top['layer']} {top['cv_accuracy']:.3f}).")
+        lines.append(trend)
+    return {"conclusion": lines, "best": _plain(best.drop(labels="_cost").to_dict())}
+
+
+def _plain(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (np.generic,)):
+            v = v.item()
+        if isinstance(v, float) and math.isnan(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def plot_sweep(df: pd.DataFrame, path: Path) -> None:
+    """CV accuracy (error bars: std over folds) against relative depth, one line per backbone x
+    classifier, test accuracy as open markers, LogME on a second axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    fitted = _fitted(df)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, ((model, clf), part) in enumerate(fitted.groupby(["model", "classifier"], sort=False)):
+        part = part.sort_values("relative_depth")
+        color = colors[i % len(colors)]
+        ax.errorbar(part["relative_depth"], part["cv_accuracy"], yerr=part["cv_std"], marker="o",
+                    capsize=3, color=color, label=f"{model} {clf} (CV)")
+        if part["test_accuracy"].notna().any():
+            ax.plot(part["relative_depth"], part["test_accuracy"], marker="o", linestyle="none",
+                    markerfacecolor="none", color=color, label=f"{model} {clf} (test)")
+        for _, r in part.iterrows():
+            ax.annotate(r["layer"], (r["relative_depth"], r["cv_accuracy"]), textcoords="offset points",
+                        xytext=(4, -12), fontsize=7, color=color)
+    ax.set_xlabel("relative depth (share of the forward pass's FLOPs)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    for model, part in df.drop_duplicates(["model", "layer"]).groupby("model", sort=False):
+        part = part.sort_values("relative_depth")
+        ax2.plot(part["relative_depth"], part["logme"], linestyle=":", marker="s", markersize=4,
+                 color="grey", alpha=0.8, label=f"{model} LogME")
+    ax2.set_ylabel("LogME (dotted)")
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], fontsize=8, loc="lower right")
+    ax.set_title("Which layer to read: accuracy vs depth", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(v, spec=".4f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        return format(v, spec)
+    return str(v)
+
+
+def table_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The table a person reads: the main columns, formatted."""
+    head = ["model", "layer", "classifier", "dim", "depth", "LogME", "CV acc", "+-", "C", "test acc", "fit s"]
+    rows = []
+    for _, r in df.iterrows():
+        rows.append([r["model"], r["layer"], r["classifier"], str(r["dim"]), f"{r['relative_depth']:.0%}",
+                     _fmt(r["logme"], ".3f"),
+                     _fmt(r["cv_accuracy"]) if r["fitted"] else "(pre-screened out)",
+                     _fmt(r["cv_std"]), _fmt(r["C"], "g"), _fmt(r["test_accuracy"]),
+                     _fmt(r["fit_seconds"], ".1f")])
+    return head, rows
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    head, rows = table_rows(df)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_sweep_report(df: pd.DataFrame, directory: str | Path, fit_records: dict) -> dict[str, Path]:
+    """Write ``sweep.csv``, ``sweep.json``, ``sweep.md``, ``sweep.png``, ``confusion.png``
+    (best layer) and ``index.html`` into ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / "sweep.csv", "json": out / "sweep.json", "markdown": out / "sweep.md",
+             "plot": out / "sweep.png", "html": out / "index.html"}
+    df.to_csv(files["csv"], index=False)
+    plot_sweep(df, files["plot"])
+    best = df.attrs.get("best")
+    if best:
+        record = fit_records[(best["model"], best["layer"], best["classifier"])]
+        classes = record["classes"]
+        from sklearn.metrics import confusion_matrix
+        cm = confusion_matrix(record["truth"], record["pred"], labels=np.arange(len(classes)))
+        files["confusion"] = out / "confusion.png"
+        plot_confusion(cm, classes, files["confusion"],
+                       f"{_name(best)}, C={best['C']:g} ({record['evaluated_on']})")
+    tau = df.attrs.get("kendall_tau", {})
+    tau_text = ", ".join(f"{k}: {'-' if v is None else f'{v:+.2f}'}" for k, v in tau.items())
+    summary = {"rows": [_plain(r) for r in df.to_dict("records")], "conclusion": df.attrs.get("conclusion"),
+               "best": best, "kendall_tau_logme_vs_cv": tau, "settings": df.attrs.get("settings"),
+               "caches": df.attrs.get("caches"), "seconds": df.attrs.get("seconds"),
+               "versions": library_versions()}
+    files["json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    conclusion = df.attrs.get("conclusion", [])
+    md = ["# Layer sweep", "", *[f"- {c}" for c in conclusion], "",
+          f"LogME vs CV accuracy, Kendall's tau: {tau_text or '-'}", "", _markdown(df), "",
+          "![accuracy vs depth](sweep.png)", ""]
+    if "confusion" in files:
+        md += ["![confusion matrix of the best layer](confusion.png)", ""]
+    files["markdown"].write_text("\n".join(md))
+    files["html"].write_text(_html(df, files, conclusion, tau_text, summary))
+    return files
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _html(df, files, conclusion, tau_text, summary) -> str:
+    head, rows = table_rows(df)
+    best = summary.get("best") or {}
+    trs = []
+    for (_, r), cells in zip(df.iterrows(), rows):
+        mark = ' class="best"' if (r["model"], r["layer"], r["classifier"]) == \
+            (best.get("model"), best.get("layer"), best.get("classifier")) else ""
+        trs.append(f"<tr{mark}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    settings = summary.get("settings") or {}
+    confusion = _img(files["confusion"], "confusion matrix of the best layer") if "confusion" in files else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cnncodes layer sweep</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f0f0f0; }} td:nth-child(-n+3), th:nth-child(-n+3) {{ text-align: left; }}
+tr.best td {{ background: #e6f4e6; font-weight: 600; }}
+img {{ max-width: 100%; border: 1px solid #ddd; margin: 1em 0; }}
+.small {{ color: #666; font-size: 13px; }}
+</style></head><body>
+<h1>Layer sweep: {html.escape(str(settings.get('data', '')))}</h1>
+<ul id="conclusion">{''.join(f'<li>{html.escape(c)}</li>' for c in conclusion)}</ul>
+<p>LogME vs CV accuracy, Kendall's tau: {html.escape(tau_text or '-')}</p>
+<table id="sweep-table"><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead>
+<tbody>{''.join(trs)}</tbody></table>
+<p class="small">CV: {settings.get('folds')}-fold stratified cross-validation (seed {settings.get('seed')}) over
+C = {html.escape(', '.join(f'{c:g}' for c in settings.get('c_grid', [])))}, norm {html.escape(str(settings.get('norm')))};
+depth: share of the forward pass's FLOPs spent up to the layer; the best row is highlighted.</p>
+<h2>Accuracy vs depth</h2>
+<div id="sweep-plot">{_img(files['plot'], 'accuracy vs relative depth')}</div>
+<h2>Best layer: confusion matrix</h2>
+{confusion}
+<p class="small">Made by cnncodes in {summary.get('seconds')} s; every figure with its settings is in sweep.json.</p>
+</body></html>
+"""

@@ -1,0 +1,135 @@
+"""Layer sweeps: one extraction per backbone, LogME + CV per layer, resumable, report files."""
+import csv
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipelines.cli import cli
+from pipelines.sweep import COLUMNS, sweep, sweep_layers
+
+FAST = dict(folds=2, c_grid="0.1,1", progress=False)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, r18_weights):
+    """A two-classifier sweep of every resnet18 stage on a tiny split folder."""
+    from .conftest import write_split_folder
+    tmp = tmp_path_factory.mktemp("sweep")
+    root = write_split_folder(tmp / "data")
+    df = sweep(root, ["resnet18"], "all-stages", ["svm", "softmax"], weights=str(r18_weights),
+               cache=tmp / "c.h5", report=tmp / "report", **FAST)
+    return df, root, tmp
+
+
+def test_all_stages_leaves_out_a_penultimate_that_only_pools_the_last_stage():
+    assert sweep_layers("resnet18") == ["stage1", "stage2", "stage3", "stage4", "stage5"]
+    assert sweep_layers("vgg11")[-1] == "penultimate"  # fc7 is more than a pooled stage5
+    assert sweep_layers("resnet18", "layer2, layer3") == ["layer2", "layer3"]
+
+
+def test_sweep_table_covers_every_layer_and_classifier(swept):
+    df, _, _ = swept
+    assert list(df.columns) == COLUMNS and len(df) == 10
+    assert df["fitted"].all() and df["cv_accuracy"].between(0, 1).all() and df["test_accuracy"].notna().all()
+    svm = df[df["classifier"] == "svm"]
+    assert list(svm["layer"]) == ["stage1", "stage2", "stage3", "stage4", "stage5"]
+    assert list(svm["module"])[1:] == ["layer1", "layer2", "layer3", "layer4"]
+    assert svm["relative_depth"].is_monotonic_increasing and 0 < svm["relative_depth"].iloc[0] < 0.2
+    assert list(svm["dim"]) == [64, 64, 128, 256, 512] and list(svm["stride"]) == [2, 4, 8, 16, 32]
+    assert df["logme"].notna().all() and df.attrs["best"]["cv_accuracy"] == df["cv_accuracy"].max()
+    assert len(df.attrs["conclusion"]) == 3 and df.attrs["conclusion"][0].startswith("Best: ")
+    assert set(df.attrs["kendall_tau"]) == {"svm", "softmax"}
+
+
+def test_report_files_parse_back(swept):
+    df, _, tmp = swept
+    report = tmp / "report"
+    with open(report / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 10 and set(COLUMNS) <= set(rows[0])
+    summary = json.loads((report / "sweep.json").read_text())
+    assert {"rows", "conclusion", "best", "kendall_tau_logme_vs_cv", "settings", "caches", "versions"} <= set(summary)
+    assert summary["settings"]["seed"] == 0 and summary["settings"]["c_grid"] == [0.1, 1.0]
+    assert len(summary["caches"]["resnet18"]["fingerprint"]) == 64 and "torch" in summary["versions"]
+    for name, least in (("sweep.png", (900, 550)), ("confusion.png", (450, 450))):
+        with Image.open(report / name) as im:
+            assert im.format == "PNG" and im.width >= least[0] and im.height >= least[1]
+    html = (report / "index.html").read_text()
+    assert 'id="sweep-table"' in html and html.count("data:image/png;base64,") == 2 and "src=\"http" not in html
+    assert "| stage3 |" in (report / "sweep.md").read_text().replace("  ", " ")
+
+
+def test_rerun_redoes_nothing_and_an_interrupted_sweep_resumes(swept, r18_weights):
+    df, root, tmp = swept
+    fits = tmp / "report" / "fits"
+    stamps = {p.name: p.stat().st_mtime_ns for p in fits.iterdir()}
+    (fits / "resnet18__stage3__svm.json").unlink()  # as if killed before this fit was stored
+    again = sweep(root, ["resnet18"], "all-stages", ["svm", "softmax"], weights=str(r18_weights),
+                  cache=tmp / "c.h5", report=tmp / "report", **FAST)
+    assert again.attrs["caches"]["resnet18"]["state"] == "up to date"
+    changed = {p.name for p in fits.iterdir() if stamps.get(p.name) != p.stat().st_mtime_ns}
+    assert changed == {"resnet18__stage3__svm.json", "resnet18__stage3__svm.joblib", "resnet18__stage3__svm.joblib.sha256"}
+    cols = ["layer", "classifier", "cv_accuracy", "test_accuracy", "C"]
+    assert again[cols].equals(df[cols])
+
+
+def test_prescreen_fits_only_the_best_logme_layers_and_extends_the_cache(swept, r18_weights):
+    _, root, tmp = swept
+    df = sweep(root, ["resnet18"], "layer3,layer4,stage3,stage4", ["svm"], weights=str(r18_weights),
+               cache=tmp / "c.h5", report=tmp / "pre", prescreen=3, **FAST)
+    assert df.attrs["caches"]["resnet18"]["state"] == "layers added"  # layer3/layer4 were new names
+    assert df["fitted"].sum() == 3
+    best3 = df.sort_values("logme", ascending=False)["layer"].head(3)
+    assert set(df[df["fitted"]]["layer"]) == set(best3)
+    assert df.attrs["kendall_tau"]["svm"] is None or -1 <= df.attrs["kendall_tau"]["svm"] <= 1
+    assert "(pre-screened out)" in (tmp / "pre" / "sweep.md").read_text()
+
+
+def test_sweep_command_prints_the_table_and_json(swept, r18_weights):
+    _, root, tmp = swept
+    run = lambda *a: CliRunner().invoke(cli, [str(x) for x in a], catch_exceptions=False)
+    base = ["sweep", root, "-m", "resnet18", "-w", r18_weights, "--cache", tmp / "c.h5", "--report",
+            tmp / "report", "--folds", 2, "--c-grid", "0.1,1", "-q"]
+    r = run(*base)
+    assert r.exit_code == 0, r.output
+    assert "stage5" in r.output and "Best: " in r.output and "index.html" in r.output
+    r = run(*base, "--json")
+    out = json.loads(r.output)
+    assert len(out["rows"]) == 10 and out["best"]["layer"] and out["files"]["html"].endswith("index.html")
+    r = run(*base, "--classifier", "knn")
+    assert r.exit_code == 1 and "--classifier takes svm and/or softmax" in r.output
+    r = run("sweep", root, "-m", "resnet18", "-m", "alexnet", "--cache", tmp / "c.h5")
+    assert r.exit_code == 1 and "works with one --model" in r.output
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium") and not os.environ.get("CI"),
+                    reason="Debian's chromium is not installed (.ci/run installs it; in CI this test never skips)")
+def test_html_report_renders_in_headless_chromium(swept, tmp_path):
+    from playwright.sync_api import sync_playwright
+    _, _, tmp = swept
+    page_url = (tmp / "report" / "index.html").resolve().as_uri()
+    shot = tmp_path / "report.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(page_url)
+            table = page.locator("#sweep-table")
+            assert table.is_visible() and table.locator("tbody tr").count() == 10
+            plot = page.locator("#sweep-plot img")
+            assert plot.is_visible()
+            box = plot.bounding_box()
+            assert box["width"] > 500 and box["height"] > 300
+            assert plot.evaluate("img => img.complete && img.naturalWidth") >= 600  # decoded, not broken
+            assert page.locator("#conclusion li").first.inner_text().startswith("Best: ")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    with Image.open(shot) as im:
+        assert im.width == 1280 and im.height > 900 and len(im.convert("L").getcolors(maxcolors=256) or []) > 20
