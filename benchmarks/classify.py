@@ -94,9 +94,11 @@ def big_matrix(cache: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, P
     return h5, npz
 
 
-def ours(cache: Path, classifier: str, solver: str = "auto") -> dict:  # noqa: D103
+def ours(cache: Path, classifier: str, solver: str = "auto", timeout: float | None = None) -> dict:  # noqa: D103
     res, wall = sh([sys.executable, "-m", "pipelines.cli", f"fit-{classifier}", "--cache", str(cache),
-                    "--layer", "penultimate", "--c-grid", GRID, "--solver", solver, "--json"])
+                    "--layer", "penultimate", "--c-grid", GRID, "--solver", solver, "--json"], timeout=timeout)
+    if res is None:
+        return {"timed_out_after_s": round(wall, 1), "solver": solver}
     return {"seconds": res["seconds"], "process_wall_s": round(wall, 2), "C": res["C"],
             "cv_accuracy": res["cv_accuracy"], "test_accuracy": res["test_accuracy"], "solver": res["solver"]}
 
@@ -117,9 +119,17 @@ def main() -> None:
     ap.add_argument("--peer-timeout", type=float, default=600, help="seconds for the peer on the big matrix; 0 skips it")
     ap.add_argument("--caltech-peer-timeout", type=float, default=1800,
                     help="seconds for the peer on the Caltech codes (a lower bound of the speed-up is reported past it)")
+    ap.add_argument("--sklearn-timeout", type=float, default=900,
+                    help="seconds for `--solver sklearn`, the accuracy reference of the torch solver; 0 skips it")
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--readme-only", action="store_true",
+                    help="rebuild the README table from benchmarks/results/classify-cpu.json, run nothing")
     args = ap.parse_args()
+    if args.readme_only:
+        result = json.loads((HERE / "results" / "classify-cpu.json").read_text())
+        write_table(markdown(result, args), update_readme=True)
+        return
     cache = caltech_cache()
     npz = peer_npz(cache)
     result = {"benchmark": "classify", "device": "cpu", "cpus": os.cpu_count(), "grid": GRID, "folds": 5,
@@ -134,8 +144,17 @@ def main() -> None:
                      test_points=round(100 * (o["test_accuracy"] - p["test_accuracy"]), 2))
         else:
             v["speedup_at_least"] = round(p["timed_out_after_s"] / o["seconds"], 2)
+        if o["solver"] == "torch" and args.sklearn_timeout:  # the reference: scikit-learn, same grid and folds
+            ref = ours(cache, clf, "sklearn", args.sklearn_timeout)
+            v["sklearn_solver"] = ref
+            if "seconds" in ref:
+                v["torch_vs_sklearn_points"] = {k: round(100 * (o[k] - ref[k]), 2) for k in ("cv_accuracy", "test_accuracy")}
         result["caltech"][clf] = v
         print(clf, json.dumps(result["caltech"][clf]), file=sys.stderr)
+    saved = HERE / "results" / "classify-cpu.json"
+    if args.skip_big and saved.exists():  # keep the last full run's big-matrix figures, marked as such
+        result["big"] = {k: {**v, "from_run_of": json.loads(saved.read_text()).get("date")}
+                         for k, v in json.loads(saved.read_text()).get("big", {}).items()}
     if not args.skip_big:
         h5, big_npz = big_matrix(cache, args.big_rows, args.big_dim)
         for clf in ("svm", "softmax"):
@@ -147,9 +166,12 @@ def main() -> None:
     result["versions"] = library_versions()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "classify-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result, args)
+    write_table(markdown(result, args), args.update_readme)
+
+
+def write_table(table: str, update_readme: bool) -> None:
     print(table)
-    if args.update_readme:
+    if update_readme:
         readme = REPO / "README.md"
         text = readme.read_text()
         start, end = "<!-- bench:classify-cpu -->", "<!-- /bench:classify-cpu -->"
@@ -172,6 +194,15 @@ def markdown(r: dict, args) -> str:
             rows.append(f"| Caltech 1,515 x 1,280, `fit-{clf}` ({o['solver']}) | > {p['timed_out_after_s']:.0f} | "
                         f"{o['seconds']:.1f} | >= {v['speedup_at_least']:.1f}x | - / {o['cv_accuracy']:.4f} | "
                         f"- / {o['test_accuracy']:.4f} |")
+    for clf, v in r["caltech"].items():
+        if "sklearn_solver" in v and "timed_out_after_s" in v["sklearn_solver"]:
+            rows.append(f"| Caltech, `fit-{clf} --solver sklearn` (reference for the torch solver) | | "
+                        f"> {v['sklearn_solver']['timed_out_after_s']:.0f} | | not finished | not finished |")
+        elif "sklearn_solver" in v:
+            ref, o, d = v["sklearn_solver"], v["cnncodes"], v["torch_vs_sklearn_points"]
+            rows.append(f"| Caltech, `fit-{clf} --solver sklearn` (reference for the torch solver) | | {ref['seconds']:.1f} | "
+                        f"torch {ref['seconds'] / o['seconds']:.1f}x faster | {ref['cv_accuracy']:.4f} (torch {d['cv_accuracy']:+.2f} pt) | "
+                        f"{ref['test_accuracy']:.4f} (torch {d['test_accuracy']:+.2f} pt) |")
     for clf, v in r["big"].items():
         p, o = v["peer"], v["cnncodes"]
         ps = f"{p['seconds']:.1f}" if "seconds" in p else (f"> {p['timed_out_after_s']:.0f}" if "timed_out_after_s" in p else "not run")

@@ -236,7 +236,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         solver = "torch" if parse_pca(pca) is None and X.shape[1] >= 256 else "sklearn"
     if solver == "torch":
         from .torch_linear import cv_scores_batched
-        scores, oof = cv_scores_batched(X, y, splits, grid, classifier, norm)
+        scores, oof, warm = cv_scores_batched(X, y, splits, grid, classifier, norm)
     else:
         scores, oof = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs)
     table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()), "folds": [round(float(v), 6) for v in s]}
@@ -244,6 +244,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     best = max(table, key=lambda g: (round(g["mean"], 10), -g["C"]))  # ties: the stronger regularisation
     final = make_pipeline(classifier, best["C"], norm, pca, n_samples=len(y), n_features=X.shape[1],
                           seed=seed, solver=solver)
+    if solver == "torch":  # start the refit from the folds' solution at the chosen C
+        final.set_params(clf__init=warm[grid.index(best["C"])])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         final.fit(X, y)

@@ -394,7 +394,8 @@ def _print_sweep(df, extra: dict | None = None, as_json: bool = False) -> None:
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--model", "-m", "models", multiple=True, default=["efficientnet_lite0"], show_default=True,
               help="Backbone; repeat to compare several.")
-@click.option("--weights", "-w", default="DEFAULT", show_default=True, help="As for extract (every --model).")
+@click.option("--weights", "-w", multiple=True, default=["DEFAULT"], show_default=True,
+              help="As for extract: once for every --model, or once per --model in the same order.")
 @click.option("--layers", "-l", default="all-stages", show_default=True,
               help="all-stages (stage1..stage5, and penultimate when it differs) or a comma list of layers.")
 @click.option("--classifier", "classifiers", default="svm,softmax", show_default=True,
@@ -427,7 +428,7 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
     """
     from pipelines.sweep import sweep
     df = sweep(data, list(models), layers, [c.strip() for c in classifiers.split(",") if c.strip()],
-               weights=weights, cache=cache, report=report_dir, c_grid=c_grid, folds=folds, seed=seed,
+               weights=list(weights), cache=cache, report=report_dir, c_grid=c_grid, folds=folds, seed=seed,
                norm=norm, solver=solver, holdout=holdout, prescreen=prescreen, pool=pool,
                batch_size=batch_size, device=device, progress=False if quiet else None)
     _print_sweep(df, as_json=as_json)

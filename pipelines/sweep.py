@@ -82,7 +82,7 @@ def default_report_dir(data, models) -> Path:
 
 
 def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm", "softmax"), *,
-          weights: str | None = "DEFAULT", cache=None, report=None, c_grid=None, folds: int = 5,
+          weights="DEFAULT", cache=None, report=None, c_grid=None, folds: int = 5,
           seed: int = 0, norm: str = "standard", solver: str = "auto", holdout: float | None = None,
           prescreen: int | None = None, pool: str = "avg", batch_size: int = 32, device: str = "auto",
           progress: bool | None = None) -> pd.DataFrame:
@@ -97,6 +97,8 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
         given, which only works with one model).
     layers : 'all-stages', str or sequence of str
         See :func:`sweep_layers`.
+    weights : str or sequence of str
+        As for ``extract``: one for every model, or one per model.
     classifiers : sequence of {'svm', 'softmax'}
     prescreen : int, optional
         Score every layer with LogME and cross-validate only the ``prescreen`` best of each
@@ -132,6 +134,12 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
                          "each backbone its default cache.")
     if prescreen is not None and prescreen < 1:
         raise ValueError(f"--prescreen must be >= 1, got {prescreen}.")
+    per_model = [weights] * len(models) if weights is None or isinstance(weights, (str, os.PathLike)) else list(weights)
+    if len(per_model) == 1:
+        per_model *= len(models)
+    if len(per_model) != len(models):
+        raise ValueError(f"give one --weights for every --model, or one for all: got {len(per_model)} "
+                         f"for {len(models)} models.")
     grid = parse_c_grid(c_grid) if not isinstance(c_grid, (list, tuple)) else tuple(sorted(c_grid))
     settings = {"c_grid": list(grid), "folds": folds, "seed": seed, "norm": norm, "solver": solver,
                 "holdout": holdout}
@@ -140,14 +148,19 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
     show = progress if progress is not None else sys.stderr.isatty()
 
     rows, fit_records, caches = [], {}, {}
-    for model in models:
+    for model, model_weights in zip(models, per_model):
         names = sweep_layers(model, layers)
         path = Path(cache) if cache else default_cache_path(data, model)
         log.info("extracting %s of %s into %s", ", ".join(names), model, path)
-        ext = extract(data, path, model=model, weights=weights, layers=names, pool=pool,
+        ext = extract(data, path, model=model, weights=model_weights, layers=names, pool=pool,
                       batch_size=batch_size, device=device, progress=show)
         caches[model] = {"path": str(path), "state": ext.state, "extract_seconds": round(ext.seconds, 2)}
         codes = {name: load_codes(path, name) for name in names}
+        depth = {n: (c.layer_attrs.get("relative_depth"), c.layer_attrs.get("flops")) for n, c in codes.items()}
+        if any(d is None for pair in depth.values() for d in pair):  # a cache older than these attributes
+            layers_, aliases = list_layers(model)
+            known = {**{l.name: l for l in layers_}, **aliases}
+            depth = {n: (known[n].relative_depth, known[n].flops) if n in known else (None, None) for n in names}
         caches[model]["fingerprint"] = codes[names[0]].attrs.get("image_fingerprint")
         scores = {}
         for name, c in codes.items():
@@ -171,8 +184,8 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
             stride = la.get("stride")
             row = {"model": model, "layer": name, "module": la.get("module"), "classifier": clf,
                    "dim": int(c.X.shape[1]), "stride": None if stride in (None, -1) else int(stride),
-                   "relative_depth": la.get("relative_depth"),
-                   "gflops": round(la["flops"] / 1e9, 4) if la.get("flops") is not None else None,
+                   "relative_depth": depth[name][0],
+                   "gflops": round(depth[name][1] / 1e9, 4) if depth[name][1] is not None else None,
                    "logme": round(scores[name], 6), "fitted": name in chosen}
             if name in chosen:
                 bar.set_postfix_str(f"{clf} on {name}")

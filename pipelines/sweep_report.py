@@ -22,11 +22,11 @@ def _fitted(df: pd.DataFrame) -> pd.DataFrame:
 
 def kendall_taus(df: pd.DataFrame) -> dict:
     """Kendall's tau between LogME and CV accuracy over the fitted layers, per classifier
-    (None with fewer than 3 layers): how well the training-free score ranked the layers."""
+    (None with fewer than 2 layers): how well the training-free score ranked the layers."""
     from scipy.stats import kendalltau
     out = {}
     for clf, part in _fitted(df).groupby("classifier", sort=False):
-        if len(part) >= 3:
+        if len(part) >= 2:
             tau = kendalltau(part["logme"], part["cv_accuracy"]).statistic
             out[clf] = None if tau is None or math.isnan(tau) else round(float(tau), 4)
         else:

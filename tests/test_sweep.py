@@ -84,8 +84,21 @@ def test_prescreen_fits_only_the_best_logme_layers_and_extends_the_cache(swept, 
     assert df["fitted"].sum() == 3
     best3 = df.sort_values("logme", ascending=False)["layer"].head(3)
     assert set(df[df["fitted"]]["layer"]) == set(best3)
-    assert df.attrs["kendall_tau"]["svm"] is None or -1 <= df.attrs["kendall_tau"]["svm"] <= 1
+    assert -1 <= df.attrs["kendall_tau"]["svm"] <= 1
     assert "(pre-screened out)" in (tmp / "pre" / "sweep.md").read_text()
+
+
+def test_two_backbones_each_get_a_cache_and_lines_in_the_report(swept, r18_weights, monkeypatch):
+    _, root, tmp = swept
+    monkeypatch.chdir(tmp)  # default caches go to ./cache
+    df = sweep(root, ["resnet18", "timm:resnet10t"], "stage3,stage4", ["svm"],
+               weights=[str(r18_weights), "none"], report=tmp / "two", **FAST)
+    assert list(df["model"]) == ["resnet18", "resnet18", "timm:resnet10t", "timm:resnet10t"]
+    assert {m: c["path"] for m, c in df.attrs["caches"].items()} == {
+        "resnet18": "cache/data-resnet18.h5", "timm:resnet10t": "cache/data-timm-resnet10t.h5"}
+    assert df["gflops"].notna().all() and (tmp / "two" / "index.html").is_file()
+    with pytest.raises(ValueError, match="one --weights for every --model"):
+        sweep(root, ["resnet18", "alexnet", "vgg11"], weights=["none", "none"], **FAST)
 
 
 def test_sweep_command_prints_the_table_and_json(swept, r18_weights):
@@ -133,3 +146,19 @@ def test_html_report_renders_in_headless_chromium(swept, tmp_path):
             browser.close()
     with Image.open(shot) as im:
         assert im.width == 1280 and im.height > 900 and len(im.convert("L").getcolors(maxcolors=256) or []) > 20
+
+
+def test_a_cache_without_depth_attributes_gets_them_from_a_probe(swept, r18_weights):
+    import shutil
+
+    import h5py
+    df, root, tmp = swept
+    old = tmp / "old.h5"
+    shutil.copyfile(tmp / "c.h5", old)
+    with h5py.File(old, "r+") as f:  # as written before relative depth was recorded
+        for ds in f["codes"].values():
+            del ds.attrs["relative_depth"], ds.attrs["flops"]
+    again = sweep(root, ["resnet18"], "stage2,stage4", ["svm"], weights=str(r18_weights), cache=old,
+                  report=tmp / "old-report", **FAST)
+    want = df[df["classifier"] == "svm"].set_index("layer")["relative_depth"]
+    assert list(again["relative_depth"]) == [want["stage2"], want["stage4"]]
