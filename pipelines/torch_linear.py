@@ -88,7 +88,7 @@ class BatchedProblem:
         """Minimise every fold's objective at this C; ``init`` is a previous solution (warm
         start). Returns ``(omega, b)``: weights in the rotated basis (F, D, K) and intercepts."""
         F, D, K = self.F, self.D, self.K
-        L, dt = self.Z.shape[1], self.Z.dtype
+        dt = self.Z.dtype
         reg = 1.0 / (2.0 * float(C) * self.n)                                      # (F,)
         scale = torch.rsqrt(_CURVATURE[self.loss] * self.lam + 2 * reg[:, None])[:, :, None]  # (F, D, 1)
         u = torch.zeros(F, D, K, dtype=dt, device=self.Z.device)
