@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from readme_table import update_readme
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -128,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.readme_only:
         result = json.loads((HERE / "results" / "classify-cpu.json").read_text())
-        write_table(markdown(result, args), update_readme=True)
+        write_table(markdown(result, args), update=True)
         return
     cache = caltech_cache()
     npz = peer_npz(cache)
@@ -169,15 +170,10 @@ def main() -> None:
     write_table(markdown(result, args), args.update_readme)
 
 
-def write_table(table: str, update_readme: bool) -> None:
+def write_table(table: str, update: bool) -> None:
     print(table)
-    if update_readme:
-        readme = REPO / "README.md"
-        text = readme.read_text()
-        start, end = "<!-- bench:classify-cpu -->", "<!-- /bench:classify-cpu -->"
-        if start in text:
-            head, rest = text.split(start, 1)
-            readme.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    if update:
+        update_readme(table, "classify-cpu")
 
 
 def markdown(r: dict, args) -> str:

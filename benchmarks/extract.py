@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from readme_table import update_readme
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = REPO.parent / "shared"
@@ -143,7 +145,7 @@ def main() -> None:
     if args.readme_only:
         saved = json.loads((HERE / "results" / f"extract-{args.device}.json").read_text())
         saved["memory"] = {int(k): v for k, v in saved["memory"].items()}
-        update_readme(markdown(saved), args.device)
+        update_readme(markdown(saved), f"extract-{args.device}")
         return
     if args.ceiling_only:
         print(json.dumps(ceiling(Path(args.ceiling_only), args.device, args.batch_size)))
@@ -205,7 +207,7 @@ def main() -> None:
     table = markdown(result)
     print(table)
     if args.update_readme:
-        update_readme(table, args.device)
+        update_readme(table, f"extract-{args.device}")
 
 
 def markdown(r: dict) -> str:
@@ -224,16 +226,6 @@ def markdown(r: dict) -> str:
     ]
     dev = r["machine"]["gpu"] or f"{r['machine']['cpus']}-core CPU"
     return "\n".join(rows) + f"\n\n({r['device']}: {dev}, {r['date']}; `python benchmarks/extract.py --repeats {r['settings']['repeats']}`)"
-
-
-def update_readme(table: str, device: str) -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    start, end = f"<!-- bench:extract-{device} -->", f"<!-- /bench:extract-{device} -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
 if __name__ == "__main__":

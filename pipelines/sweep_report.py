@@ -194,7 +194,8 @@ def write_sweep_report(df: pd.DataFrame, directory: str | Path, fit_records: dic
     return files
 
 
-def _img(path: Path, alt: str) -> str:
+def embed_png(path: Path, alt: str) -> str:
+    """An <img> tag carrying the PNG itself, so an HTML report is one self-contained file."""
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
@@ -208,7 +209,7 @@ def _html(df, files, conclusion, tau_text, summary) -> str:
             (best.get("model"), best.get("layer"), best.get("classifier")) else ""
         trs.append(f"<tr{mark}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     settings = summary.get("settings") or {}
-    confusion = _img(files["confusion"], "confusion matrix of the best layer") if "confusion" in files else ""
+    confusion = embed_png(files["confusion"], "confusion matrix of the best layer") if "confusion" in files else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cnncodes layer sweep</title>
 <style>
@@ -229,7 +230,7 @@ img {{ max-width: 100%; border: 1px solid #ddd; margin: 1em 0; }}
 C = {html.escape(', '.join(f'{c:g}' for c in settings.get('c_grid', [])))}, norm {html.escape(str(settings.get('norm')))};
 depth: share of the forward pass's FLOPs spent up to the layer; the best row is highlighted.</p>
 <h2>Accuracy vs depth</h2>
-<div id="sweep-plot">{_img(files['plot'], 'accuracy vs relative depth')}</div>
+<div id="sweep-plot">{embed_png(files['plot'], 'accuracy vs relative depth')}</div>
 <h2>Best layer: confusion matrix</h2>
 {confusion}
 <p class="small">Made by cnncodes in {summary.get('seconds')} s; every figure with its settings is in sweep.json.</p>

@@ -1,0 +1,186 @@
+"""``cnncodes compare``: the transfer-learning strategies side by side on the same test images.
+
+Four strategies, each resumable on its own (a finished one is read back, not redone):
+
+- ``probe``: CNN codes of one layer + a cross-validated linear SVM (the layer from ``layer``,
+  or the best layer of an earlier sweep report, else ``penultimate``);
+- ``top``: fine-tune the top stage (``head:H,stageK:E``, K the network's last stage);
+- ``all``: fine-tune everything (``head:H,all:E``);
+- ``scratch``: the same network from random initialisation (``all:H+E``).
+
+Every strategy trains on the train split and is scored on the test split; the fine-tuning runs
+hold out the same stratified share of train for validation (same seed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+from extractor.backbones import DEFAULT_MODEL
+
+from .finetune import FinetuneConfig, finetune
+from .finetune_data import make_splits
+from .freezing import FinetuneError
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("probe", "top", "all", "scratch")
+COLUMNS = ["strategy", "what", "test_accuracy", "best_val_accuracy", "train_seconds", "seconds_per_epoch",
+           "epochs", "trainable_params", "run"]
+
+
+def best_layer_from_sweep(report: str | Path, model: str) -> str:
+    """The best layer of ``model`` in a sweep report folder (its ``sweep.json``)."""
+    path = Path(report) / "sweep.json" if Path(report).is_dir() else Path(report)
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"cannot read the sweep report {path}: {e}") from None
+    rows = [r for r in summary.get("rows", []) if r.get("model") == model and r.get("cv_accuracy") is not None]
+    if not rows:
+        raise FinetuneError(f"the sweep report {path} has no fitted layer of {model}.")
+    return max(rows, key=lambda r: r["cv_accuracy"])["layer"]
+
+
+def _top_stage(model: str) -> str:
+    from extractor import list_layers
+    _, aliases = list_layers(model, "none")
+    return max(a for a in aliases if a.startswith("stage"))
+
+
+def _stored(path: Path, key: dict) -> dict | None:
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("key") == key:
+            return record
+    return None
+
+
+def _store(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress) -> dict:
+    from extractor import extract
+
+    from .classifiers import fit_linear_probe
+    t0 = time.perf_counter()
+    ex = extract(data, out / "codes.h5", model=cfg.model, weights=cfg.weights, layers=[layer],
+                 device=cfg.device, batch_size=cfg.batch_size, progress=progress)
+    fit = fit_linear_probe(ex.path, layer, "svm", seed=cfg.seed, solver="auto")
+    dim = ex.layers[layer]
+    return {"strategy": "probe", "what": f"linear SVM on {layer} codes (C={fit.C:g})",
+            "test_accuracy": fit.test_accuracy, "best_val_accuracy": fit.cv_accuracy,
+            "train_seconds": round(time.perf_counter() - t0, 2), "seconds_per_epoch": None, "epochs": None,
+            "trainable_params": int(dim * len(fit.classes) + len(fit.classes)), "run": str(ex.path),
+            "extract_seconds": round(ex.seconds, 2), "fit_seconds": round(fit.seconds, 2), "layer": layer}
+
+
+def _finetune_row(strategy: str, cfg: FinetuneConfig, what: str, progress) -> dict:
+    r = finetune(cfg, resume=True, overwrite=True, progress=bool(progress) if progress is not None else True)
+    return {"strategy": strategy, "what": what, "test_accuracy": r["test_accuracy"],
+            "best_val_accuracy": r["best_val_accuracy"], "train_seconds": r["train_seconds"],
+            "seconds_per_epoch": r["seconds_per_epoch"], "epochs": r["epochs_run"],
+            "trainable_params": max(s["trainable_params"] or 0 for s in r["stages"]), "run": cfg.out,
+            "stages": r["stages"]}
+
+
+def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer: str | None = None,
+            sweep_report=None, out=None, head_epochs: int = 2, epochs: int = 3,
+            strategies=STRATEGIES, config: FinetuneConfig | None = None,
+            progress: bool | None = None) -> pd.DataFrame:
+    """Run the strategies and write the report; returns one row per strategy.
+
+    ``config`` carries the fine-tuning settings (learning rates, batch size, seed, ...); its
+    ``stages`` and ``from_scratch`` are set per strategy.
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise FinetuneError(f"unknown strategy {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}.")
+    out = Path(out or Path("reports") / f"compare-{Path(data).name}-{model.replace(':', '-')}")
+    base = replace(config or FinetuneConfig(str(data), ""), data=str(data), model=model, weights=weights)
+    splits = make_splits(data, base.val_fraction, base.seed)
+    if not len(splits.test):
+        raise FinetuneError(f"compare needs a test split ({data}/test/<class>/...) so that every "
+                            f"strategy is scored on the same images.")
+    layer = layer or (best_layer_from_sweep(sweep_report, model) if sweep_report else "penultimate")
+    top = _top_stage(model)
+    plans = {
+        "top": (replace(base, stages=f"head:{head_epochs},{top}:{epochs}"), f"fine-tune {top} and the head"),
+        "all": (replace(base, stages=f"head:{head_epochs},all:{epochs}"), "fine-tune everything"),
+        "scratch": (replace(base, stages=f"all:{head_epochs + epochs}", from_scratch=True),
+                    "train from random initialisation"),
+    }
+    (out / "strategies").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = []
+    for s in strategies:
+        settings = {"data": str(data), "model": model, "weights": weights, "seed": base.seed,
+                    "fingerprint": splits.table.fingerprint()}
+        if s == "probe":
+            key = {**settings, "layer": layer}
+        else:
+            cfg, what = plans[s]
+            cfg = replace(cfg, out=str(out / "runs" / s))
+            key = {**settings, "config": {k: v for k, v in vars(cfg).items() if k not in ("workers", "device")}}
+        record = _stored(out / "strategies" / f"{s}.json", key)
+        if record is None:
+            log.info("compare: %s", s)
+            row = _probe(data, out, base, layer, progress) if s == "probe" else _finetune_row(s, cfg, what, progress)
+            record = {"key": key, "row": row}
+            _store(out / "strategies" / f"{s}.json", record)
+        rows.append(record["row"])
+    df = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c not in df:
+            df[c] = None
+    df.attrs.update({"conclusion": conclude(df, splits.sizes(), len(splits.classes), top, layer),
+                     "settings": {"data": str(data), "model": model, "weights": weights, "layer": layer,
+                                  "top_stage": top, "head_epochs": head_epochs, "epochs": epochs,
+                                  "seed": base.seed, "lr": base.lr, "head_lr_mult": base.head_lr_mult,
+                                  "batch_size": base.batch_size, "images": splits.sizes(),
+                                  "classes": len(splits.classes)},
+                     "seconds": round(time.perf_counter() - t0, 1), "report": str(out)})
+    from .compare_report import write_compare_report
+    df.attrs["files"] = {k: str(v) for k, v in write_compare_report(df, out).items()}
+    return df
+
+
+def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str) -> list[str]:
+    """Plain sentences: the winner, and where the data sits in the classic "small/large x
+    similar/different" advice, read from the measured gaps (2 points = a real difference)."""
+    acc = {r["strategy"]: r["test_accuracy"] for _, r in df.iterrows() if r["test_accuracy"] is not None}
+    if not acc:
+        return []
+    best = max(acc, key=acc.get)
+    lines = [f"Best: {best} ({acc[best]:.4f} test accuracy) with {sizes['train'] + sizes['val']} training "
+             f"images, {(sizes['train'] + sizes['val']) / n_classes:.0f} per class."]
+    gap = 0.02
+    if "probe" in acc and max(acc.get("top", 0), acc.get("all", 0)) <= acc["probe"] + gap:
+        lines.append("Fine-tuning adds little over the linear probe: the pretrained codes already fit this "
+                     "data (the 'small data' advice: keep the network fixed"
+                     + (", read an earlier layer" if layer not in ("penultimate", top) else "") + ").")
+    elif "probe" in acc:
+        lines.append(f"Fine-tuning beats the linear probe by "
+                     f"{100 * (max(acc.get('top', 0), acc.get('all', 0)) - acc['probe']):.1f} points: there is "
+                     f"enough data to move the weights (the 'large data' advice).")
+    if "top" in acc and "all" in acc:
+        if acc["all"] > acc["top"] + gap:
+            lines.append(f"Unfreezing everything beats tuning only {top}: the data differs from ImageNet "
+                         f"enough that early features need to change ('different').")
+        else:
+            lines.append(f"Tuning only {top} is as good as tuning everything: ImageNet's early features "
+                         f"transfer ('similar').")
+    if "scratch" in acc:
+        pre = max(v for k, v in acc.items() if k != "scratch")
+        lines.append(f"Training from scratch reaches {acc['scratch']:.4f}, {100 * (pre - acc['scratch']):.1f} points "
+                     f"below the best pretrained strategy: "
+                     + ("pretraining is what makes this data set learnable." if pre - acc["scratch"] > gap
+                        else "this data set is large enough to learn without pretraining."))
+    return lines

@@ -1,0 +1,144 @@
+"""Which parameters train in each fine-tuning stage: stage specs, a new head, freezing and
+the batch-norm policy of frozen parts.
+
+A stage is ``START:EPOCHS``. ``START`` says where the trainable part of the network begins:
+
+- ``head``: only the new classifier head trains;
+- a module name (``layer4``, ``blocks.5``): that module and every module that runs after it;
+- a stage alias (``stage5``): that whole stage, i.e. everything after the end of the previous
+  stage (``extract``'s ``stage4`` is the *end* of stage 4, so ``stage5`` starts right after it);
+- ``all``: the whole network.
+
+"Runs after" is execution order, as measured by the same probe that names layers for
+``extract`` (forward hooks, so it works where torch.fx cannot trace). Stages must unfreeze from
+the top down: a later stage never freezes what an earlier one trained.
+
+Examples
+--------
+>>> parse_stages("head:3,layer4:3,all:4")
+[('head', 3), ('layer4', 3), ('all', 4)]
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from extractor.errors import CnnCodesError, LayerNotFoundError
+from extractor.layers import ALIASES, Probe
+
+
+class FinetuneError(CnnCodesError, ValueError):
+    """A fine-tuning request that cannot be carried out as given."""
+
+
+@dataclass
+class Stage:
+    """One stage of a schedule, resolved against a network.
+
+    ``start`` is the execution-clock time from which modules train: ``-1`` for ``all``,
+    ``inf`` for ``head``.
+    """
+
+    name: str
+    epochs: int
+    start: float
+    module: str | None = None  # the first trainable module, when there is one to name
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "epochs": self.epochs, "module": self.module}
+
+
+def parse_stages(spec: str) -> list[tuple[str, int]]:
+    """``"head:3,layer4:3,all:4"`` -> ``[("head", 3), ("layer4", 3), ("all", 4)]``."""
+    out = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        name, sep, epochs = part.rpartition(":")
+        if not sep or not name or not epochs.strip().isdigit() or int(epochs) < 1:
+            raise FinetuneError(
+                f"stage '{part}' is not START:EPOCHS with EPOCHS >= 1 (e.g. 'head:3,layer4:3,all:4').")
+        out.append((name.strip(), int(epochs)))
+    if not out:
+        raise FinetuneError("--stages is empty; e.g. 'head:3,all:4'.")
+    return out
+
+
+def resolve_stages(probe: Probe, stages: list[tuple[str, int]]) -> list[Stage]:
+    """Resolve stage starts to execution-clock times and check they go from the top down."""
+    aliases = probe.aliases()
+    resolved = []
+    for name, epochs in stages:
+        if name == "head":
+            resolved.append(Stage(name, epochs, math.inf))
+        elif name == "all":
+            resolved.append(Stage(name, epochs, -1))
+        elif name == "penultimate":
+            raise FinetuneError("'penultimate' is the head's input; use 'head' to train only the head.")
+        elif name in ALIASES and name in aliases:
+            k = int(name[-1])
+            prev = [aliases[f"stage{j}"] for j in range(k - 1, 0, -1) if f"stage{j}" in aliases]
+            start = prev[0].order + 0.5 if prev else -1
+            first = min((l for l in probe.layers if l.start > start), key=lambda l: l.start, default=None)
+            resolved.append(Stage(name, epochs, start, first.name if first else None))
+        elif name in probe.by_name:
+            resolved.append(Stage(name, epochs, probe.by_name[name].start, name))
+        else:
+            choices = ["head", "all"] + [a for a in aliases if a.startswith("stage")] + list(probe.by_name)
+            close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise LayerNotFoundError(
+                f"stage start '{name}' is not a layer of {probe.model_name}.{hint} Valid starts: head, "
+                f"all, {', '.join(a for a in aliases if a.startswith('stage'))} or a module name from "
+                f"'cnncodes list-layers --model {probe.model_name} --all'.")
+    for before, after in zip(resolved, resolved[1:]):
+        if after.start > before.start:
+            raise FinetuneError(
+                f"stages are out of network order: '{after.name}' starts after '{before.name}', so it "
+                f"would freeze again what the stage before trained. Unfreeze from the top down, "
+                f"e.g. head:3,{before.name if before.name != 'head' else 'stage5'}:3,all:4.")
+    return resolved
+
+
+def replace_head(model: nn.Module, probe: Probe, num_classes: int) -> str:
+    """Swap the classifier (the last ``Linear`` to run) for a fresh one with ``num_classes``
+    outputs; returns its module name."""
+    if probe.classifier is None:
+        raise FinetuneError(f"{probe.model_name} has no Linear classifier to replace.")
+    name, dim = probe.classifier
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, nn.Linear(dim, num_classes))
+    return name
+
+
+def frozen_modules(model: nn.Module, probe: Probe, stage: Stage, head: str) -> set[str]:
+    """Names of the modules whose parameters stay fixed in ``stage`` (the head never does)."""
+    frozen = set()
+    for name, _ in model.named_modules():
+        if not name or name == head or name.startswith(head + "."):
+            continue
+        info = probe.by_name.get(name)
+        if info is None or info.start < stage.start:
+            frozen.add(name)
+    return frozen
+
+
+def apply_stage(model: nn.Module, frozen: set[str]) -> int:
+    """Set ``requires_grad`` per parameter; returns the number of trainable parameters."""
+    count = 0
+    for mod_name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(mod_name not in frozen)
+            count += p.numel() if p.requires_grad else 0
+    return count
+
+
+def set_train_mode(model: nn.Module, frozen: set[str], bn: str = "frozen") -> None:
+    """``model.train()``, except frozen batch-norm layers under ``bn="frozen"``: those stay in
+    eval mode so their running statistics are used and kept, not re-estimated."""
+    model.train()
+    if bn == "frozen":
+        for name, module in model.named_modules():
+            if name in frozen and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
