@@ -36,7 +36,13 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fresh", action="store_true", help="Delete the kept runs first.")
     ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--readme-only", action="store_true", help="Rewrite the README table from the saved JSON.")
     args = ap.parse_args()
+    if args.readme_only:
+        for path in sorted((HERE / "results").glob("finetune-*.json")):
+            r = json.loads(path.read_text())
+            update_readme(markdown(r), f"finetune-{r['device']}")
+        return
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
     t0 = time.perf_counter()
@@ -64,14 +70,19 @@ def main() -> None:
         update_readme(table, f"finetune-{device}")
 
 
+def per_stage(row: dict) -> str:
+    stages = row.get("stages") or []
+    return ", ".join(f"{s['name']} {s['seconds_per_epoch']:.0f}" for s in stages if s["epochs_run"]) or "-"
+
+
 def markdown(r: dict) -> str:
-    rows = ["| Caltech-101 mini, Lite0 | test acc | best val (CV for the probe) | epochs | s/epoch | training s | trainable params |",
+    rows = ["| Caltech-101 mini, Lite0 | test acc | best val (CV for the probe) | epochs | s/epoch per stage | training s | trainable params |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         f = lambda v, spec: "-" if v is None else format(v, spec)
         rows.append(f"| {row['strategy']}: {row['what']} | {f(row['test_accuracy'], '.4f')} | "
                     f"{f(row['best_val_accuracy'], '.4f')} | {f(row['epochs'], '.0f')} | "
-                    f"{f(row['seconds_per_epoch'], '.1f')} | {f(row['train_seconds'], '.0f')} | "
+                    f"{per_stage(row)} | {f(row['train_seconds'], '.0f')} | "
                     f"{f(row['trainable_params'], ',.0f')} |")
     return "\n".join(rows) + (f"\n\n({r['device_name']}, {r['date']}; head {r['head_epochs']} + "
                               f"{r['epochs']} epochs; `python benchmarks/finetune.py --head-epochs "

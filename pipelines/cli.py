@@ -448,7 +448,7 @@ def demo(data, report_dir, c_grid, folds, seed, norm, solver, device, batch_size
 
     Writes scikit-learn's handwritten digits as an image folder (if missing), sweeps every
     stage of efficientnet_lite0 with a linear SVM and softmax, saves the best layer's SVM for
-    `cnncodes predict`, and writes the report. About 2 minutes on 2 CPU cores.
+    `cnncodes predict`, and writes the report. About a minute on 2 CPU cores.
 
     \b
     Example:

@@ -162,9 +162,11 @@ def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str
     lines = [f"Best: {best} ({acc[best]:.4f} test accuracy) with {sizes['train'] + sizes['val']} training "
              f"images, {(sizes['train'] + sizes['val']) / n_classes:.0f} per class."]
     gap = 0.02
-    if "probe" in acc and max(acc.get("top", 0), acc.get("all", 0)) <= acc["probe"] + gap:
-        lines.append("Fine-tuning adds little over the linear probe: the pretrained codes already fit this "
-                     "data (the 'small data' advice: keep the network fixed"
+    tuned = max(acc.get("top", 0), acc.get("all", 0))
+    if "probe" in acc and tuned <= acc["probe"] + gap:
+        lines.append(f"Fine-tuning ({tuned:.4f} at best) does not beat the linear probe ({acc['probe']:.4f}) by "
+                     f"more than 2 points: the pretrained codes already fit this data (the 'small data' advice: "
+                     f"keep the network fixed"
                      + (", read an earlier layer" if layer not in ("penultimate", top) else "") + ").")
     elif "probe" in acc:
         lines.append(f"Fine-tuning beats the linear probe by "
@@ -175,8 +177,8 @@ def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str
             lines.append(f"Unfreezing everything beats tuning only {top}: the data differs from ImageNet "
                          f"enough that early features need to change ('different').")
         else:
-            lines.append(f"Tuning only {top} is as good as tuning everything: ImageNet's early features "
-                         f"transfer ('similar').")
+            lines.append(f"Tuning only {top} ({acc['top']:.4f}) is at least as good as tuning everything "
+                         f"({acc['all']:.4f}): ImageNet's early features transfer ('similar').")
     if "scratch" in acc:
         pre = max(v for k, v in acc.items() if k != "scratch")
         lines.append(f"Training from scratch reaches {acc['scratch']:.4f}, {100 * (pre - acc['scratch']):.1f} points "

@@ -57,7 +57,7 @@ def write_compare_report(df: pd.DataFrame, directory: str | Path) -> dict[str, P
              "plot": out / "compare.png", "html": out / "index.html"}
     settings = df.attrs.get("settings", {})
     df[[c for c in df.columns if c != "stages"]].to_csv(files["csv"], index=False)
-    plot_compare(df, files["plot"], f"{settings.get('model')} on {settings.get('data')}")
+    plot_compare(df, files["plot"], f"{settings.get('model')} on {Path(str(settings.get('data'))).name}")
     conclusion = df.attrs.get("conclusion", [])
     summary = {"rows": json.loads(df.to_json(orient="records")), "conclusion": conclusion,
                "settings": settings, "seconds": df.attrs.get("seconds"), "versions": library_versions()}

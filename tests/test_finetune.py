@@ -306,3 +306,22 @@ def test_compare_writes_one_report_and_reuses_finished_strategies(tmp_path, data
                     progress=False)
     assert time.perf_counter() - t < 10  # nothing retrained: read back
     assert list(again["test_accuracy"]) == list(df["test_accuracy"])
+
+
+def test_out_of_memory_becomes_advice(tmp_path, data, monkeypatch):
+    import pipelines.finetune as ft
+
+    def oom(out):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(ft, "_logits", oom)
+    with pytest.raises(FinetuneError, match=r"ran out of memory at --batch-size 4: try --batch-size 2 "
+                                            r"--accumulate 2 \(the same effective batch\)"):
+        finetune(tiny_config(data, tmp_path / "run", stages="head:1"), progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_run_with_autocast_and_accumulation(tmp_path, data):
+    r = finetune(tiny_config(data, tmp_path / "run", stages="head:1,all:1", device="cuda", accumulate=2),
+                 progress=False)
+    assert r["device"].startswith("cuda") and r["precision"] in ("bf16", "fp16")
+    assert 0 <= r["test_accuracy"] <= 1
