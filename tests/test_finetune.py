@@ -325,3 +325,10 @@ def test_cuda_run_with_autocast_and_accumulation(tmp_path, data):
                  progress=False)
     assert r["device"].startswith("cuda") and r["precision"] in ("bf16", "fp16")
     assert 0 <= r["test_accuracy"] <= 1
+
+
+def test_accumulate_steps_once_per_n_batches(tmp_path, data):
+    for n in (1, 2):
+        finetune(tiny_config(data, tmp_path / f"acc{n}", stages="head:1", accumulate=n), progress=False)
+    steps = {n: load_checkpoint(tmp_path / f"acc{n}" / "last.pt")["scheduler"]["last_epoch"] for n in (1, 2)}
+    assert steps == {1: 7, 2: 4}  # 25 training images in batches of 4: 7 batches
