@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -385,8 +386,15 @@ class _Run:
                 self._save(state, improved)
                 self._write_metrics(history)
                 if ctx.main:
-                    log.info("epoch %d (%s): train %.4f, val %.4f", epoch + 1, stage.name,
-                             tr["accuracy"], va["accuracy"])
+                    line = (f"epoch {epoch + 1} ({stage.name} {history[-1]['stage_epoch']}/{stage.epochs}): train loss "
+                            f"{tr['loss']:.4f} acc {tr['accuracy']:.4f}, val loss {va['loss']:.4f} acc "
+                            f"{va['accuracy']:.4f}{' (best)' if improved else ''}, {history[-1]['seconds']:.1f} s"
+                            f"{', stage ends early' if history[-1]['early_stop'] else ''}")
+                    if self.progress:
+                        from tqdm import tqdm
+                        tqdm.write(line, file=sys.stderr)
+                    else:
+                        log.info(line)
                 self._barrier()
                 if stop:
                     break

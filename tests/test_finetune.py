@@ -332,3 +332,15 @@ def test_accumulate_steps_once_per_n_batches(tmp_path, data):
         finetune(tiny_config(data, tmp_path / f"acc{n}", stages="head:1", accumulate=n), progress=False)
     steps = {n: load_checkpoint(tmp_path / f"acc{n}" / "last.pt")["scheduler"]["last_epoch"] for n in (1, 2)}
     assert steps == {1: 7, 2: 4}  # 25 training images in batches of 4: 7 batches
+
+
+def test_compare_takes_the_best_layer_of_a_sweep_report(tmp_path):
+    from pipelines.compare import best_layer_from_sweep
+    rows = [{"model": "m", "layer": "stage3", "cv_accuracy": 0.8}, {"model": "m", "layer": "stage4", "cv_accuracy": 0.9},
+            {"model": "other", "layer": "stage5", "cv_accuracy": 0.99}, {"model": "m", "layer": "stage5", "cv_accuracy": None}]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows}))
+    assert best_layer_from_sweep(tmp_path, "m") == "stage4"
+    with pytest.raises(FinetuneError, match="no fitted layer of nope"):
+        best_layer_from_sweep(tmp_path, "nope")
+    with pytest.raises(FinetuneError, match="cannot read the sweep report"):
+        best_layer_from_sweep(tmp_path / "missing", "m")
