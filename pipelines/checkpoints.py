@@ -21,8 +21,9 @@ from .freezing import FinetuneError
 def rng_state() -> dict:
     """Every random generator a training step draws from (torch CPU and CUDA, numpy, Python)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+    py_version, py_state, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": list(py_state),
+             "python_version": py_version, "python_gauss": py_gauss,
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

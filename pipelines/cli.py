@@ -541,13 +541,11 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
       torchrun --nproc_per_node 4 -m pipelines.cli finetune data/birds --out runs/birds-ddp
       cnncodes extract data/birds --weights runs/birds/best.pt --layer penultimate
     """
-    from pipelines.finetune import finetune
+    from pipelines.finetune import default_run_dir, finetune
     if stages and freeze_until:
         raise click.UsageError("--stages and --freeze-until are two ways to say the same; give one.")
     stages = f"{freeze_until}:{epochs}" if freeze_until else (stages or "head:2,all:3")
-    if out is None:
-        from pathlib import Path
-        out = Path("runs") / (f"{Path(data).name}-{kw['model'].replace(':', '-')}" + ("-scratch" if from_scratch else ""))
+    out = out or default_run_dir(data, kw["model"], from_scratch)
     r = finetune(_config(data, out, stages=stages, from_scratch=from_scratch, **kw), resume=resume,
                  overwrite=overwrite, progress=not quiet)
     if int(os.environ.get("RANK", "0")) != 0:

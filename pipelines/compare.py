@@ -23,9 +23,10 @@ import pandas as pd
 
 from extractor.backbones import DEFAULT_MODEL
 
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, finetune, recipe_settings
 from .finetune_data import make_splits
 from .freezing import FinetuneError
+from .records import read_record, write_json
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("probe", "top", "all", "scratch")
@@ -52,20 +53,6 @@ def _top_stage(model: str) -> str:
     return max(a for a in aliases if a.startswith("stage"))
 
 
-def _stored(path: Path, key: dict) -> dict | None:
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("key") == key:
-            return record
-    return None
-
-
-def _store(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress) -> dict:
     from extractor import extract
 
@@ -83,7 +70,7 @@ def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress) -> dict:
 
 
 def _finetune_row(strategy: str, cfg: FinetuneConfig, what: str, progress) -> dict:
-    r = finetune(cfg, resume=True, overwrite=True, progress=bool(progress) if progress is not None else True)
+    r = finetune(cfg, resume=True, overwrite=True, progress=progress is not False)
     return {"strategy": strategy, "what": what, "test_accuracy": r["test_accuracy"],
             "best_val_accuracy": r["best_val_accuracy"], "train_seconds": r["train_seconds"],
             "seconds_per_epoch": r["seconds_per_epoch"], "epochs": r["epochs_run"],
@@ -128,13 +115,13 @@ def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer
         else:
             cfg, what = plans[s]
             cfg = replace(cfg, out=str(out / "runs" / s))
-            key = {**settings, "config": {k: v for k, v in vars(cfg).items() if k not in ("workers", "device")}}
-        record = _stored(out / "strategies" / f"{s}.json", key)
+            key = {**settings, "config": recipe_settings(cfg)}
+        record = read_record(out / "strategies" / f"{s}.json", key)
         if record is None:
             log.info("compare: %s", s)
             row = _probe(data, out, base, layer, progress) if s == "probe" else _finetune_row(s, cfg, what, progress)
             record = {"key": key, "row": row}
-            _store(out / "strategies" / f"{s}.json", record)
+            write_json(out / "strategies" / f"{s}.json", record, indent=2)
         rows.append(record["row"])
     df = pd.DataFrame(rows)
     for c in COLUMNS:

@@ -10,20 +10,16 @@ import pandas as pd
 
 from extractor.engine import library_versions
 
-from .sweep_report import embed_png
+from .report import embed_png, fmt_cell, html_page, html_table, markdown_table
 
 HEAD = ["strategy", "what", "test acc", "best val/CV acc", "train time (s)", "s/epoch", "epochs",
         "trainable params"]
 
 
-def _fmt(v, spec) -> str:
-    return "-" if v is None or (isinstance(v, float) and pd.isna(v)) else format(v, spec)
-
-
 def table_rows(df: pd.DataFrame) -> list[list[str]]:
-    return [[r["strategy"], r["what"], _fmt(r["test_accuracy"], ".4f"), _fmt(r["best_val_accuracy"], ".4f"),
-             _fmt(r["train_seconds"], ".1f"), _fmt(r["seconds_per_epoch"], ".1f"),
-             _fmt(r["epochs"], ".0f"), _fmt(r["trainable_params"], ",.0f")] for _, r in df.iterrows()]
+    return [[r["strategy"], r["what"], fmt_cell(r["test_accuracy"]), fmt_cell(r["best_val_accuracy"]),
+             fmt_cell(r["train_seconds"], ".1f"), fmt_cell(r["seconds_per_epoch"], ".1f"),
+             fmt_cell(r["epochs"], ".0f"), fmt_cell(r["trainable_params"], ",.0f")] for _, r in df.iterrows()]
 
 
 def plot_compare(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -63,31 +59,15 @@ def write_compare_report(df: pd.DataFrame, directory: str | Path) -> dict[str, P
                "settings": settings, "seconds": df.attrs.get("seconds"), "versions": library_versions()}
     files["json"].write_text(json.dumps(summary, indent=2) + "\n")
     rows = table_rows(df)
-    md = ["# Transfer-learning strategies", "", *[f"- {c}" for c in conclusion], "",
-          "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "![accuracy and training time](compare.png)", ""]
+    md = ["# Transfer-learning strategies", "", *[f"- {c}" for c in conclusion], "", markdown_table(HEAD, rows),
+          "", "![accuracy and training time](compare.png)", ""]
     files["markdown"].write_text("\n".join(md))
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    files["html"].write_text(f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>cnncodes compare</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; font-size: 14px; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f0f0f0; }} td:nth-child(-n+2), th:nth-child(-n+2) {{ text-align: left; }}
-img {{ max-width: 100%; border: 1px solid #ddd; margin: 1em 0; }}
-.small {{ color: #666; font-size: 13px; }}
-</style></head><body>
-<h1>Transfer-learning strategies: {html.escape(str(settings.get('model')))} on {html.escape(str(settings.get('data')))}</h1>
+    files["html"].write_text(html_page("cnncodes compare", f"""<h1>Transfer-learning strategies: {html.escape(str(settings.get('model')))} on {html.escape(str(settings.get('data')))}</h1>
 <ul id="conclusion">{''.join(f'<li>{html.escape(c)}</li>' for c in conclusion)}</ul>
-<table id="compare-table"><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in HEAD)}</tr></thead>
-<tbody>{trs}</tbody></table>
+{html_table("compare-table", HEAD, rows)}
 <p class="small">Every strategy is scored on the same test split. The probe's "val" column is its
 cross-validated accuracy on train; fine-tuning holds out a stratified share of train for
 validation (seed {settings.get('seed')}). Training time of the probe includes extracting its codes.</p>
 <div id="compare-plot">{embed_png(files['plot'], 'accuracy and training time per strategy')}</div>
-<p class="small">Made by cnncodes in {df.attrs.get('seconds')} s; settings in compare.json.</p>
-</body></html>
-""")
+<p class="small">Made by cnncodes in {df.attrs.get('seconds')} s; settings in compare.json.</p>""", left_columns=2))
     return files

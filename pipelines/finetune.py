@@ -22,11 +22,12 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from extractor.backbones import DEFAULT_MODEL, load_backbone
 from extractor.engine import library_versions, resolve_device, resolve_precision
@@ -72,6 +73,17 @@ class FinetuneConfig:
 
 
 _NOT_RECIPE = {"data", "out", "device", "workers"}
+
+
+def recipe_settings(cfg: FinetuneConfig) -> dict:
+    """The settings that decide a run's result (all but where it reads and writes, and which
+    device and how many decoding workers it uses)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_RECIPE}
+
+
+def default_run_dir(data, model: str, from_scratch: bool = False) -> Path:
+    """``runs/<data>-<model>``, with ``-scratch`` for a from-scratch run."""
+    return Path("runs") / (f"{Path(data).name}-{model.replace(':', '-')}" + ("-scratch" if from_scratch else ""))
 
 
 @dataclass
@@ -160,7 +172,7 @@ class _Run:
         self.workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
 
     def _recipe(self) -> dict:
-        r = {f.name: getattr(self.cfg, f.name) for f in fields(self.cfg) if f.name not in _NOT_RECIPE}
+        r = recipe_settings(self.cfg)
         r.update({"weights": self.bb.weights, "classes": self.splits.classes,
                   "data_fingerprint": self.splits.table.fingerprint(), "world_size": self.ctx.world,
                   "stages": [s.as_dict() for s in self.stages], "head": self.head,
@@ -203,20 +215,26 @@ class _Run:
             shutil.copyfile(self.out / "last.pt", self.out / "best.pt.tmp")
             os.replace(self.out / "best.pt.tmp", self.out / "best.pt")
 
-    def _write_metrics(self, history: list[dict]) -> None:
+    def _write_metrics(self, history: list[dict], mode: str = "w") -> None:
+        """``w``: the whole history (on resume: drops lines of epochs the checkpoint lacks);
+        ``a``: append the newest epoch."""
         if self.ctx.main:
-            with open(self.out / "metrics.jsonl", "w") as f:
+            with open(self.out / "metrics.jsonl", mode) as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
 
     # --- training ------------------------------------------------------------------------------
+    @property
+    def _memory_format(self):
+        return torch.channels_last if self.dev.type == "cuda" else torch.contiguous_format
+
     def _autocast(self):
         if self.prec == "fp32":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16 if self.prec == "bf16" else torch.float16)
 
     def _to_device(self, x, y):
-        fmt = torch.channels_last if self.dev.type == "cuda" else torch.contiguous_format
-        return (x.to(self.dev, non_blocking=True, memory_format=fmt), y.to(self.dev, non_blocking=True))
+        return (x.to(self.dev, non_blocking=True, memory_format=self._memory_format),
+                y.to(self.dev, non_blocking=True))
 
     def _loaders(self):
         cfg, ctx, pin = self.cfg, self.ctx, self.dev.type == "cuda"
@@ -266,7 +284,6 @@ class _Run:
                 "rows": rows, "preds": preds, "failed": failed}
 
     def train_epoch(self, net, loader, opt, sched, scaler, frozen, epoch_label: str) -> dict:
-        from tqdm import tqdm
         cfg = self.cfg
         set_train_mode(self.model, frozen, cfg.bn)
         crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -324,8 +341,7 @@ class _Run:
             stage_i, stage_ep = ckpt["next_stage"], ckpt["next_stage_epoch"]
             set_rng_state(ckpt["rng"])
             self._write_metrics(history)
-        fmt = torch.channels_last if self.dev.type == "cuda" else torch.contiguous_format
-        self.model.to(self.dev, memory_format=fmt)
+        self.model.to(self.dev, memory_format=self._memory_format)
         train_ds, train_loader, evals = self._loaders()
         scaler = torch.amp.GradScaler("cuda", enabled=self.prec == "fp16")
         if ckpt is not None and ckpt.get("scaler"):
@@ -375,23 +391,19 @@ class _Run:
                                 "early_stop": bool(stop and stage_ep < stage.epochs)})
                 if stop:
                     stage_i, stage_ep = stage_i + 1, 0
-                    stage_ep_next = 0
-                else:
-                    stage_ep_next = stage_ep
                 state = {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                          "epoch": epoch + 1, "stage": stage.name, "frozen": sorted(frozen),
-                         "next_stage": stage_i, "next_stage_epoch": stage_ep_next, "best": best,
+                         "next_stage": stage_i, "next_stage_epoch": stage_ep, "best": best,
                          "history": history, "rng": rng_state(), "recipe": self.recipe}
                 self._save(state, improved)
-                self._write_metrics(history)
+                self._write_metrics(history[-1:], "a")
                 if ctx.main:
                     line = (f"epoch {epoch + 1} ({stage.name} {history[-1]['stage_epoch']}/{stage.epochs}): train loss "
                             f"{tr['loss']:.4f} acc {tr['accuracy']:.4f}, val loss {va['loss']:.4f} acc "
                             f"{va['accuracy']:.4f}{' (best)' if improved else ''}, {history[-1]['seconds']:.1f} s"
                             f"{', stage ends early' if history[-1]['early_stop'] else ''}")
                     if self.progress:
-                        from tqdm import tqdm
                         tqdm.write(line, file=sys.stderr)
                     else:
                         log.info(line)
@@ -464,7 +476,3 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
     finally:
         if ctx.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def config_dict(config: FinetuneConfig) -> dict:
-    return asdict(config)

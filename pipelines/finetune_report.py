@@ -1,11 +1,11 @@
 """Report files of a fine-tuning run: ``result.json``, ``curves.png`` and ``confusion.png``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from .records import write_json
 from .report import plot_confusion
 
 
@@ -49,7 +49,5 @@ def write_finetune_report(result: dict, history: list[dict], truth, pred, classe
                    f"{result['model']} {what}, {result['evaluated_on']} accuracy "
                    f"{result[result['evaluated_on'] + '_accuracy']:.4f}")
     result["files"] = {k: str(v) for k, v in files.items()}
-    tmp = files["json"].with_name("result.json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(files["json"])
+    write_json(files["json"], result, indent=2)
     return files

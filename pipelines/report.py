@@ -1,8 +1,12 @@
-"""Report files of a fit: per-class metrics, confusion matrix (CSV and PNG), everything as JSON."""
+"""Report files of a fit (per-class metrics, confusion matrix as CSV and PNG, JSON), and the
+pieces every report shares: cell formatting, Markdown tables, self-contained HTML pages."""
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +76,56 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def fmt_cell(v, spec: str = ".4f") -> str:
+    """A table cell: numbers with ``spec``, ``-`` for missing values, yes/no for booleans."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return format(v, spec)
+    return str(v)
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def html_table(table_id: str, head: list[str], rows: list[list[str]], row_classes=None) -> str:
+    """A ``<table>`` with escaped cells; ``row_classes`` gives a CSS class per row (or None)."""
+    trs = []
+    for i, cells in enumerate(rows):
+        mark = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        trs.append(f"<tr{mark}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return (f'<table id="{table_id}"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}'
+            f'</tr></thead>\n<tbody>{"".join(trs)}</tbody></table>')
+
+
+def embed_png(path: Path, alt: str) -> str:
+    """An <img> tag carrying the PNG itself, so an HTML report is one self-contained file."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def html_page(title: str, body: str, left_columns: int = 1) -> str:
+    """One self-contained page in the reports' common style; the first ``left_columns`` table
+    columns are left-aligned (names), the rest right-aligned (figures)."""
+    n = left_columns
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f0f0f0; }} td:nth-child(-n+{n}), th:nth-child(-n+{n}) {{ text-align: left; }}
+tr.best td {{ background: #e6f4e6; font-weight: 600; }}
+img {{ max-width: 100%; border: 1px solid #ddd; margin: 1em 0; }}
+.small {{ color: #666; font-size: 13px; }}
+</style></head><body>
+{body}
+</body></html>
+"""

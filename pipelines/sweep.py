@@ -8,7 +8,6 @@ interrupted sweep resumes where it stopped and a rerun redoes nothing.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ from .artifacts import save_model
 from .classifiers import CLASSIFIERS, cache_summary, fit_linear_probe, parse_c_grid, split_rows
 from .codes import load_codes
 from .logme import logme
+from .records import read_record, write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +60,6 @@ def _fit_key(attrs: dict, layer_attrs: dict, classifier: str, settings: dict) ->
     return {"image_fingerprint": attrs.get("image_fingerprint"), "model": attrs.get("model"),
             "weights_sha256": attrs.get("weights_sha256"), "pooling": attrs.get("pooling"),
             "module": layer_attrs.get("module"), "classifier": classifier, **settings}
-
-
-def _stored(path: Path, key: dict) -> dict | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("key") == json.loads(json.dumps(key)) else None
-
-
-def _store(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, default=str) + "\n")
-    os.replace(tmp, path)  # a killed sweep never leaves half a record
 
 
 def default_report_dir(data, models) -> Path:
@@ -166,11 +151,11 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
         for name, c in codes.items():
             key = _fit_key(c.attrs, c.layer_attrs, "logme", {"seed": seed, "holdout": holdout})
             record_path = fits_dir / f"{_safe(model)}__{_safe(name)}__logme.json"
-            record = _stored(record_path, key)
+            record = read_record(record_path, key)
             if record is None:
                 train, _ = split_rows(c, holdout, seed)
                 record = {"key": key, "logme": logme(c.X[train], c.y[train])}
-                _store(record_path, record)
+                write_json(record_path, record)
             scores[name] = record["logme"]
         chosen = names
         if prescreen is not None:
@@ -219,7 +204,7 @@ def _fit(codes, name, clf, model, settings, grid, fits_dir: Path) -> dict:
     """One cross-validated fit, or its stored record when the same one was done before."""
     key = _fit_key(codes.attrs, codes.layer_attrs, clf, settings)
     stem = fits_dir / f"{_safe(model)}__{_safe(name)}__{clf}"
-    record = _stored(stem.with_suffix(".json"), key)
+    record = read_record(stem.with_suffix(".json"), key)
     if record is not None and stem.with_suffix(".joblib").exists():
         return record
     r = fit_linear_probe(codes, name, clf, c_grid=grid, folds=settings["folds"], seed=settings["seed"],
@@ -229,7 +214,7 @@ def _fit(codes, name, clf, model, settings, grid, fits_dir: Path) -> dict:
     record = {"key": key, "metrics": r.as_dict(), "evaluated_on": what, "classes": list(r.classes),
               "truth": [int(v) for v in truth], "pred": [int(v) for v in pred],
               "model_file": str(stem.with_suffix(".joblib")), "recipe": cache_summary(codes)}
-    _store(stem.with_suffix(".json"), record)  # written last: its presence means the fit is whole
+    write_json(stem.with_suffix(".json"), record)  # written last: its presence means the fit is whole
     return record
 
 

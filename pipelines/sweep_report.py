@@ -2,7 +2,6 @@
 layer's confusion matrix, a conclusion in words, and one self-contained ``index.html``."""
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -13,7 +12,7 @@ import pandas as pd
 
 from extractor.engine import library_versions
 
-from .report import plot_confusion
+from .report import embed_png, fmt_cell, html_page, html_table, markdown_table, plot_confusion
 
 
 def _fitted(df: pd.DataFrame) -> pd.DataFrame:
@@ -128,34 +127,21 @@ def plot_sweep(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _fmt(v, spec=".4f") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (float, np.floating)):
-        return format(v, spec)
-    return str(v)
-
-
 def table_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """The table a person reads: the main columns, formatted."""
     head = ["model", "layer", "classifier", "dim", "depth", "LogME", "CV acc", "+-", "C", "test acc", "fit s"]
     rows = []
     for _, r in df.iterrows():
         rows.append([r["model"], r["layer"], r["classifier"], str(r["dim"]), f"{r['relative_depth']:.0%}",
-                     _fmt(r["logme"], ".3f"),
-                     _fmt(r["cv_accuracy"]) if r["fitted"] else "(pre-screened out)",
-                     _fmt(r["cv_std"]), _fmt(r["C"], "g"), _fmt(r["test_accuracy"]),
-                     _fmt(r["fit_seconds"], ".1f")])
+                     fmt_cell(r["logme"], ".3f"),
+                     fmt_cell(r["cv_accuracy"]) if r["fitted"] else "(pre-screened out)",
+                     fmt_cell(r["cv_std"]), fmt_cell(r["C"], "g"), fmt_cell(r["test_accuracy"]),
+                     fmt_cell(r["fit_seconds"], ".1f")])
     return head, rows
 
 
 def _markdown(df: pd.DataFrame) -> str:
-    head, rows = table_rows(df)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(*table_rows(df))
 
 
 def write_sweep_report(df: pd.DataFrame, directory: str | Path, fit_records: dict) -> dict[str, Path]:
@@ -194,38 +180,17 @@ def write_sweep_report(df: pd.DataFrame, directory: str | Path, fit_records: dic
     return files
 
 
-def embed_png(path: Path, alt: str) -> str:
-    """An <img> tag carrying the PNG itself, so an HTML report is one self-contained file."""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-
-
 def _html(df, files, conclusion, tau_text, summary) -> str:
     head, rows = table_rows(df)
     best = summary.get("best") or {}
-    trs = []
-    for (_, r), cells in zip(df.iterrows(), rows):
-        mark = ' class="best"' if (r["model"], r["layer"], r["classifier"]) == \
-            (best.get("model"), best.get("layer"), best.get("classifier")) else ""
-        trs.append(f"<tr{mark}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    marks = ["best" if (r["model"], r["layer"], r["classifier"]) ==
+             (best.get("model"), best.get("layer"), best.get("classifier")) else None for _, r in df.iterrows()]
     settings = summary.get("settings") or {}
     confusion = embed_png(files["confusion"], "confusion matrix of the best layer") if "confusion" in files else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>cnncodes layer sweep</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; font-size: 14px; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f0f0f0; }} td:nth-child(-n+3), th:nth-child(-n+3) {{ text-align: left; }}
-tr.best td {{ background: #e6f4e6; font-weight: 600; }}
-img {{ max-width: 100%; border: 1px solid #ddd; margin: 1em 0; }}
-.small {{ color: #666; font-size: 13px; }}
-</style></head><body>
-<h1>Layer sweep: {html.escape(str(settings.get('data', '')))}</h1>
+    return html_page("cnncodes layer sweep", f"""<h1>Layer sweep: {html.escape(str(settings.get('data', '')))}</h1>
 <ul id="conclusion">{''.join(f'<li>{html.escape(c)}</li>' for c in conclusion)}</ul>
 <p>LogME vs CV accuracy, Kendall's tau: {html.escape(tau_text or '-')}</p>
-<table id="sweep-table"><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead>
-<tbody>{''.join(trs)}</tbody></table>
+{html_table("sweep-table", head, rows, marks)}
 <p class="small">CV: {settings.get('folds')}-fold stratified cross-validation (seed {settings.get('seed')}) over
 C = {html.escape(', '.join(f'{c:g}' for c in settings.get('c_grid', [])))}, norm {html.escape(str(settings.get('norm')))};
 depth: share of the forward pass's FLOPs spent up to the layer; the best row is highlighted.</p>
@@ -233,6 +198,5 @@ depth: share of the forward pass's FLOPs spent up to the layer; the best row is 
 <div id="sweep-plot">{embed_png(files['plot'], 'accuracy vs relative depth')}</div>
 <h2>Best layer: confusion matrix</h2>
 {confusion}
-<p class="small">Made by cnncodes in {summary.get('seconds')} s; every figure with its settings is in sweep.json.</p>
-</body></html>
-"""
+<p class="small">Made by cnncodes in {summary.get('seconds')} s; every figure with its settings is in sweep.json.</p>""",
+                     left_columns=3)
