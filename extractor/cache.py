@@ -322,6 +322,7 @@ class CacheWriter:
         self.work = self.path.with_name(self.path.name + ".work")
         self._lock_fd = None
         self._f = None
+        self._ds: dict[str, h5py.Dataset] = {}
 
     def __enter__(self):
         self.journal.dir.mkdir(exist_ok=True)
@@ -379,11 +380,25 @@ class CacheWriter:
                 continue
             lo, hi = int(rows[part[0]]), int(rows[part[-1]]) + 1
             for name, block in codes.items():
-                self._f["codes"][name][lo:hi] = block[part]
-            self._f["images/status"][lo:hi] = status[part]
+                self._dataset(f"codes/{name}")[lo:hi] = block[part]
+            self._dataset("images/status")[lo:hi] = status[part]
             if any(errors[i] for i in part):
-                self._f["images/error"][lo:hi] = np.array([errors[i] for i in part], dtype=object)
+                self._dataset("images/error")[lo:hi] = np.array([errors[i] for i in part], dtype=object)
         self._status[rows] = status
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        # Datasets stay open for the whole session: HDF5 keeps a dataset's chunk cache only
+        # while it is open, and `f[name][...] = x` opens and closes it each time, which
+        # inflates, patches and re-deflates a whole 512 KiB gzip chunk per batch and layer
+        # (measured: 0.24 s of a 5.4 s run of 512 images and two layers, against 0.03 s).
+        if name not in self._ds:
+            self._ds[name] = self._f[name]
+        return self._ds[name]
+
+    def _close_file(self) -> None:
+        self._ds.clear()  # HDF5 flushes each dataset's chunk cache as the file closes
+        self._f.close()
+        self._f = None
 
     def add_layers_from(self, source: str | os.PathLike) -> list[str]:
         """Copy the ``/codes`` datasets that this cache lacks from ``source``, a complete cache
@@ -410,8 +425,7 @@ class CacheWriter:
         """Finalise the working copy and rename it over the cache; returns ``complete``."""
         complete = bool((self._status != PENDING).all())
         self._f.attrs["complete"] = complete
-        self._f.close()
-        self._f = None
+        self._close_file()
         os.replace(self.work, self.path)
         for shard in self.journal.shards():
             shard.unlink()
@@ -419,8 +433,7 @@ class CacheWriter:
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            self._close_file()
         if self.work.exists():
             self.work.unlink()
         if self._lock_fd is not None:
