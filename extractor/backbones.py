@@ -44,23 +44,38 @@ class SplitTransform:
     while the workers ship 4x fewer bytes and the arithmetic runs vectorised over the batch.
     """
 
-    def __init__(self, pil_ops: list, to_float: str, mean, std):
+    def __init__(self, pil_ops: list, to_float: str, mean, std, resize_crop: tuple | None = None):
         self.pil_ops, self.to_float = pil_ops, to_float
         self.mean, self.std = list(mean), list(std)
+        # (short side, (crop h, crop w), PIL filter) when pil_ops are exactly "resize the short
+        # side, centre-crop": extractor.resize then computes only the kept pixels, bitwise.
+        self.resize_crop = resize_crop
+        if resize_crop:
+            from .resize import pass_order
+            pass_order()  # its one-off self-check belongs to setup, not to the first image
 
     def pil(self, img):
         from torchvision.transforms import functional as F
+        if self.resize_crop:
+            from .resize import resize_center_crop
+            out = resize_center_crop(img, *self.resize_crop)
+            if out is not None:
+                return F.pil_to_tensor(out)
         for op in self.pil_ops:
             img = op(img)
         return F.pil_to_tensor(img)
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms import functional as F
+        # The same operations as the full transform, in place on the fresh float tensor: the
+        # out-of-place versions (``div``, and ``normalize``'s clone) cost three more passes
+        # over the batch, a third of the decoding time on a 2-core machine (measured 28 ms vs
+        # 9 ms per batch of 32), and give the same bits.
         if self.to_float == "div255":
-            x = x.to(dtype=torch.get_default_dtype()).div(255)
+            x = x.to(dtype=torch.get_default_dtype()).div_(255)
         else:
             x = F.convert_image_dtype(x, torch.float)
-        return F.normalize(x, mean=self.mean, std=self.std)
+        return F.normalize(x, mean=self.mean, std=self.std, inplace=True)
 
 
 def split_transform(transform) -> SplitTransform | None:
@@ -72,14 +87,35 @@ def split_transform(transform) -> SplitTransform | None:
         t = transform
         ops = [lambda img: F.resize(img, t.resize_size, interpolation=t.interpolation, antialias=t.antialias),
                lambda img: F.center_crop(img, t.crop_size)]
-        return SplitTransform(ops, "convert_image_dtype", t.mean, t.std)
+        fused = _resize_crop(t.resize_size, None, t.interpolation, t.antialias, t.crop_size)
+        return SplitTransform(ops, "convert_image_dtype", t.mean, t.std, fused)
     if isinstance(transform, T.Compose) and len(transform.transforms) >= 2:
         *head, to_tensor, norm = transform.transforms
         pil_types = (T.Resize, T.CenterCrop)
         if (type(to_tensor).__name__ in ("ToTensor", "MaybeToTensor") and isinstance(norm, T.Normalize)
                 and all(isinstance(h, pil_types) for h in head) and not norm.inplace):
-            return SplitTransform(head, "div255", norm.mean, norm.std)
+            fused = None
+            if len(head) == 2 and isinstance(head[0], T.Resize) and isinstance(head[1], T.CenterCrop):
+                r = head[0]
+                fused = _resize_crop(r.size, r.max_size, r.interpolation, r.antialias, head[1].size)
+            return SplitTransform(head, "div255", norm.mean, norm.std, fused)
     return None
+
+
+def _resize_crop(size, max_size, interpolation, antialias, crop) -> tuple | None:
+    """The arguments of extractor.resize.resize_center_crop for "resize(size) then
+    center_crop(crop)", or None where they are not that (Pillow always antialiases)."""
+    from torchvision.transforms import functional as F
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(size) == 1 else None
+    if isinstance(crop, int):
+        crop = (crop, crop)
+    elif isinstance(crop, (list, tuple)):
+        crop = (crop[0], crop[0]) if len(crop) == 1 else tuple(crop)
+    if not isinstance(size, int) or max_size is not None or antialias is False or len(crop) != 2:
+        return None
+    filt = F.pil_modes_mapping.get(interpolation) if not isinstance(interpolation, int) else interpolation
+    return None if filt is None else (size, crop, filt)
 
 
 @dataclass
