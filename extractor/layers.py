@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -232,6 +233,8 @@ class Tapper:
     >>> probe = Probe(model, 224, "resnet18")                      # doctest: +SKIP
     >>> with Tapper(model, probe.resolve(["layer3", "penultimate"]), parse_pooling("avg")) as tap:
     ...     codes = tap(x)   # {'layer3': (N, 256), 'penultimate': (N, 512)}
+
+    Calls from several threads at once are safe: each thread's activations are its own.
     """
 
     def __init__(self, model: nn.Module, taps: list[Tap], pooling: Pooling):
@@ -239,7 +242,7 @@ class Tapper:
         self.taps = taps
         self.pooling = pooling
         self._last = max(taps, key=lambda t: t.order).name
-        self._out: dict[str, torch.Tensor] = {}
+        self._local = threading.local()  # .out: this thread's pooled activations
         self._handles = []
 
     def __enter__(self):
@@ -259,10 +262,11 @@ class Tapper:
 
     def _make(self, tap: Tap, pre: bool):
         def fn(module, args, out=None):
-            if tap.name in self._out:  # a module called twice: the first call is the tap
+            got = self._local.__dict__.setdefault("out", {})
+            if tap.name in got:  # a module called twice: the first call is the tap
                 return
             t = args[0].flatten(1) if pre else _first_tensor(out)
-            self._out[tap.name] = self.pooling(t) if self.pooling.kind != "none" else t.flatten(1).clone()
+            got[tap.name] = self.pooling(t) if self.pooling.kind != "none" else t.flatten(1).clone()
             if tap.name == self._last:
                 raise _StopForward
         if pre:
@@ -270,13 +274,14 @@ class Tapper:
         return fn
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._out = {}
+        self._local.out = out = {}
         try:
             self.model(x)
         except _StopForward:
             pass
-        missing = [t.name for t in self.taps if t.name not in self._out]
+        finally:
+            self._local.out = {}
+        missing = [t.name for t in self.taps if t.name not in out]
         if missing:
             raise LayerNotFoundError(f"layers {', '.join(missing)} did not run in the forward pass.")
-        out, self._out = self._out, {}
         return {t.name: out[t.name] for t in self.taps}

@@ -163,8 +163,8 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
               show_default=True, help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
-              help="Decoding worker processes [default: 0 on a CPU (threads decode between forward "
-                   "passes), one per core (at most 8) on CUDA/MPS].")
+              help="Decoding worker processes [default: 0 on a CPU (one thread per core decodes a "
+                   "batch, then computes it), one per core (at most 8) on CUDA/MPS].")
 @click.option("--strict", is_flag=True, help="Stop at the first image that fails to decode.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made by another recipe.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -48,6 +48,19 @@ def test_extract_writes_codes_equal_to_the_plain_network(image_folder, tmp_path,
         assert "sha256" in f.attrs["weights"] and "torch" in f.attrs["versions"]
 
 
+def test_cpu_lanes_and_worker_processes_give_the_same_codes(image_folder, tmp_path, r18_weights):
+    # workers=None on a CPU: one decode-and-compute lane per core; workers=2: DataLoader
+    # processes feeding one multi-threaded forward pass. Same rows, same codes (to float noise).
+    threads = torch.get_num_threads()
+    a = _extract(image_folder, tmp_path / "lanes.h5", r18_weights, batch_size=3)
+    b = _extract(image_folder, tmp_path / "loader.h5", r18_weights, batch_size=3, workers=2)
+    assert a.done == b.done == 12
+    with extractor.open_cache(tmp_path / "lanes.h5") as ca, extractor.open_cache(tmp_path / "loader.h5") as cb:
+        for layer in LAYERS:
+            np.testing.assert_allclose(ca.codes(layer), cb.codes(layer), rtol=1e-4, atol=1e-5)
+    assert torch.get_num_threads() == threads  # the lanes' single-threading is undone
+
+
 def test_rerun_is_up_to_date_and_other_recipes_are_refused(image_folder, tmp_path, r18_weights):
     out = tmp_path / "c.h5"
     _extract(image_folder, out, r18_weights)

@@ -95,6 +95,25 @@ def test_penultimate_is_the_classifier_input_and_the_head_never_runs():
     assert torch.allclose(got, expected) and not ran
 
 
+def test_threads_calling_one_tapper_get_their_own_codes():
+    from concurrent.futures import ThreadPoolExecutor
+    model = Toy().eval()
+    taps = Probe(model, 32).resolve(["block1", "penultimate"])
+    xs = [torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    with Tapper(model, taps, parse_pooling("avg")) as tap:
+        with torch.no_grad():
+            alone = [tap(x) for x in xs]
+
+        def run(x):
+            with torch.no_grad():
+                return tap(x)
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(run, xs * 4))
+    for i, got in enumerate(together):
+        for name in ("block1", "penultimate"):
+            assert torch.equal(got[name], alone[i % 16][name])
+
+
 def test_tap_is_read_before_a_later_in_place_op():
     model = Toy().eval()
     x = torch.randn(2, 3, 32, 32)
