@@ -308,6 +308,44 @@ class Journal:
             return z["rows"], z["status"], [str(e) for e in z["errors"]], codes
 
 
+def _lock(journal: Journal) -> int:
+    """The exclusive writer's lock of ``journal``'s cache: a held ``flock``, as a descriptor."""
+    journal.dir.mkdir(exist_ok=True)
+    fd = os.open(journal.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise CacheLockedError(
+                f"{journal.cache_path} is being written by another cnncodes process; wait for it "
+                f"to finish, or write to another --out.") from None
+        raise
+    return fd
+
+
+def discard_cache(path: str | os.PathLike) -> bool:
+    """Delete a cache with its journal and working copy, unless another process is writing it.
+
+    Returns whether there was anything to delete.
+    """
+    path = Path(path)
+    journal = Journal(path)
+    if not path.exists() and not journal.dir.exists():
+        return False
+    fd = _lock(journal)
+    try:
+        for p in (path, path.with_name(path.name + ".work")):
+            p.unlink(missing_ok=True)
+        for leftover in journal.dir.iterdir():
+            leftover.unlink()
+        journal.dir.rmdir()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    return True
+
+
 class CacheWriter:
     """An exclusive writing session on an existing cache (see the module docstring).
 
@@ -325,18 +363,7 @@ class CacheWriter:
         self._ds: dict[str, h5py.Dataset] = {}
 
     def __enter__(self):
-        self.journal.dir.mkdir(exist_ok=True)
-        fd = os.open(self.journal.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise CacheLockedError(
-                    f"{self.path} is being written by another cnncodes process; wait for it to "
-                    f"finish, or write to another --out.") from None
-            raise
-        self._lock_fd = fd
+        fd = self._lock_fd = _lock(self.journal)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         for stale in self.journal.dir.glob("*.tmp"):  # a shard cut off before its rename

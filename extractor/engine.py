@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
-from .cache import (DONE, FAILED, PENDING, CacheWriter, Journal, LayerSpec, create_cache, open_cache,
-                    open_status, read_attrs, recipe_differences)
+from .cache import (DONE, FAILED, PENDING, CacheWriter, Journal, LayerSpec, create_cache, discard_cache,
+                    open_cache, open_status, read_attrs, recipe_differences)
 from .errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
 from .fusion import fold_batchnorm
 from .images import ImageTable, find_images, load_rgb
@@ -467,6 +467,8 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     out.parent.mkdir(parents=True, exist_ok=True)
     bb = load_backbone(model, weights)
     recipe = _recipe(bb, table, pooling, dtype, prec, data)
+    if overwrite:  # an interrupted layer addition to the cache being replaced is stale too
+        discard_cache(_companion(out))
 
     exists = out.exists()
     if exists and not overwrite:
@@ -533,6 +535,10 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         return result(state)
 
 
+def _companion(out: Path) -> Path:
+    return out.with_name(out.name + ".adding.h5")
+
+
 def _add_layers(data, out: Path, missing: list[str], attrs: dict, t_start: float, options: dict) -> ExtractResult:
     """Add ``missing`` layers to an existing cache of the same recipe.
 
@@ -543,7 +549,7 @@ def _add_layers(data, out: Path, missing: list[str], attrs: dict, t_start: float
     """
     if not attrs.get("complete") or Journal(out).shards():
         extract(data, out, layers=list(attrs["layers"]), **options)
-    part = out.with_name(out.name + ".adding.h5")
+    part = _companion(out)
     res = extract(data, part, layers=missing, **options)
     with CacheWriter(out) as writer:
         writer.add_layers_from(part)

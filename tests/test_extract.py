@@ -94,6 +94,22 @@ def test_missing_layers_are_added_to_an_existing_cache(image_folder, tmp_path, r
     assert _extract(image_folder, out, r18_weights, layers=["layer3"]).state == "up to date"
 
 
+def test_overwrite_discards_an_interrupted_layer_addition(image_folder, tmp_path, r18_weights):
+    out = tmp_path / "c.h5"
+    companion = tmp_path / "c.h5.adding.h5"
+    _extract(image_folder, out, r18_weights)
+    _extract(image_folder, companion, r18_weights, layers=["layer3"])  # as a killed addition leaves it
+    with CacheWriter(companion):  # while another process is at it, nothing is deleted
+        with pytest.raises(CacheLockedError, match="being written by another"):
+            _extract(image_folder, out, r18_weights, pool="max", overwrite=True)
+        assert companion.exists()
+        (tmp_path / "c.h5.adding.h5.journal" / "rows-000000000000-000000000003.npz").write_bytes(b"x")
+    assert (tmp_path / "c.h5.adding.h5.journal").is_dir()  # a shard keeps the journal
+    r = _extract(image_folder, out, r18_weights, pool="max", overwrite=True)
+    assert r.state == "created"
+    assert sorted(p.name for p in tmp_path.glob("c.h5*")) == ["c.h5"]
+
+
 def test_non_hdf5_output_is_never_overwritten_silently(image_folder, tmp_path, r18_weights):
     out = tmp_path / "notes.h5"
     out.write_text("precious")
