@@ -14,10 +14,10 @@ pass treats each row on its own, a vertical pass each column. So, for Pillow's u
 4. run the vertical pass alone (``resize((crop_w, new_h))``), whose coefficients depend only on
    the full heights, and keep the crop's rows.
 
-The other order (Pillow >= 12 runs the vertical pass first when the height shrinks much more
-than the width) is the mirror image. Which order the installed Pillow uses, and that each
-single-direction call is one pass, is checked once on test images; if the check fails, this
-module declines and the caller resizes the ordinary way. Pillow's ``box=`` argument cannot be
+The other order is the mirror image: recent Pillow (13 does, older releases did not) runs the
+vertical pass first when the height shrinks much more than the width. Which order the
+installed Pillow uses, and that each single-direction call is one pass, is checked once on
+test images; if the check fails, this module declines and the caller resizes the ordinary way. Pillow's ``box=`` argument cannot be
 used instead: Pillow stores it as float32, which moves the filter taps (measured: values off
 by up to 2 levels).
 """
@@ -53,9 +53,9 @@ def _read_range(n_in: int, n_out: int, first: int, count: int, support: float) -
 
 
 def _vertical_first(order: str, w: int, h: int, nw: int, nh: int) -> bool:
-    # Pillow 12+: "If height is being scaled down more than twice the amount the width is,
+    # Recent Pillow (13): "If height is being scaled down more than twice the amount the width is,
     # run the vertical pass first"; older Pillow always starts horizontally.
-    return order == "pillow12" and (h - nh) > 0 and (h - nh) > (w - nw) * 2
+    return order == "adaptive" and (h - nh) > 0 and (h - nh) > (w - nw) * 2
 
 
 def _cropped(img: Image.Image, nw: int, nh: int, left: int, top: int, cw: int, ch: int, resample,
@@ -101,16 +101,17 @@ def resize_center_crop(img: Image.Image, size: int, crop: tuple[int, int], resam
 
 @functools.lru_cache(maxsize=1)
 def pass_order() -> str | None:
-    """The installed Pillow's pass order: 'pillow12', 'horizontal' (before 12), None (neither).
+    """The installed Pillow's pass order: 'adaptive' (chosen per shape, as Pillow 13 does),
+    'horizontal' (always first, as older Pillow), or None (neither: the shortcut is off).
 
-    Found by running this module on random images shaped to take each branch of Pillow 12's
+    Found by running this module on random images shaped to take each branch of Pillow 13's
     rule, for three filters, against Pillow's own resize; the first order that matches on
     every one wins.
     """
     rng = np.random.default_rng(0)
     cases = [(300, 257, 256), (257, 300, 256), (97, 700, 90), (700, 97, 90), (120, 900, 64), (640, 480, 256)]
     imgs = [(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), size) for w, h, size in cases]
-    for order in ("pillow12", "horizontal"):
+    for order in ("adaptive", "horizontal"):
         if all(_matches(img, size, order) for img, size in imgs):
             return order
     return None
