@@ -31,8 +31,10 @@ import datetime as _dt
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,8 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, CacheLockedError, IncompatibleCacheError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "cnncodes-cache"
 SCHEMA_VERSION = 1
@@ -376,7 +380,15 @@ class CacheWriter:
         self._f = h5py.File(self.work, "r+")
         self._status = self._f["images/status"][()]
         for shard in self.journal.shards():  # replay what a killed session finished
-            self._apply(*Journal.read(shard))
+            try:
+                batch = Journal.read(shard)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                # Shards are renamed into place whole, so only damage or a hand edit gets here.
+                # Its rows stay pending and are extracted again.
+                log.warning("ignoring unreadable journal shard %s (%s); its images will be redone", shard, e)
+                shard.unlink()
+                continue
+            self._apply(*batch)
         return self
 
     def __exit__(self, *exc):

@@ -72,6 +72,29 @@ def test_shards_of_a_killed_session_are_replayed(tmp_path):
         assert c.status.tolist() == [1, 1, 0, 0, 0] and not c.complete
 
 
+def test_an_unreadable_shard_is_dropped_and_its_rows_redone(tmp_path, caplog):
+    p = tmp_path / "c.h5"
+    _make(p)
+    with CacheWriter(p) as w:
+        w.add([0, 1], [DONE, DONE], ["", ""], {"l1": np.ones((2, 3), np.float32)})
+        # a damaged shard beside the good one, as a disk fault could leave
+        (Journal(p).dir / "rows-000000000002-000000000003.npz").write_bytes(b"not a zip")
+        w._f.close()  # like a kill: shards stay, nothing committed
+        w._f = None
+        w._ds.clear()
+        w._lock_fd, fd = None, w._lock_fd
+        import fcntl
+        import os
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    with CacheWriter(p) as w2:
+        assert w2.pending_rows().tolist() == [2, 3, 4]
+        assert "unreadable journal shard" in caplog.text
+        w2.commit()
+    with open_cache(p) as c:
+        assert c.status.tolist() == [1, 1, 0, 0, 0]
+
+
 def test_second_writer_gets_a_clear_error(tmp_path):
     p = tmp_path / "c.h5"
     _make(p)
