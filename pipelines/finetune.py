@@ -105,7 +105,9 @@ def _init_distributed(device: str) -> _Dist:
     import torch.distributed as dist
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # NCCL for the CUDA tensors (gradients, buffers), gloo for the small CPU ones (sums,
+        # flags, objects): NCCL alone refuses CPU tensors.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -283,6 +285,17 @@ class _Run:
         return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n),
                 "rows": rows, "preds": preds, "failed": failed}
 
+    def _all_skip(self, empty: bool) -> bool:
+        """Whether this training batch is skipped: on every rank as soon as one has nothing in
+        it (every image failed to decode), since DDP's backward is a collective that all ranks
+        must join. Gradients kept without a step carry over to the next step, on all ranks."""
+        if self.ctx.world == 1:
+            return empty
+        import torch.distributed as dist
+        flag = torch.tensor([1.0 if empty else 0.0])
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
     def train_epoch(self, net, loader, opt, sched, scaler, frozen, epoch_label: str) -> dict:
         cfg = self.cfg
         set_train_mode(self.model, frozen, cfg.bn)
@@ -293,7 +306,7 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         for i, (x, y, _, bad) in enumerate(batches):
             failed += bad
-            if x is None:
+            if self._all_skip(x is None):
                 continue
             x, y = self._to_device(x, y)
             step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader)

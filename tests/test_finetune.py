@@ -256,14 +256,27 @@ def test_killed_mid_epoch_then_resumed_matches_the_uninterrupted_run(tmp_path):
 
 
 def test_ddp_on_gloo_ends_with_identical_weights_on_both_ranks(tmp_path, data):
+    # Batches of one image and some broken files: a rank then meets a batch with nothing to
+    # train on while the other rank has one, which must not leave that rank waiting forever.
+    for cls in ("a", "b", "c"):
+        for i in range(3):
+            (data / "train" / cls / f"broken{i}.png").write_bytes(b"not an image")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipelines.cli", "finetune", str(data), "--stages", "head:1,all:1", *TRAIN_ARGS,
+           "-m", "pipelines.cli", "finetune", str(data), "--stages", "head:1,all:1", *TRAIN_ARGS, "-b", "1",
            "--out", str(tmp_path / "ddp"), "--json"]
-    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        proc.communicate()
+        pytest.fail("DDP run stalled")
+    assert proc.returncode == 0, err[-3000:]
     r = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert r["world_size"] == 2 and len(r["rank_digests"]) == 2
     assert r["rank_digests"][0] == r["rank_digests"][1] and r["ranks_agree"]
+    assert sum("broken" in f for f in r["failed_images"]) >= 1
     # every validation image was scored once, shared between the ranks
     lines = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and r["images"]["test"] == 9 and sum(map(sum, r["confusion"])) == 9
