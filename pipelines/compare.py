@@ -26,7 +26,7 @@ from extractor.backbones import DEFAULT_MODEL
 from .finetune import FinetuneConfig, finetune, recipe_settings
 from .finetune_data import make_splits
 from .freezing import FinetuneError
-from .records import read_record, write_json
+from .records import read_record, write_record
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("probe", "top", "all", "scratch")
@@ -120,8 +120,7 @@ def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer
         if record is None:
             log.info("compare: %s", s)
             row = _probe(data, out, base, layer, progress) if s == "probe" else _finetune_row(s, cfg, what, progress)
-            record = {"key": key, "row": row}
-            write_json(out / "strategies" / f"{s}.json", record, indent=2)
+            record = write_record(out / "strategies" / f"{s}.json", key, indent=2, row=row)
         rows.append(record["row"])
     df = pd.DataFrame(rows)
     for c in COLUMNS:

@@ -24,7 +24,7 @@ from .artifacts import save_model
 from .classifiers import CLASSIFIERS, cache_summary, fit_linear_probe, parse_c_grid, split_rows
 from .codes import load_codes
 from .logme import logme
-from .records import read_record, write_json
+from .records import read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,7 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
             record = read_record(record_path, key)
             if record is None:
                 train, _ = split_rows(c, holdout, seed)
-                record = {"key": key, "logme": logme(c.X[train], c.y[train])}
-                write_json(record_path, record)
+                record = write_record(record_path, key, logme=logme(c.X[train], c.y[train]))
             scores[name] = record["logme"]
         chosen = names
         if prescreen is not None:
@@ -211,11 +210,10 @@ def _fit(codes, name, clf, model, settings, grid, fits_dir: Path) -> dict:
                          norm=settings["norm"], holdout=settings["holdout"], solver=settings["solver"])
     what, truth, pred = r.evaluated()
     save_model(r, stem.with_suffix(".joblib"), overwrite=True)
-    record = {"key": key, "metrics": r.as_dict(), "evaluated_on": what, "classes": list(r.classes),
-              "truth": [int(v) for v in truth], "pred": [int(v) for v in pred],
-              "model_file": str(stem.with_suffix(".joblib")), "recipe": cache_summary(codes)}
-    write_json(stem.with_suffix(".json"), record)  # written last: its presence means the fit is whole
-    return record
+    # written last: its presence means the fit is whole
+    return write_record(stem.with_suffix(".json"), key, metrics=r.as_dict(), evaluated_on=what,
+                        classes=list(r.classes), truth=[int(v) for v in truth], pred=[int(v) for v in pred],
+                        model_file=str(stem.with_suffix(".joblib")), recipe=cache_summary(codes))
 
 
 def _safe(name: str) -> str:

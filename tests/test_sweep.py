@@ -67,11 +67,16 @@ def test_rerun_redoes_nothing_and_an_interrupted_sweep_resumes(swept, r18_weight
     fits = tmp / "report" / "fits"
     stamps = {p.name: p.stat().st_mtime_ns for p in fits.iterdir()}
     (fits / "resnet18__stage3__svm.json").unlink()  # as if killed before this fit was stored
+    old = fits / "resnet18__stage4__softmax.json"      # as if made by a cnncodes whose fits differ
+    record = json.loads(old.read_text())
+    old.write_text(json.dumps({**record, "results_version": record["results_version"] - 1}))
+    stamps[old.name] = old.stat().st_mtime_ns
     again = sweep(root, ["resnet18"], "all-stages", ["svm", "softmax"], weights=str(r18_weights),
                   cache=tmp / "c.h5", report=tmp / "report", **FAST)
     assert again.attrs["caches"]["resnet18"]["state"] == "up to date"
     changed = {p.name for p in fits.iterdir() if stamps.get(p.name) != p.stat().st_mtime_ns}
-    assert changed == {"resnet18__stage3__svm.json", "resnet18__stage3__svm.joblib", "resnet18__stage3__svm.joblib.sha256"}
+    assert changed == {f"resnet18__{fit}.{ext}" for fit in ("stage3__svm", "stage4__softmax")
+                       for ext in ("json", "joblib", "joblib.sha256")}
     cols = ["layer", "classifier", "cv_accuracy", "test_accuracy", "C"]
     assert again[cols].equals(df[cols])
 
