@@ -244,7 +244,7 @@ class _Run:
                                 seed=cfg.seed)
         kw = dict(rank=ctx.rank, world=ctx.world, workers=self.workers, pin_memory=pin, seed=cfg.seed)
         train = make_loader(train_ds, cfg.batch_size, shuffle=True, **kw)
-        evals = {part: make_loader(ImageDataset(self.splits.table, rows, self.bb.transform), cfg.batch_size,
+        evals = {part: make_loader(ImageDataset(self.splits.table, rows, self.bb.split or self.bb.transform), cfg.batch_size,
                                    shuffle=False, **kw)
                  for part, rows in (("val", self.splits.val), ("test", self.splits.test)) if len(rows)}
         return train_ds, train, evals

@@ -92,3 +92,7 @@ def test_split_transform_is_bitwise_the_weights_own(name, weights):
     # the engine converts the uint8 batch to channels_last before the float arithmetic
     cl = bb.split.batch(torch.stack([bb.split.pil(i) for i in imgs]).contiguous(memory_format=torch.channels_last))
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ref, cl)
+    assert torch.equal(ref, torch.stack([bb.split(i) for i in imgs]))  # as finetune evaluates
+    import pickle  # DataLoader workers started by spawn (macOS) receive it pickled
+    again = pickle.loads(pickle.dumps(bb.split))
+    assert torch.equal(ref, torch.stack([again(i) for i in imgs]))
