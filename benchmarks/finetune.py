@@ -23,6 +23,8 @@ from pathlib import Path
 
 from readme_table import update_readme
 
+from pipelines.report import fmt_cell
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CALTECH = REPO.parent / "shared" / "datasets" / "caltech101-mini"
@@ -78,8 +80,8 @@ def per_stage(row: dict) -> str:
 def markdown(r: dict) -> str:
     rows = ["| Caltech-101 mini, Lite0 | test acc | best val (CV for the probe) | epochs | s/epoch per stage | training s | trainable params |",
             "|---|---:|---:|---:|---:|---:|---:|"]
+    f = fmt_cell
     for row in r["rows"]:
-        f = lambda v, spec: "-" if v is None else format(v, spec)
         rows.append(f"| {row['strategy']}: {row['what']} | {f(row['test_accuracy'], '.4f')} | "
                     f"{f(row['best_val_accuracy'], '.4f')} | {f(row['epochs'], '.0f')} | "
                     f"{per_stage(row)} | {f(row['train_seconds'], '.0f')} | "

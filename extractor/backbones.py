@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import ModelNotFoundError, WeightsNotFoundError
+from .resize import pass_order, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,11 @@ class SplitTransform:
         # side, centre-crop": extractor.resize then computes only the kept pixels, bitwise.
         self.resize_crop = resize_crop
         if resize_crop:
-            from .resize import pass_order
             pass_order()  # its one-off self-check belongs to setup, not to the first image
 
     def pil(self, img):
         from torchvision.transforms import functional as F
         if self.resize_crop:
-            from .resize import resize_center_crop
             out = resize_center_crop(img, *self.resize_crop)
             if out is not None:
                 return F.pil_to_tensor(out)

@@ -305,6 +305,12 @@ class Journal:
         os.replace(tmp, self.dir / name)
         return self.dir / name
 
+    def remove(self) -> None:
+        """Delete the journal folder and everything in it (the caller holds the lock)."""
+        for leftover in self.dir.iterdir():
+            leftover.unlink()
+        self.dir.rmdir()
+
     @staticmethod
     def read(shard: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, np.ndarray]]:
         with np.load(shard, allow_pickle=False) as z:
@@ -341,9 +347,7 @@ def discard_cache(path: str | os.PathLike) -> bool:
     try:
         for p in (path, path.with_name(path.name + ".work")):
             p.unlink(missing_ok=True)
-        for leftover in journal.dir.iterdir():
-            leftover.unlink()
-        journal.dir.rmdir()
+        journal.remove()
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -477,9 +481,7 @@ class CacheWriter:
             self.work.unlink()
         if self._lock_fd is not None:
             if not self.journal.shards():
-                for leftover in self.journal.dir.iterdir():
-                    leftover.unlink()
-                self.journal.dir.rmdir()
+                self.journal.remove()
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -241,10 +241,11 @@ def _encode_lanes(encoder: _Encoder, dataset, blocks, lanes: int):
     from concurrent.futures import ThreadPoolExecutor
 
     def work(block):
-        torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
         return encoder(*_collate([dataset[i] for i in block]))
 
-    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="cnncodes-lane")
+    # OpenMP's thread count is per calling thread: each lane sets its own, once
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="cnncodes-lane",
+                              initializer=torch.set_num_threads, initargs=(1,))
     pending = []
     try:
         with _torch_threads(1):
