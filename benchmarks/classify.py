@@ -53,12 +53,12 @@ def sh(cmd, timeout=None) -> tuple[dict | None, float]:
 def caltech_cache() -> Path:
     WORK.mkdir(exist_ok=True)
     cache = WORK / "caltech-lite0.h5"
-    sh([sys.executable, "-m", "pipelines.cli", "extract", str(CALTECH), "--out", str(cache), "-q", "--json"])
+    sh([sys.executable, "-m", "cnncodes", "extract", str(CALTECH), "--out", str(cache), "-q", "--json"])
     return cache
 
 
 def peer_npz(cache: Path) -> Path:
-    from pipelines.codes import load_codes
+    from cnncodes.pipelines.probes.codes import load_codes
     c = load_codes(cache, "penultimate")
     tr, te = c.splits != "test", c.splits == "test"
     path = WORK / "caltech-codes.npz"
@@ -67,8 +67,8 @@ def peer_npz(cache: Path) -> Path:
 
 
 def big_matrix(cache: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, Path]:
-    from extractor.cache import DONE, CacheWriter, LayerSpec, create_cache
-    from pipelines.codes import load_codes
+    from cnncodes.extractor.cache import DONE, CacheWriter, LayerSpec, create_cache
+    from cnncodes.pipelines.probes.codes import load_codes
     c = load_codes(cache, "penultimate")
     tr = c.splits != "test"
     X0, y0 = c.X[tr], c.y[tr]
@@ -96,7 +96,7 @@ def big_matrix(cache: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, P
 
 
 def ours(cache: Path, classifier: str, solver: str = "auto", timeout: float | None = None) -> dict:  # noqa: D103
-    res, wall = sh([sys.executable, "-m", "pipelines.cli", f"fit-{classifier}", "--cache", str(cache),
+    res, wall = sh([sys.executable, "-m", "cnncodes", f"fit-{classifier}", "--cache", str(cache),
                     "--layer", "penultimate", "--c-grid", GRID, "--solver", solver, "--json"], timeout=timeout)
     if res is None:
         return {"timed_out_after_s": round(wall, 1), "solver": solver}
@@ -163,7 +163,7 @@ def main() -> None:
             p = peer(big_npz, clf, args.peer_timeout) if args.peer_timeout else {"skipped": True}
             result["big"][clf] = {"cnncodes": o, "peer": p}
             print("big", clf, json.dumps(result["big"][clf]), file=sys.stderr)
-    from extractor.engine import library_versions
+    from cnncodes.extractor.provenance import library_versions
     result["versions"] = library_versions()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "classify-cpu.json").write_text(json.dumps(result, indent=2) + "\n")

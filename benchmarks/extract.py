@@ -82,7 +82,7 @@ def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
 
 
 def cnncodes_cmd(manifest: Path, out: Path, device: str, batch_size: int) -> list[str]:
-    cmd = [sys.executable, "-m", "pipelines.cli", "extract", str(manifest), "--out", str(out),
+    cmd = [sys.executable, "-m", "cnncodes", "extract", str(manifest), "--out", str(out),
            "--overwrite", "--quiet", "--json", "--device", device, "--batch-size", str(batch_size)]
     for layer in LAYERS:
         cmd += ["--layer", layer]
@@ -98,10 +98,11 @@ def ceiling(manifest: Path, device: str, batch_size: int) -> dict:
     """
     import torch
 
-    import extractor
-    from extractor.engine import _torch_threads, micro_batch_size, prepare_model
-    from extractor.layers import Probe, Tapper
-    from extractor.pooling import parse_pooling
+    from cnncodes import extractor
+    from cnncodes.extractor.batching import _torch_threads, micro_batch_size
+    from cnncodes.extractor.engine import prepare_model
+    from cnncodes.extractor.layers import Probe, Tapper
+    from cnncodes.extractor.pooling import parse_pooling
     dev = torch.device(device)
     table = extractor.find_images(manifest)
     bb = extractor.load_backbone()
@@ -226,7 +227,7 @@ def main() -> None:
         "median_images_per_s": {k: round(v, 2) for k, v in med.items()},
         "runs": runs, "memory": mem,
         "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets": TARGETS, "met": met,
-        "versions": __import__("extractor.engine", fromlist=["x"]).library_versions(),
+        "versions": __import__("cnncodes.extractor.provenance", fromlist=["x"]).library_versions(),
         "date": time.strftime("%Y-%m-%d"),
     }
     out = HERE / "results" / f"extract-{args.device}.json"

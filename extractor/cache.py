@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, CacheLockedError, IncompatibleCacheError
+from .files import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 STATUS_DTYPE = h5py.enum_dtype({"pending": PENDING, "done": DONE, "failed": FAILED}, basetype="u1")
 _STR = h5py.string_dtype("utf-8")
-# Settings whose change makes existing codes wrong for the new request.
-RECIPE_KEYS = ("model", "weights_sha256", "preprocessing", "pooling", "dtype", "precision",
-               "image_fingerprint")
 _CHUNK_BYTES = 512 * 1024  # within h5py's advice of 10 KiB to 1 MiB per chunk
 
 
@@ -81,10 +79,9 @@ def create_cache(path: str | os.PathLike, *, paths, labels, splits, classes, lay
     ``attrs`` are the root attributes (dicts and lists are stored as JSON strings).
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     n = len(paths)
     dtype = np.dtype(attrs.get("dtype", "float32"))
-    try:
+    with atomic_write(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for k, v in attrs.items():
                 f.attrs[k] = _json_attr(v) if isinstance(v, (dict, list, tuple)) else v
@@ -110,10 +107,6 @@ def create_cache(path: str | os.PathLike, *, paths, labels, splits, classes, lay
                                           compression="gzip", compression_opts=4, shuffle=True)
                 for k, v in layer.attrs.items():
                     ds.attrs[k] = _json_attr(v) if isinstance(v, (dict, list, tuple)) else v
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _decode_attr(v):
@@ -147,23 +140,6 @@ def read_attrs(path: str | os.PathLike) -> dict:
         raise CacheError(f"{path} has cache schema version {attrs['schema_version']}, newer than "
                          f"this cnncodes reads ({SCHEMA_VERSION}): upgrade cnncodes.")
     return attrs
-
-
-def recipe_differences(cache_attrs: dict, requested: dict) -> list[str]:
-    """Human-readable differences between a cache's recipe and a requested one."""
-    diffs = []
-    for key in RECIPE_KEYS:
-        a, b = cache_attrs.get(key), requested.get(key)
-        if a != b:
-            if key == "image_fingerprint":
-                diffs.append("the image list differs (images added, removed, relabelled or resized)")
-            elif key == "weights_sha256":
-                diffs.append(f"weights: {cache_attrs.get('weights', {}).get('name')} "
-                             f"(sha256 {str(a)[:12]}) in the cache, {requested.get('weights', {}).get('name')} "
-                             f"(sha256 {str(b)[:12]}) requested")
-            else:
-                diffs.append(f"{key}: {a!r} in the cache, {b!r} requested")
-    return diffs
 
 
 class Cache:
@@ -260,12 +236,6 @@ class Cache:
         }
 
 
-def open_status(path: str | os.PathLike) -> np.ndarray:
-    """The status column of a cache (pending / done / failed per row)."""
-    with h5py.File(path, "r") as f:
-        return f["images/status"][()]
-
-
 def open_cache(path: str | os.PathLike) -> Cache:
     """Open a cache for reading (a context manager)."""
     return Cache(path)
@@ -296,13 +266,11 @@ class Journal:
     def write(self, rows: np.ndarray, status: np.ndarray, errors: list[str], codes: dict[str, np.ndarray]) -> Path:
         """One batch, atomically: write a temporary file, then rename it into place."""
         name = f"rows-{int(rows[0]):012d}-{int(rows[-1]):012d}.npz"
-        tmp = self.dir / (name + ".tmp")
         arrays = {"rows": rows.astype(np.int64), "status": status.astype(np.uint8),
                   "errors": np.array(errors, dtype=str) if errors else np.zeros(len(rows), dtype="<U1")}
         arrays.update({f"codes/{k}": v for k, v in codes.items()})
-        with open(tmp, "wb") as f:
+        with atomic_write(self.dir / name) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, self.dir / name)
         return self.dir / name
 
     def remove(self) -> None:
@@ -374,7 +342,7 @@ class CacheWriter:
         fd = self._lock_fd = _lock(self.journal)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        for stale in self.journal.dir.glob("*.tmp"):  # a shard cut off before its rename
+        for stale in self.journal.dir.glob(".*.tmp-*"):  # a shard cut off before its rename
             stale.unlink()
         if self.create is not None:
             for shard in self.journal.shards():
@@ -469,7 +437,9 @@ class CacheWriter:
         complete = bool((self._status != PENDING).all())
         self._f.attrs["complete"] = complete
         self._close_file()
+        fsync_path(self.work)
         os.replace(self.work, self.path)
+        fsync_path(self.path.parent)
         for shard in self.journal.shards():
             shard.unlink()
         return complete

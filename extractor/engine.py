@@ -1,16 +1,15 @@
-"""The extraction loop: images -> pretrained CNN -> pooled codes -> HDF5 cache.
+"""The run of an extraction: images -> pretrained CNN -> pooled codes -> HDF5 cache.
 
-On an accelerator, DataLoader worker processes decode while the main thread feeds the device;
-on a CPU, one thread per core decodes a whole batch and computes it single-threaded, so one
-core decodes while the other computes (see ``_encode_lanes``). Cache writes go to a writer
-thread, so they overlap too. Batches are fixed blocks of rows
-(``[k*B, (k+1)*B)`` minus rows already done), so a resumed run forms exactly the batches an
-uninterrupted run would have formed, and on the CPU its codes are bitwise identical.
+``extract`` resolves the settings, asks :func:`~.plan.plan_extraction` what to do with the
+output path, and runs that plan: a :class:`_CacheRun` brings one cache up to date (batches from
+:mod:`.batching`, writes on a background thread), and adding layers runs one for the cache and
+one for a companion cache, then merges them. Devices and precision live in :mod:`.devices`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -18,7 +17,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +24,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
-from .cache import (DONE, FAILED, PENDING, CacheWriter, Journal, LayerSpec, create_cache, discard_cache,
-                    open_cache, open_status, read_attrs, recipe_differences)
-from .errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
+from .batching import DecodedImages, Encoder, encoded_batches, micro_batch_size, row_blocks
+from .cache import DONE, FAILED, PENDING, CacheWriter, LayerSpec, create_cache, discard_cache, open_cache
+from .devices import check_dtype, resolve_device, resolve_precision
+from .errors import CacheLockedError, ImageDecodeError, SettingsError
+from .files import slug
 from .fusion import fold_batchnorm
-from .images import ImageTable, find_images, load_rgb
+from .images import ImageTable, find_images
 from .layers import Probe, Tap, Tapper
+from .plan import UP_TO_DATE, ExtractionPlan, plan_extraction
 from .pooling import Pooling, parse_pooling
+from .provenance import library_versions
+from .recipe import Recipe
 
 log = logging.getLogger(__name__)
-DTYPES = ("float32", "float16")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
 
 class ExtractionInterrupted(KeyboardInterrupt):
     """Raised after an interrupted run has saved what it finished; rerun to resume."""
@@ -85,180 +84,6 @@ class ExtractResult:
                 "warnings": self.warnings}
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available on this machine.")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps was requested but MPS is not available on this machine.")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 autocast on CUDA GPUs that support it (fp16 on older ones), else fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"--precision {precision} needs a CUDA device; on {device.type} use fp32.")
-    return precision
-
-
-def default_cache_path(data: str | os.PathLike, model: str) -> Path:
-    """``cache/<data folder name>-<model>.h5``."""
-    data = Path(data).resolve()
-    stem = data.stem if data.is_file() else data.name
-    return Path("cache") / f"{stem}-{model.replace(':', '-').replace('/', '-')}.h5"
-
-
-def library_versions() -> dict:
-    out = {}
-    for dist in ("cnncodes", "torch", "torchvision", "timm", "h5py", "numpy", "pillow", "scikit-learn"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-class _Images(torch.utils.data.Dataset):
-    """Decodes one row; a failure is returned, not raised, so one bad file never stops a run."""
-
-    def __init__(self, table: ImageTable, transform):
-        self.table, self.transform = table, transform
-
-    def __len__(self):
-        return len(self.table)
-
-    def __getitem__(self, i):
-        try:
-            return i, self.transform(load_rgb(self.table.absolute(i))), ""
-        except Exception as e:  # noqa: BLE001 - any decode error becomes a failed row
-            return i, None, f"{type(e).__name__}: {e}".strip()[:500]
-
-
-def _collate(items):
-    rows = np.array([i for i, _, _ in items], dtype=np.int64)
-    good = [t for _, t, _ in items if t is not None]
-    x = None
-    if good and good[0].dim() == 3:
-        # Stacked as (N, H, W, C) and viewed as (N, C, H, W): a channels_last batch in one
-        # copy (pil_to_tensor's CHW is itself a view of Pillow's HWC pixels).
-        x = torch.stack([t.permute(1, 2, 0) for t in good]).permute(0, 3, 1, 2)
-    elif good:
-        x = torch.stack(good)
-    return rows, x, [e for _, _, e in items]
-
-
-def _threaded_batches(dataset, blocks, threads: int):
-    """Decode each batch on ``threads`` threads in this process, then hand it to the caller.
-
-    Pillow releases the GIL while decoding and resampling, so threads decode in parallel.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cnncodes-decode") as pool:
-        for block in blocks:
-            yield _collate(list(pool.map(dataset.__getitem__, block)))
-
-
-class _Encoder:
-    """A decoded batch -> ``(rows, ok, errors, codes)``: codes per layer, zeros for failed rows.
-
-    Use as a context manager (it holds the forward hooks). Safe to call from several threads.
-    """
-
-    def __init__(self, net, taps, pooling, split, dev, prec, micro, dims, np_dtype):
-        self.tapper = Tapper(net, taps, pooling)
-        self.split, self.dev, self.micro, self.dims, self.np_dtype = split, dev, micro, dims, np_dtype
-        self.prec = prec
-
-    def __enter__(self):
-        self.tapper.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.tapper.__exit__(*exc)
-
-    def __call__(self, rows, x, errs):
-        ok = np.array([not e for e in errs])
-        codes = {name: np.zeros((len(rows), d), self.np_dtype) for name, d in self.dims.items()}
-        if x is None:
-            return rows, ok, errs, codes
-        prec, dev = self.prec, self.dev
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
-                    if prec in ("bf16", "fp16") else contextlib.nullcontext())
-        with torch.inference_mode():  # per thread, so entered here
-            x = x.to(dev, non_blocking=True)
-            # uint8 -> channels_last first (a no-op after _collate): the float arithmetic that
-            # follows keeps the memory format, which saves copying the 4x larger float batch.
-            x = x.contiguous(memory_format=torch.channels_last if dev.type in ("cpu", "cuda")
-                             else torch.contiguous_format)
-            good = np.flatnonzero(ok)
-            for lo in range(0, len(x), self.micro):
-                part = x[lo:lo + self.micro]
-                if self.split:  # per micro-batch: the float copy is still in cache for the stem
-                    part = self.split.batch(part)
-                with autocast:
-                    feats = self.tapper(part)
-                for name, f in feats.items():
-                    codes[name][good[lo:lo + self.micro]] = f.float().cpu().numpy()
-        return rows, ok, errs, codes
-
-
-def _encode(encoder: _Encoder, loader):
-    """Batches from ``loader`` (decoded elsewhere), computed here, in order."""
-    for rows, x, errs in loader:
-        yield encoder(rows, x, errs)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _encode_lanes(encoder: _Encoder, dataset, blocks, lanes: int):
-    """CPU: ``lanes`` threads, each decoding a whole batch and computing it on one core.
-
-    Two single-threaded forward passes side by side are as fast as one pass on both cores
-    (Lite0, 512 images on 2 cores: 4.1-4.4 s either way, 7.7 s on one thread alone), but
-    decoding no longer has to wait for the cores between passes, or fight a pass's threads for
-    them: while one lane decodes, the other computes (measured: 5.1 s against 5.3 s for
-    "decode on both cores, then compute on both"). Batches are still the fixed row blocks, each
-    computed by one thread, so the codes do not depend on which lane computed a batch, and a
-    resumed run's are bitwise those of an uninterrupted one. Batches are yielded in order.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    def work(block):
-        return encoder(*_collate([dataset[i] for i in block]))
-
-    # OpenMP's thread count is per calling thread: each lane sets its own, once
-    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="cnncodes-lane",
-                              initializer=torch.set_num_threads, initargs=(1,))
-    pending = []
-    try:
-        with _torch_threads(1):
-            for block in blocks:
-                pending.append(pool.submit(work, block))
-                if len(pending) > lanes:
-                    yield pending.pop(0).result()
-            while pending:
-                yield pending.pop(0).result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str = "auto",
                   precision: str = "auto", batch_size: int = 32, dtype: str = "float32"):
     """Codes of image files in memory, with no cache: ``({layer: N x D}, errors)``.
@@ -283,13 +108,10 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
     errors = [""] * len(paths)
     if not paths:
         return out, errors
-    net = prepare_model(bb, taps, dev)
-    micro = micro_batch_size(dev, batch_size, probe, taps)
-    split = bb.split
-    dataset = _Images(table, split.pil if split else bb.transform)
-    with _Encoder(net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype)) as encoder:
-        for rows, ok, errs, codes in _batches(encoder, dataset, _blocks(np.arange(len(paths)), batch_size),
-                                              dev, workers=0):
+    encoder, dataset = _encoding(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table)
+    with encoder:
+        for rows, _, errs, codes in encoded_batches(encoder, dataset, row_blocks(np.arange(len(paths)), batch_size),
+                                                    dev, workers=0):
             for name, block in codes.items():
                 out[name][rows] = block
             for r, e in zip(rows.tolist(), errs):
@@ -297,41 +119,14 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
     return out, errors
 
 
-def _batches(encoder: _Encoder, dataset, blocks, dev: torch.device, workers: int | None):
-    """Every block's ``(rows, ok, errors, codes)``, in order, by the fastest plan for ``dev``.
-
-    ``workers=None`` picks: on a CPU, one decode-and-compute lane per core; elsewhere,
-    DataLoader worker processes (one per core, at most 8) feeding the accelerator. ``0`` off a
-    CPU decodes each batch on threads here, then computes it.
-    """
-    if workers is None:
-        workers = 0 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
-    if workers == 0 and dev.type == "cpu":
-        return _encode_lanes(encoder, dataset, blocks, max(1, torch.get_num_threads()))
-    if workers == 0:
-        return _encode(encoder, _threaded_batches(dataset, blocks, max(1, os.cpu_count() or 1)))
-    return _encode(encoder, torch.utils.data.DataLoader(
-        dataset, batch_sampler=blocks, collate_fn=_collate, num_workers=workers,
-        pin_memory=dev.type == "cuda", prefetch_factor=4))
-
-
-def _blocks(rows: np.ndarray, batch_size: int) -> list[list[int]]:
-    """Pending rows grouped by their fixed block ``row // batch_size``."""
-    if not len(rows):
-        return []
-    keys = rows // batch_size
-    cuts = np.flatnonzero(np.diff(keys)) + 1
-    return [part.tolist() for part in np.split(rows, cuts)]
-
-
-def _recipe(bb: Backbone, table: ImageTable, pooling: Pooling, dtype: str, precision: str,
-            data: Path) -> dict:
-    return {"model": bb.name, "weights": bb.weights,
-            "weights_sha256": bb.weights["sha256"] or "none",
-            "preprocessing": bb.preprocessing, "pooling": str(pooling), "dtype": dtype,
-            "precision": precision, "image_fingerprint": table.fingerprint(),
-            "data_root": str(data.resolve()), "input_size": bb.input_size,
-            "versions": library_versions()}
+def _encoding(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, dev, prec: str, batch_size: int,
+              dims: dict[str, int], dtype: str, table: ImageTable) -> tuple[Encoder, DecodedImages]:
+    """The prepared network as an :class:`Encoder`, and the decoding of ``table``'s images."""
+    net = prepare_model(bb, taps, dev)
+    micro = micro_batch_size(dev, batch_size, probe, taps)
+    split = bb.split  # per-image PIL part in the decoders, float arithmetic per batch in the encoder
+    dataset = DecodedImages(table, split.pil if split else bb.transform)
+    return Encoder(net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype)), dataset
 
 
 def _layer_specs(taps: list[Tap], pooling: Pooling, input_size: int) -> list[LayerSpec]:
@@ -341,49 +136,6 @@ def _layer_specs(taps: list[Tap], pooling: Pooling, input_size: int) -> list[Lay
                        "dim": pooling.dim(t.shape), "input_size": input_size,
                        "relative_depth": t.relative_depth, "flops": int(t.flops)})
             for t in taps]
-
-
-# glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmap()ed pages
-# and gives freed heap back to the OS; a CNN's activations then page-fault in anew on every
-# forward pass. On a 2-core machine that costs half the throughput (measured: 48 img/s at
-# batch 32 vs 102 img/s with the settings below and micro-batches under the threshold).
-# One arena for all threads: each extra thread (the CPU lanes) would otherwise get its own
-# arena of 64 MiB heaps, which glibc unmaps when they empty, with the same page faults (measured:
-# 550,000 faults per 512 images, against 8,000 with one arena).
-_MMAP_THRESHOLD = 32 * 1024 * 1024
-_MICRO_BATCH_BYTES = 24 * 1024 * 1024
-_allocator_tuned = False
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in the heap (glibc only; a no-op elsewhere). Process-wide, once."""
-    global _allocator_tuned
-    if _allocator_tuned:
-        return True
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-        _allocator_tuned = bool(libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and \
-            bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_ARENA_MAX, 1))
-    except (OSError, AttributeError):
-        _allocator_tuned = False
-    return _allocator_tuned
-
-
-def cpu_micro_batch(probe: Probe, taps: list[Tap]) -> int:
-    """Images per CPU forward pass so that the largest activation stays under the mmap threshold."""
-    deepest = max(t.order for t in taps)
-    biggest = max((int(np.prod(l.shape)) * 4 for l in probe.layers if l.order <= deepest), default=1)
-    return max(1, _MICRO_BATCH_BYTES // biggest)
-
-
-def micro_batch_size(dev: torch.device, batch_size: int, probe: Probe, taps: list[Tap]) -> int:
-    """Images per forward pass: the batch on accelerators, allocator-friendly slices on a CPU."""
-    if dev.type != "cpu":
-        return batch_size
-    tune_cpu_allocator()
-    return min(batch_size, cpu_micro_batch(probe, taps))
 
 
 def prepare_model(bb: Backbone, taps: list[Tap], device: torch.device, fold_bn: bool = True):
@@ -454,10 +206,9 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     ('created', {'stage3': 40, 'penultimate': 1280})
     """
     t_start = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    check_dtype(dtype)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise SettingsError(f"batch_size must be >= 1, got {batch_size}.")
     layers = list(dict.fromkeys(layers or ["penultimate"]))
     pooling = parse_pooling(pool)
     dev = resolve_device(device)
@@ -467,156 +218,227 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     out = Path(out) if out else default_cache_path(data, model)
     out.parent.mkdir(parents=True, exist_ok=True)
     bb = load_backbone(model, weights)
-    recipe = _recipe(bb, table, pooling, dtype, prec, data)
-    if overwrite:  # an interrupted layer addition to the cache being replaced is stale too
-        discard_cache(_companion(out))
+    job = _Job(bb, table, backbone_recipe(bb, pooling, dtype, prec, table), pooling, dev, prec, data,
+               batch_size, workers, strict, progress, t_start)
+    plan = plan_extraction(out, job.recipe, layers, overwrite=overwrite)
+    if plan.replace or overwrite:  # an interrupted layer addition to the cache being replaced is stale too
+        discard_cache(plan.companion)
+    if plan.action == UP_TO_DATE:
+        with open_cache(out) as c:
+            return job.result(out, c.status, "up to date", {n: int(c.layer_attrs(n)["dim"]) for n in c.layers})
+    if plan.new_layers:
+        return _add_layers(job, plan)
+    return _CacheRun(job, out, plan.layers, create=plan.create, replace=plan.replace).run()
 
-    exists = out.exists()
-    if exists and not overwrite:
-        try:
-            attrs = read_attrs(out)
-        except CacheError as e:
-            raise CacheError(f"{e} Refusing to overwrite it: choose another --out, or pass --overwrite.") from None
-        diffs = recipe_differences(attrs, recipe)
-        if diffs:
-            raise IncompatibleCacheError(
-                f"{out} was made by a different recipe: " + "; ".join(diffs) +
-                ". Pass --overwrite to replace it, or choose another --out.")
-        missing = [l for l in layers if l not in attrs["layers"]]
-        if missing:
-            return _add_layers(data, out, missing, attrs, t_start, dict(
-                model=model, weights=weights, pool=pool, dtype=dtype, device=device, precision=precision,
-                batch_size=batch_size, workers=workers, strict=strict, progress=progress))
-        layers = list(attrs["layers"])  # a resumed row needs every layer the cache holds
 
-    probe = Probe(bb.model, bb.input_size, model)
-    taps = probe.resolve(layers)
-    specs = _layer_specs(taps, pooling, bb.input_size)
+def default_cache_path(data: str | os.PathLike, model: str) -> Path:
+    """``cache/<data folder name>-<model>.h5``."""
+    data = Path(data).resolve()
+    stem = data.stem if data.is_file() else data.name
+    return Path("cache") / f"{slug(stem)}-{slug(model)}.h5"
 
-    def create():
-        if out.exists() and not overwrite and not exists:
-            raise CacheLockedError(f"{out} was created by another process meanwhile; rerun to use it.")
-        create_cache(out, paths=table.paths, labels=table.labels, splits=table.splits,
-                     classes=table.classes, layers=specs, attrs=recipe)
 
-    if exists and not overwrite and attrs.get("complete") and not Journal(out).shards():
-        st = np.asarray(open_status(out))
-        return _result(out, st, table, "up to date", 0, 0.0, dev, specs, [], bb.warnings,
-                       time.perf_counter() - t_start)
+def backbone_recipe(bb: Backbone, pooling: Pooling, dtype: str, precision: str,
+                    table: ImageTable | None = None) -> Recipe:
+    """The :class:`Recipe` of codes that ``bb`` makes with these settings (of ``table``'s images)."""
+    return Recipe(bb.name, bb.weights, bb.preprocessing, str(pooling), dtype, precision, bb.input_size,
+                  table.fingerprint() if table is not None else None)
 
-    with CacheWriter(out, create=create if (overwrite or not exists) else None) as writer:
-        pending = writer.pending_rows()
-        state = "created" if (overwrite or not exists) else "resumed"
-        failures: list[tuple[str, str]] = []
-        counter = [0]
-        clock = {"loop": None}
 
-        def result(state):
-            now = time.perf_counter()
-            loop = now - clock["loop"] if clock["loop"] else 0.0
-            return _result(out, writer.status, table, state, counter[0], loop, dev, specs, failures,
-                           bb.warnings, now - t_start - loop)
-        try:
-            if len(pending):
-                net = prepare_model(bb, taps, dev)
-                micro = micro_batch_size(dev, batch_size, probe, taps)
-                clock["loop"] = time.perf_counter()
-                _run(net, taps, specs, pooling, bb, table, pending, writer, dev, prec, dtype,
-                     batch_size, micro, workers, strict, progress, failures, counter)
-        except KeyboardInterrupt:
+@dataclass
+class _Job:
+    """What one ``extract`` call runs, shared by every cache it brings up to date (the cache
+    itself and, when layers are added, their companion cache)."""
+
+    bb: Backbone
+    table: ImageTable
+    recipe: Recipe
+    pooling: Pooling
+    dev: torch.device
+    prec: str
+    data: Path
+    batch_size: int
+    workers: int | None
+    strict: bool
+    progress: bool | None
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @functools.cached_property
+    def probe(self) -> Probe:  # a forward pass at the input size: only when a run needs it
+        return Probe(self.bb.model, self.bb.input_size, self.bb.name)
+
+    def attrs(self) -> dict:
+        return {**self.recipe.to_attrs(), "data_root": str(self.data.resolve()), "versions": library_versions()}
+
+    def result(self, path: Path, status: np.ndarray, state: str, layers: dict[str, int], run: _CacheRun | None = None,
+               ) -> ExtractResult:
+        processed, loop = (run.processed, run.loop_seconds) if run else (0, 0.0)
+        return ExtractResult(path, state, len(self.table), int((status == DONE).sum()),
+                             int((status == FAILED).sum()), int((status == PENDING).sum()), processed, loop,
+                             str(self.dev), layers, list(run.failures) if run else [], list(self.bb.warnings),
+                             time.perf_counter() - self.t_start - loop)
+
+
+class _CacheRun:
+    """One cache brought up to date: created (or replaced) with ``layers``, or resumed.
+
+    ``processed``, ``failures`` and ``loop_seconds`` say what the run did, also after an
+    interruption.
+    """
+
+    def __init__(self, job: _Job, path: Path, layers, create: bool, replace: bool = False):
+        self.job, self.path, self.create, self.replace = job, path, create, replace
+        self.taps = job.probe.resolve(list(layers))
+        self.specs = _layer_specs(self.taps, job.pooling, job.bb.input_size)
+        self.processed, self.failures, self.loop_seconds = 0, [], 0.0
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {s.name: s.dim for s in self.specs}
+
+    def _create_file(self) -> None:
+        # Under the writer's lock: a cache that appeared since the plan was made is another
+        # process's, and only --overwrite may replace it.
+        if self.path.exists() and not self.replace:
+            raise CacheLockedError(f"{self.path} was created by another process meanwhile; rerun to use it.")
+        t = self.job.table
+        create_cache(self.path, paths=t.paths, labels=t.labels, splits=t.splits, classes=t.classes,
+                     layers=self.specs, attrs=self.job.attrs())
+
+    def run(self) -> ExtractResult:
+        """Extract every pending row; interrupted runs save what they finished and raise
+        :class:`ExtractionInterrupted`."""
+        job = self.job
+        with CacheWriter(self.path, create=self._create_file if self.create else None) as writer:
+            state = "created" if self.create else "resumed"
+            try:
+                pending = writer.pending_rows()
+                if len(pending):
+                    self._encode_into(writer, pending)
+            except KeyboardInterrupt:
+                writer.commit()
+                res = job.result(self.path, writer.status, "interrupted", self.dims, self)
+                raise ExtractionInterrupted(
+                    f"interrupted: {res.done + res.failed}/{res.images} images saved in {self.path}; "
+                    f"rerun the same command to resume.", res) from None
+            except ImageDecodeError:
+                writer.commit()
+                raise
             writer.commit()
-            res = result("interrupted")
-            raise ExtractionInterrupted(
-                f"interrupted: {res.done + res.failed}/{res.images} images saved in {out}; "
-                f"rerun the same command to resume.", res) from None
-        except ImageDecodeError:
-            writer.commit()
-            raise
-        writer.commit()
-        return result(state)
+            return job.result(self.path, writer.status, state, self.dims, self)
+
+    def _encode_into(self, writer: CacheWriter, pending: np.ndarray) -> None:
+        job = self.job
+        encoder, dataset = _encoding(job.bb, job.probe, self.taps, job.pooling, job.dev, job.prec, job.batch_size,
+                                     self.dims, job.recipe.dtype, job.table)
+        t0 = time.perf_counter()
+        try:
+            with _BackgroundWriter(writer) as background, _Progress(len(pending), job.progress) as bar, \
+                    _sigterm_as_interrupt(), encoder, \
+                    contextlib.closing(encoded_batches(encoder, dataset, row_blocks(pending, job.batch_size),
+                                                       job.dev, job.workers)) as batches:
+                # closing(): an interrupt stops the lanes (each finishes its batch) before the commit
+                for rows, ok, errs, codes in batches:
+                    bad = [(job.table.paths[r], e) for r, e in zip(rows.tolist(), errs) if e]
+                    if bad and job.strict:
+                        raise ImageDecodeError(f"{bad[0][0]}: {bad[0][1]} (stopped by --strict)")
+                    background.put(rows, np.where(ok, DONE, FAILED), list(errs), codes)
+                    self.failures.extend(bad)
+                    self.processed += len(rows)
+                    bar.update(len(rows), len(self.failures))
+        finally:
+            self.loop_seconds = time.perf_counter() - t0
 
 
-def _companion(out: Path) -> Path:
-    return out.with_name(out.name + ".adding.h5")
+class _BackgroundWriter:
+    """Journal shards and the working copy are written on a thread of their own while the next
+    batch computes; a write error surfaces in the caller at the next batch or on exit."""
+
+    def __init__(self, writer: CacheWriter):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._loop, name="cnncodes-writer", daemon=True)
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                if not self.errors:
+                    self.writer.add(*item)
+            except BaseException as e:  # noqa: BLE001 - surfaced in the main thread
+                self.errors.append(e)
+
+    def put(self, *batch) -> None:
+        if self.errors:
+            raise self.errors[0]
+        self.queue.put(batch)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.queue.put(None)
+        self.thread.join()
+        if self.errors and exc_type is None:
+            raise self.errors[0]
 
 
-def _add_layers(data, out: Path, missing: list[str], attrs: dict, t_start: float, options: dict) -> ExtractResult:
-    """Add ``missing`` layers to an existing cache of the same recipe.
+class _Progress:
+    """The extraction's progress bar on stderr; tqdm's ``disable=None`` hides it when stderr is
+    not a terminal."""
+
+    def __init__(self, total: int, progress: bool | None):
+        self.bar = tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True,
+                        disable={True: False, False: True, None: None}[progress])
+
+    def update(self, n: int, failed: int) -> None:
+        self.bar.update(n)
+        if failed:
+            self.bar.set_postfix(failed=failed, refresh=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """``kill`` (SIGTERM) saves what is finished, as Ctrl-C does (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _add_layers(job: _Job, plan: ExtractionPlan) -> ExtractResult:
+    """Add ``plan.new_layers`` to an existing cache of the same recipe.
 
     The cache is first finished with the layers it has (if it was interrupted); the new layers
-    are then extracted into a companion cache ``<out>.adding.h5``, resumable on its own like any
-    cache, and finally copied into a working copy that replaces ``out`` in one rename. So a
-    kill at any moment leaves ``out`` whole and the next run carries on where this one stopped.
+    are then extracted into a companion cache, resumable on its own like any cache, and finally
+    copied into a working copy that replaces the cache in one rename. So a kill at any moment
+    leaves the cache whole and the next run carries on where this one stopped.
     """
-    if not attrs.get("complete") or Journal(out).shards():
-        extract(data, out, layers=list(attrs["layers"]), **options)
-    part = _companion(out)
-    res = extract(data, part, layers=missing, **options)
-    with CacheWriter(out) as writer:
-        writer.add_layers_from(part)
+    if plan.finish_first:
+        _CacheRun(job, plan.path, plan.layers, create=False).run()
+    part = plan_extraction(plan.companion, job.recipe, plan.new_layers)
+    if part.action == UP_TO_DATE:  # finished before a kill stopped the merge
+        with open_cache(part.path) as c:
+            res = job.result(part.path, c.status, "layers added", {})
+    else:
+        res = _CacheRun(job, part.path, part.layers, create=part.create).run()
+    with CacheWriter(plan.path) as writer:
+        writer.add_layers_from(part.path)
         writer.commit()
-    part.unlink()
-    with open_cache(out) as c:
+    part.path.unlink()
+    with open_cache(plan.path) as c:
         dims = {name: int(c.layer_attrs(name)["dim"]) for name in c.layers}
-    return dataclasses.replace(res, path=out, state="layers added", layers=dims,
-                               setup_seconds=time.perf_counter() - t_start - res.seconds)
-
-
-def _result(out, status, table, state, processed, seconds, dev, specs, failures, warnings, setup):
-    return ExtractResult(out, state, len(table), int((status == DONE).sum()), int((status == FAILED).sum()),
-                         int((status == PENDING).sum()), processed, seconds, str(dev),
-                         {s.name: s.dim for s in specs}, failures, list(warnings), setup)
-
-
-def _run(net, taps, specs, pooling, bb, table, pending, writer, dev, prec, dtype, batch_size,
-         micro, workers, strict, progress, failures, counter) -> None:
-    split = bb.split  # per-image PIL part in the workers, float arithmetic per batch here
-    dataset = _Images(table, split.pil if split else bb.transform)
-    blocks = _blocks(pending, batch_size)
-    np_dtype = np.dtype(dtype)
-    dims = {s.name: s.dim for s in specs}
-    # The writer thread: journal shard + working copy, while the next batch computes.
-    q: queue.Queue = queue.Queue(maxsize=4)
-    errors: list[BaseException] = []
-
-    def write_loop():
-        while (item := q.get()) is not None:
-            try:
-                if not errors:
-                    writer.add(*item)
-            except BaseException as e:  # surfaced in the main thread
-                errors.append(e)
-
-    thread = threading.Thread(target=write_loop, name="cnncodes-writer", daemon=True)
-    thread.start()
-    # tqdm's disable=None hides the bar when stderr is not a terminal.
-    bar = tqdm(total=len(pending), unit="img", desc="extract", dynamic_ncols=True,
-               disable={True: False, False: True, None: None}[progress])
-    previous = signal.getsignal(signal.SIGTERM)
-    on_main = threading.current_thread() is threading.main_thread()
-    if on_main:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`: save, as Ctrl-C does
-    encoder = _Encoder(net, taps, pooling, split, dev, prec, micro, dims, np_dtype)
-    try:
-        # closing(): an interrupt stops the lanes (each finishes its batch) before the commit
-        with encoder, contextlib.closing(_batches(encoder, dataset, blocks, dev, workers)) as batches:
-            for rows, ok, errs, codes in batches:
-                if errors:
-                    raise errors[0]
-                bad = [(table.paths[r], e) for r, e in zip(rows.tolist(), errs) if e]
-                if bad and strict:
-                    raise ImageDecodeError(f"{bad[0][0]}: {bad[0][1]} (stopped by --strict)")
-                q.put((rows, np.where(ok, DONE, FAILED), list(errs), codes))
-                failures.extend(bad)
-                counter[0] += len(rows)
-                bar.update(len(rows))
-                if bad:
-                    bar.set_postfix(failed=len(failures), refresh=False)
-    finally:
-        q.put(None)
-        thread.join()
-        bar.close()
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
-    if errors:
-        raise errors[0]
+    return dataclasses.replace(res, path=plan.path, state="layers added", layers=dims,
+                               setup_seconds=time.perf_counter() - job.t_start - res.seconds)

@@ -43,3 +43,7 @@ class CacheLockedError(CacheError, RuntimeError):
 
 class ImageDecodeError(CnnCodesError, RuntimeError):
     """An image failed to decode and ``strict`` was requested."""
+
+
+class SettingsError(CnnCodesError, ValueError):
+    """A setting has a value the library cannot use (an unknown device, a batch size of 0...)."""

@@ -19,7 +19,7 @@ def _fail_cleanly(fn):
     """Library errors become one-line messages and exit status 1, never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from extractor.errors import CnnCodesError
+        from cnncodes.extractor.errors import CnnCodesError
         try:
             return fn(*args, **kwargs)
         except (CnnCodesError, ValueError, FileNotFoundError) as e:
@@ -72,7 +72,7 @@ def sample_data(name: str, directory: str, seed: int) -> None:
     Example:
       cnncodes sample-data digits data/digits
     """
-    from pipelines.sample_data import write_digits
+    from cnncodes.pipelines.sample_data import write_digits
     counts = write_digits(directory, seed=seed)
     state = f"wrote {counts['written']} files" if counts["written"] else "already there"
     click.echo(f"{directory}: {counts['train']} train + {counts['test']} test images ({state})")
@@ -92,7 +92,7 @@ def list_models_cmd(as_json: bool) -> None:
     Example:
       cnncodes list-models --json
     """
-    from extractor import list_models
+    from cnncodes.extractor import list_models
     rows = list_models()
     if as_json:
         _echo_json(rows)
@@ -124,7 +124,7 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
     Example:
       cnncodes list-layers --model resnet18
     """
-    from extractor import list_layers
+    from cnncodes.extractor import list_layers
     layers, aliases = list_layers(model)
     if as_json:
         _echo_json({"model": model,
@@ -188,7 +188,7 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
       cnncodes extract photos/ --model resnet50 --layer layer3 --layer penultimate --pool avgmax
       cnncodes extract manifest.csv --model timm:resnet18 --weights r18.pth --out cache/r18.h5
     """
-    from extractor import ExtractionInterrupted, extract
+    from cnncodes.extractor import ExtractionInterrupted, extract
     try:
         r = extract(data, out, model=model, weights=weights, layers=layers, pool=pool, dtype=dtype,
                     device=device, precision=precision, batch_size=batch_size, workers=workers,
@@ -223,7 +223,7 @@ def info_cmd(cache: str, as_json: bool) -> None:
     Example:
       cnncodes info cache/digits-efficientnet_lite0.h5 --json
     """
-    from extractor.cache import open_cache
+    from cnncodes.extractor.cache import open_cache
     with open_cache(cache) as c:
         s = c.summary()
     if as_json:
@@ -288,9 +288,9 @@ def _fit_options(fn):
 
 def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allow_incomplete, solver,
          n_jobs, report_dir, out, overwrite, as_json) -> None:
-    from pipelines.artifacts import save_model
-    from pipelines.classifiers import fit_linear_probe
-    from pipelines.report import write_fit_report
+    from cnncodes.pipelines.probes.artifacts import save_model
+    from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    from cnncodes.pipelines.reports import write_fit_report
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
     r = fit_linear_probe(cache, layer, classifier, c_grid=c_grid, folds=folds, seed=seed, norm=norm,
@@ -369,7 +369,7 @@ def _sweep_options(fn):
 
 
 def _print_sweep(df, extra: dict | None = None, as_json: bool = False) -> None:
-    from pipelines.sweep_report import table_rows
+    from cnncodes.pipelines.sweep.report import table_rows
     if as_json:
         _echo_json({"rows": df.drop(columns=["model_file"]).to_dict("records"), **{
             k: df.attrs.get(k) for k in ("conclusion", "best", "kendall_tau", "report", "files", "seconds")},
@@ -428,7 +428,7 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
       cnncodes sweep data/birds --model resnet50 --model efficientnet_lite0 --classifier svm
       cnncodes sweep data/birds --layers layer2,layer3,layer4 --prescreen 2 --json
     """
-    from pipelines.sweep import sweep
+    from cnncodes.pipelines.sweep.runner import sweep
     df = sweep(data, list(models), layers, [c.strip() for c in classifiers.split(",") if c.strip()],
                weights=list(weights), cache=cache, report=report_dir, c_grid=c_grid, folds=folds, seed=seed,
                norm=norm, solver=solver, holdout=holdout, prescreen=prescreen, pool=pool,
@@ -454,7 +454,7 @@ def demo(data, report_dir, c_grid, folds, seed, norm, solver, device, batch_size
     Example:
       cnncodes demo && cnncodes predict --model reports/digits-efficientnet_lite0/best-svm.joblib data/digits/test/3
     """
-    from pipelines.demo import run_demo
+    from cnncodes.pipelines.demo import run_demo
     df = run_demo(data, report_dir, c_grid=c_grid, folds=folds, seed=seed, norm=norm, solver=solver,
                   device=device, batch_size=batch_size, progress=False if quiet else None)
     extra = {"saved SVM": f"{df.attrs['model_file']} ({df.attrs['model_layer']})"}
@@ -505,7 +505,7 @@ def _train_options(fn):
 
 
 def _config(data, out, **kw):
-    from pipelines.finetune import FinetuneConfig
+    from cnncodes.pipelines.finetune.training import FinetuneConfig
     return FinetuneConfig(str(data), str(out), **kw)
 
 
@@ -538,10 +538,10 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
       cnncodes finetune data/birds --stages head:3,stage5:3,all:4 --out runs/birds
       cnncodes finetune data/birds --freeze-until layer4 --epochs 5 --model resnet50
       cnncodes finetune data/birds --stages all:10 --from-scratch --lr 0.01
-      torchrun --nproc_per_node 4 -m pipelines.cli finetune data/birds --out runs/birds-ddp
+      torchrun --nproc_per_node 4 -m cnncodes finetune data/birds --out runs/birds-ddp
       cnncodes extract data/birds --weights runs/birds/best.pt --layer penultimate
     """
-    from pipelines.finetune import default_run_dir, finetune
+    from cnncodes.pipelines.finetune.training import default_run_dir, finetune
     if stages and freeze_until:
         raise click.UsageError("--stages and --freeze-until are two ways to say the same; give one.")
     stages = f"{freeze_until}:{epochs}" if freeze_until else (stages or "head:2,all:3")
@@ -594,7 +594,7 @@ def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, repo
       cnncodes compare data/birds --sweep-report reports/birds-efficientnet_lite0 --epochs 5
       cnncodes compare data/birds --strategies probe,top --layer stage4
     """
-    from pipelines.compare import compare
+    from cnncodes.pipelines.compare.strategies import compare
     model, weights = kw.pop("model"), kw.pop("weights")
     df = compare(data, model, weights=weights, layer=layer, sweep_report=sweep_report, out=report_dir,
                  head_epochs=head_epochs, epochs=epochs,
@@ -604,7 +604,7 @@ def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, repo
         _echo_json({"rows": json.loads(df.to_json(orient="records")), "conclusion": df.attrs["conclusion"],
                     "files": df.attrs["files"], "seconds": df.attrs["seconds"]})
         return
-    from pipelines.compare_report import HEAD, table_rows
+    from cnncodes.pipelines.compare.report import HEAD, table_rows
     rows = table_rows(df)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEAD)]
     click.echo("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(HEAD, widths))))
@@ -629,7 +629,7 @@ def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
     Example:
       cnncodes evaluate --model svm.joblib --cache cache/holdout-efficientnet_lite0.h5
     """
-    from pipelines.predict import evaluate_model
+    from cnncodes.pipelines.probes.predict import evaluate_model
     r = evaluate_model(model_file, cache, allow_incomplete)
     if as_json:
         _echo_json(r)
@@ -658,7 +658,7 @@ def predict_cmd(model_file, paths, out, overwrite, device, batch_size) -> None:
     """
     import csv
 
-    from pipelines.predict import predict_images
+    from cnncodes.pipelines.probes.predict import predict_images
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
     rows = predict_images(model_file, paths, batch_size=batch_size, device=device)

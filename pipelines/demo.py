@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extractor import DEFAULT_MODEL
+from cnncodes.extractor import DEFAULT_MODEL
 
-from .artifacts import copy_model
-from .sample_data import write_digits
-from .sweep import sweep
+from cnncodes.pipelines.probes.artifacts import copy_model
+from cnncodes.pipelines.sample_data import write_digits
+from cnncodes.pipelines.sweep.runner import sweep
 
 
 def run_demo(data: str | Path = "data/digits", report: str | Path | None = None, *,

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision
 
-from extractor.backbones import hub_checkpoint, list_models, load_backbone
-from extractor.errors import ModelNotFoundError, WeightsNotFoundError
-from extractor.images import load_rgb
+from cnncodes.extractor.backbones import hub_checkpoint, list_models, load_backbone
+from cnncodes.extractor.errors import ModelNotFoundError, WeightsNotFoundError
+from cnncodes.extractor.images import load_rgb
 
 from .conftest import CALTECH, needs_shared
 

@@ -4,9 +4,10 @@ import h5py
 import numpy as np
 import pytest
 
-from extractor.cache import (DONE, FAILED, CacheWriter, Journal, LayerSpec, create_cache, open_cache,
-                             read_attrs, recipe_differences)
-from extractor.errors import CacheError, CacheLockedError
+from cnncodes.extractor.cache import (DONE, FAILED, CacheWriter, Journal, LayerSpec, create_cache, open_cache,
+                                      read_attrs)
+from cnncodes.extractor.errors import CacheError, CacheLockedError
+from cnncodes.extractor.recipe import Recipe
 
 
 def _make(path, n=5, dim=3):
@@ -122,5 +123,5 @@ def test_recipe_differences_are_named():
     a = {"model": "resnet18", "pooling": "avg", "image_fingerprint": "x", "weights_sha256": "1",
          "weights": {"name": "a.pt"}}
     b = dict(a, pooling="max", image_fingerprint="y")
-    d = recipe_differences(a, b)
+    d = Recipe.from_attrs(a).differences(Recipe.from_attrs(b))
     assert "pooling: 'avg' in the cache, 'max' requested" in d and any("image list" in x for x in d)

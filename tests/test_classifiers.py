@@ -7,12 +7,12 @@ import pytest
 from click.testing import CliRunner
 from sklearn.preprocessing import StandardScaler
 
-from extractor.cache import DONE, FAILED, CacheWriter, LayerSpec, create_cache
-from pipelines.artifacts import ModelFileError, load_model, save_model, sidecar
-from pipelines.classifiers import fit_linear_probe, parse_c_grid
-from pipelines.cli import cli
-from pipelines.codes import CodesError, load_codes
-from pipelines.predict import evaluate_model
+from cnncodes.extractor.cache import DONE, FAILED, CacheWriter, LayerSpec, create_cache
+from cnncodes.pipelines.probes.artifacts import ModelFileError, load_model, save_model, sidecar
+from cnncodes.pipelines.probes.classifiers import fit_linear_probe, parse_c_grid
+from cnncodes.pipelines.cli import cli
+from cnncodes.pipelines.probes.codes import CodesError, load_codes
+from cnncodes.pipelines.probes.predict import evaluate_model
 
 RECIPE = {"model": "resnet18", "weights": {"name": "none", "file": None, "sha256": None},
           "weights_sha256": "none", "preprocessing": {"crop": 224}, "pooling": "avg",
@@ -124,7 +124,7 @@ def test_evaluate_refuses_another_recipe(tmp_path):
     make_cache(tmp_path / "a.h5")
     make_cache(tmp_path / "b.h5", recipe=dict(RECIPE, pooling="max"))
     m = save_model(fit_linear_probe(tmp_path / "a.h5", c_grid="1"), tmp_path / "m.joblib")
-    from extractor.errors import IncompatibleCacheError
+    from cnncodes.extractor.errors import IncompatibleCacheError
     with pytest.raises(IncompatibleCacheError, match="pooling: 'avg' \\(model\\) vs 'max' \\(cache\\)"):
         evaluate_model(m, tmp_path / "b.h5")
 

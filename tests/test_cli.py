@@ -4,7 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipelines.cli import cli
+from cnncodes.pipelines.cli import cli
 
 COMMANDS = ["extract", "info", "list-layers", "list-models", "sample-data", "sweep", "demo"]
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import extractor
-from extractor.cache import CacheWriter, Journal
-from extractor.errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
+from cnncodes import extractor
+from cnncodes.extractor.cache import CacheWriter, Journal
+from cnncodes.extractor.errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
 
 from .conftest import write_image
 
@@ -161,7 +161,7 @@ def _big_folder(root, n=120):
 
 def _cli(*args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "cnncodes", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

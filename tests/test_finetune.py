@@ -14,13 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extractor import load_backbone
-from extractor.errors import LayerNotFoundError
-from extractor.layers import Probe
-from pipelines.checkpoints import load_checkpoint
-from pipelines.cli import cli
-from pipelines.finetune import FinetuneConfig, finetune, make_optimizer
-from pipelines.freezing import (FinetuneError, apply_stage, frozen_modules, parse_stages, replace_head,
+from cnncodes.extractor import load_backbone
+from cnncodes.extractor.errors import LayerNotFoundError
+from cnncodes.extractor.layers import Probe
+from cnncodes.pipelines.finetune.checkpoints import load_checkpoint
+from cnncodes.pipelines.cli import cli
+from cnncodes.pipelines.finetune.training import FinetuneConfig, finetune, make_optimizer
+from cnncodes.pipelines.finetune.freezing import (FinetuneError, apply_stage, frozen_modules, parse_stages, replace_head,
                                 resolve_stages)
 
 from .conftest import write_image
@@ -153,13 +153,13 @@ def test_frozen_parts_and_their_bn_statistics_stay_put(tmp_path, data):
 
 def _initial_state(data, tmp_path) -> dict:
     """The network a run starts from: the seeded initialisation and head, before any step."""
-    from pipelines.finetune import _Dist, _Run
+    from cnncodes.pipelines.finetune.training import _Dist, _Run
     run = _Run(tiny_config(data, tmp_path / "init"), _Dist(), progress=False)
     return {k: v.clone() for k, v in run.model.state_dict().items()}
 
 
 def test_checkpoint_is_weights_for_extract_and_finetune(tmp_path, data):
-    from extractor import extract, open_cache
+    from cnncodes.extractor import extract, open_cache
     finetune(tiny_config(data, tmp_path / "run", stages="head:1"), progress=False)
     best = tmp_path / "run" / "best.pt"
     res = extract(data, tmp_path / "codes.h5", model=TINY, weights=str(best), layers=["penultimate"],
@@ -215,7 +215,7 @@ def test_early_stopping_ends_a_stage(tmp_path, data):
 # --- CLI, kill and resume, DDP -------------------------------------------------------------------------
 
 def _cnncodes(*args) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *map(str, args)]
+    return [sys.executable, "-m", "cnncodes", *map(str, args)]
 
 
 def _env() -> dict:
@@ -262,7 +262,7 @@ def test_ddp_on_gloo_ends_with_identical_weights_on_both_ranks(tmp_path, data):
         for i in range(3):
             (data / "train" / cls / f"broken{i}.png").write_bytes(b"not an image")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipelines.cli", "finetune", str(data), "--stages", "head:1,all:1", *TRAIN_ARGS, "-b", "1",
+           "-m", "cnncodes", "finetune", str(data), "--stages", "head:1,all:1", *TRAIN_ARGS, "-b", "1",
            "--out", str(tmp_path / "ddp"), "--json"]
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -300,7 +300,7 @@ def test_cli_finetune_and_its_errors(tmp_path, data):
 
 
 def test_compare_writes_one_report_and_reuses_finished_strategies(tmp_path, data):
-    from pipelines.compare import compare
+    from cnncodes.pipelines.compare.strategies import compare
     cfg = tiny_config(data, "", batch_size=4)
     df = compare(data, TINY, weights="none", out=tmp_path / "cmp", head_epochs=1, epochs=1, config=cfg,
                  progress=False)
@@ -322,7 +322,7 @@ def test_compare_writes_one_report_and_reuses_finished_strategies(tmp_path, data
 
 
 def test_out_of_memory_becomes_advice(tmp_path, data, monkeypatch):
-    import pipelines.finetune as ft
+    import cnncodes.pipelines.finetune.training as ft
 
     def oom(out):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -348,7 +348,7 @@ def test_accumulate_steps_once_per_n_batches(tmp_path, data):
 
 
 def test_compare_takes_the_best_layer_of_a_sweep_report(tmp_path):
-    from pipelines.compare import best_layer_from_sweep
+    from cnncodes.pipelines.compare.strategies import best_layer_from_sweep
     rows = [{"model": "m", "layer": "stage3", "cv_accuracy": 0.8}, {"model": "m", "layer": "stage4", "cv_accuracy": 0.9},
             {"model": "other", "layer": "stage5", "cv_accuracy": 0.99}, {"model": "m", "layer": "stage5", "cv_accuracy": None}]
     (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows}))

@@ -1,10 +1,10 @@
 import torch
 import torchvision
 
-from extractor.engine import prepare_model
-from extractor.fusion import conv_bn_pairs, fold_batchnorm
-from extractor.layers import Probe, Tapper
-from extractor.pooling import parse_pooling
+from cnncodes.extractor.engine import prepare_model
+from cnncodes.extractor.fusion import conv_bn_pairs, fold_batchnorm
+from cnncodes.extractor.layers import Probe, Tapper
+from cnncodes.extractor.pooling import parse_pooling
 
 
 def _r18():
@@ -40,7 +40,7 @@ def test_a_tapped_convolution_keeps_its_own_output():
 
 
 def test_prepare_model_matches_plain_forward(r18_weights):
-    from extractor.backbones import load_backbone
+    from cnncodes.extractor.backbones import load_backbone
     bb = load_backbone("resnet18", str(r18_weights))
     taps = Probe(bb.model, 224).resolve(["layer3"])
     net = prepare_model(bb, taps, torch.device("cpu"))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extractor.errors import ImageSourceError
-from extractor.images import find_images, load_rgb, to_rgb
+from cnncodes.extractor.errors import ImageSourceError
+from cnncodes.extractor.images import find_images, load_rgb, to_rgb
 
 from .conftest import write_image
 

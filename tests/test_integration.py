@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import extractor
-from extractor.images import load_rgb
+from cnncodes import extractor
+from cnncodes.extractor.images import load_rgb
 
 from .conftest import CALTECH, IMAGENET_CHECK, needs_shared
 
@@ -46,7 +46,7 @@ def test_extract_real_photos_matches_a_plain_forward(tmp_path):
 def test_fit_save_load_predict_round_trip_on_real_photos(tmp_path):
     from click.testing import CliRunner
 
-    from pipelines.cli import cli
+    from cnncodes.pipelines.cli import cli
     classes = sorted(p.name for p in (CALTECH / "train").iterdir())[:6]
     lines = ["path,label,split"]
     for c in classes:
@@ -76,7 +76,7 @@ def test_fit_save_load_predict_round_trip_on_real_photos(tmp_path):
 
 def test_caltech_sweep_top_stage_beats_stage2_by_20_points(tmp_path):
     """ImageNet-like photos: accuracy rises with depth, as the literature reports."""
-    from pipelines.sweep import sweep
+    from cnncodes.pipelines.sweep.runner import sweep
     df = sweep(CALTECH, layers="stage2,stage5", classifiers=["softmax"], cache=tmp_path / "c.h5",
                report=tmp_path / "report", c_grid="0.1,1,10", folds=3, progress=False)
     acc = dict(zip(df["layer"], df["test_accuracy"]))
@@ -86,9 +86,9 @@ def test_caltech_sweep_top_stage_beats_stage2_by_20_points(tmp_path):
 
 
 def test_demo_sweeps_digits_and_saves_a_predicting_svm(tmp_path):
-    from pipelines.artifacts import load_model
-    from pipelines.demo import run_demo
-    from pipelines.predict import predict_images
+    from cnncodes.pipelines.probes.artifacts import load_model
+    from cnncodes.pipelines.demo import run_demo
+    from cnncodes.pipelines.probes.predict import predict_images
     df = run_demo(tmp_path / "digits", tmp_path / "report", c_grid="0.1,1", folds=3, progress=False)
     assert df.attrs["data_written"] == 1797
     assert set(df["layer"]) == {"stage1", "stage2", "stage3", "stage4", "stage5"} and len(df) == 10

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from extractor.errors import LayerNotFoundError
-from extractor.layers import Probe, Tapper
-from extractor.pooling import parse_pooling
+from cnncodes.extractor.errors import LayerNotFoundError
+from cnncodes.extractor.layers import Probe, Tapper
+from cnncodes.extractor.pooling import parse_pooling
 
 
 class Counter(nn.Module):

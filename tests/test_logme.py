@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from pipelines.logme import _spectrum, log_evidence, logme, maximise_evidence
+from cnncodes.pipelines.probes.logme import _spectrum, log_evidence, logme, maximise_evidence
 
 
 def _direct(F, y, alpha, beta):

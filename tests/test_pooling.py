@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from extractor.errors import PoolingError
-from extractor.pooling import parse_pooling
+from cnncodes.extractor.errors import PoolingError
+from cnncodes.extractor.pooling import parse_pooling
 
 
 @pytest.mark.parametrize("spec,dim", [("avg", 8), ("max", 8), ("avgmax", 16), ("grid:2", 32),

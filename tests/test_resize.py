@@ -5,9 +5,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from extractor.backbones import load_backbone
-from extractor.images import load_rgb
-from extractor.resize import pass_order, resize_center_crop
+from cnncodes.extractor.backbones import load_backbone
+from cnncodes.extractor.images import load_rgb
+from cnncodes.extractor.resize import pass_order, resize_center_crop
 
 from .conftest import CALTECH, IMAGENET_CHECK, needs_shared
 

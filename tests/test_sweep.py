@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipelines.cli import cli
-from pipelines.sweep import COLUMNS, sweep, sweep_layers
+from cnncodes.pipelines.cli import cli
+from cnncodes.pipelines.sweep.runner import COLUMNS, sweep, sweep_layers
 
 FAST = dict(folds=2, c_grid="0.1,1", progress=False)
 

@@ -4,7 +4,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipelines.torch_linear import TorchLinearClassifier
+from cnncodes.pipelines.probes.torch_linear import TorchLinearClassifier
 
 
 @parametrize_with_checks([TorchLinearClassifier(), TorchLinearClassifier(loss="log_loss", C=10.0)])

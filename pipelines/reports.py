@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
-from extractor.engine import library_versions
+from cnncodes.extractor.provenance import library_versions
 
 
 def write_fit_report(result, directory: str | Path) -> dict[str, Path]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .freezing import FinetuneError
+from cnncodes.pipelines.finetune.freezing import FinetuneError
 
 
 def rng_state() -> dict:

@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from .codes import Codes, CodesError, load_codes
+from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
 
 CLASSIFIERS = ("svm", "softmax")
 NORMS = ("standard", "l2", "power", "none")
@@ -87,7 +87,7 @@ def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=N
         steps.append(("pca", PCA(n_components=None if pca == "whiten" else pca,
                                  whiten=pca == "whiten", random_state=seed)))
     if solver == "torch":
-        from .torch_linear import TorchLinearClassifier
+        from cnncodes.pipelines.probes.torch_linear import TorchLinearClassifier
         clf = TorchLinearClassifier(loss="squared_hinge" if classifier == "svm" else "log_loss", C=C)
     elif classifier == "svm":
         dual = bool(n_samples is not None and n_features is not None and n_samples < n_features)
@@ -235,7 +235,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         # point) but 3x slower on 40-d codes, where one liblinear fit takes milliseconds.
         solver = "torch" if parse_pca(pca) is None and X.shape[1] >= 256 else "sklearn"
     if solver == "torch":
-        from .torch_linear import cv_scores_batched
+        from cnncodes.pipelines.probes.torch_linear import cv_scores_batched
         scores, oof, warm = cv_scores_batched(X, y, splits, grid, classifier, norm)
     else:
         scores, oof = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from extractor.backbones import DEFAULT_MODEL
+from cnncodes.extractor.backbones import DEFAULT_MODEL
 
-from .finetune import FinetuneConfig, finetune, recipe_settings
-from .finetune_data import make_splits
-from .freezing import FinetuneError
-from .records import read_record, write_record
+from cnncodes.pipelines.finetune.training import FinetuneConfig, finetune, recipe_settings
+from cnncodes.pipelines.finetune.data import make_splits
+from cnncodes.pipelines.finetune.freezing import FinetuneError
+from cnncodes.pipelines.records import read_record, write_record
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("probe", "top", "all", "scratch")
@@ -48,15 +48,15 @@ def best_layer_from_sweep(report: str | Path, model: str) -> str:
 
 
 def _top_stage(model: str) -> str:
-    from extractor import list_layers
+    from cnncodes.extractor import list_layers
     _, aliases = list_layers(model, "none")
     return max(a for a in aliases if a.startswith("stage"))
 
 
 def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress) -> dict:
-    from extractor import extract
+    from cnncodes.extractor import extract
 
-    from .classifiers import fit_linear_probe
+    from cnncodes.pipelines.probes.classifiers import fit_linear_probe
     t0 = time.perf_counter()
     ex = extract(data, out / "codes.h5", model=cfg.model, weights=cfg.weights, layers=[layer],
                  device=cfg.device, batch_size=cfg.batch_size, progress=progress)
@@ -133,7 +133,7 @@ def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer
                                   "batch_size": base.batch_size, "images": splits.sizes(),
                                   "classes": len(splits.classes)},
                      "seconds": round(time.perf_counter() - t0, 1), "report": str(out)})
-    from .compare_report import write_compare_report
+    from cnncodes.pipelines.compare.report import write_compare_report
     df.attrs["files"] = {k: str(v) for k, v in write_compare_report(df, out).items()}
     return df
 

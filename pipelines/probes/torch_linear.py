@@ -22,13 +22,14 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from cnncodes.extractor.devices import resolve_device
+
 LOSSES = ("squared_hinge", "log_loss")
 
 
 def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    # torch.linalg.eigh (the fold preconditioning) has no MPS kernel: CUDA or the CPU.
+    return resolve_device(device, accelerators=("cuda",))
 
 
 # Curvature of the data term per unit of feature variance, used only to scale the
@@ -143,7 +144,7 @@ def cv_scores_batched(X: np.ndarray, y: np.ndarray, splits, grid, classifier: st
     are per-row and need no fitting. Returns (scores, out-of-fold predictions per C, and per C
     the folds' average weights ``(W (D, K), b (K,))`` in the standardised basis).
     """
-    from .classifiers import signed_sqrt
+    from cnncodes.pipelines.probes.classifiers import signed_sqrt
     dev = _device(device)
     classes, idx = np.unique(y, return_inverse=True)
     X = np.asarray(X, dtype=np.float32)

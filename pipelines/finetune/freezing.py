@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from extractor.errors import CnnCodesError, LayerNotFoundError
-from extractor.layers import ALIASES, Probe
+from cnncodes.extractor.errors import CnnCodesError, LayerNotFoundError
+from cnncodes.extractor.layers import ALIASES, Probe
 
 
 class FinetuneError(CnnCodesError, ValueError):

@@ -29,14 +29,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from extractor.backbones import DEFAULT_MODEL, load_backbone
-from extractor.engine import library_versions, resolve_device, resolve_precision
-from extractor.layers import Probe
+from cnncodes.extractor.backbones import DEFAULT_MODEL, load_backbone
+from cnncodes.extractor.devices import autocast, resolve_device, resolve_precision
+from cnncodes.extractor.provenance import library_versions
+from cnncodes.extractor.layers import Probe
 
-from .checkpoints import load_checkpoint, recipe_differences, rng_state, save_checkpoint, set_rng_state
-from .finetune_data import ImageDataset, make_loader, make_splits, train_transform
-from .finetune_report import write_finetune_report
-from .freezing import (FinetuneError, apply_stage, frozen_modules, parse_stages, replace_head,
+from cnncodes.pipelines.finetune.checkpoints import load_checkpoint, recipe_differences, rng_state, save_checkpoint, set_rng_state
+from cnncodes.pipelines.finetune.data import ImageDataset, make_loader, make_splits, train_transform
+from cnncodes.pipelines.finetune.report import write_finetune_report
+from cnncodes.pipelines.finetune.freezing import (FinetuneError, apply_stage, frozen_modules, parse_stages, replace_head,
                        resolve_stages, set_train_mode)
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from extractor.cache import DONE, FAILED, open_cache
-from extractor.errors import CacheError
+from cnncodes.extractor.cache import DONE, FAILED, open_cache
+from cnncodes.extractor.errors import CacheError
 
 
 class CodesError(CacheError):

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from extractor.errors import IncompatibleCacheError
+from cnncodes.extractor.errors import IncompatibleCacheError
 
-from .artifacts import SavedModel, load_model
-from .codes import load_codes
+from cnncodes.pipelines.probes.artifacts import SavedModel, load_model
+from cnncodes.pipelines.probes.codes import load_codes
 
 # What must be equal between a model's training cache and the codes it is given.
 _RECIPE = ("model", "weights_sha256", "preprocessing", "pooling")
@@ -86,8 +86,8 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
 
     An image that cannot be decoded is a row with its error, not an exception.
     """
-    from extractor.backbones import load_backbone
-    from extractor.engine import encode_images
+    from cnncodes.extractor.backbones import load_backbone
+    from cnncodes.extractor.engine import encode_images
     m = model if isinstance(model, SavedModel) else load_model(model)
     files = gather_images(inputs)
     bb = load_backbone(m.recipe["model"], _weights_argument(m.recipe))

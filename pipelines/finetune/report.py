@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import write_json
-from .report import plot_confusion
+from cnncodes.pipelines.records import write_json
+from cnncodes.pipelines.reports import plot_confusion
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from extractor.engine import library_versions
+from cnncodes.extractor.provenance import library_versions
 
-from .report import embed_png, fmt_cell, html_page, html_table, markdown_table, plot_confusion
+from cnncodes.pipelines.reports import embed_png, fmt_cell, html_page, html_table, markdown_table, plot_confusion
 
 
 def _fitted(df: pd.DataFrame) -> pd.DataFrame:

@@ -17,14 +17,14 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from extractor import DEFAULT_MODEL, extract, list_layers
-from extractor.engine import default_cache_path
+from cnncodes.extractor import DEFAULT_MODEL, extract, list_layers
+from cnncodes.extractor.engine import default_cache_path
 
-from .artifacts import save_model
-from .classifiers import CLASSIFIERS, cache_summary, fit_linear_probe, parse_c_grid, split_rows
-from .codes import load_codes
-from .logme import logme
-from .records import read_record, write_record
+from cnncodes.pipelines.probes.artifacts import save_model
+from cnncodes.pipelines.probes.classifiers import CLASSIFIERS, cache_summary, fit_linear_probe, parse_c_grid, split_rows
+from cnncodes.pipelines.probes.codes import load_codes
+from cnncodes.pipelines.probes.logme import logme
+from cnncodes.pipelines.records import read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
     >>> df = sweep("data/digits", layers="stage3,stage4,stage5", classifiers=["svm"])  # doctest: +SKIP
     >>> df[["layer", "relative_depth", "cv_accuracy", "logme"]]                           # doctest: +SKIP
     """
-    from .sweep_report import conclude, kendall_taus, write_sweep_report
+    from cnncodes.pipelines.sweep.report import conclude, kendall_taus, write_sweep_report
 
     t0 = time.perf_counter()
     models = list(dict.fromkeys(models)) or [DEFAULT_MODEL]

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import joblib
 
-from extractor.backbones import sha256_of
-from extractor.engine import library_versions
-from extractor.errors import CnnCodesError
+from cnncodes.extractor.provenance import library_versions, sha256_of
+from cnncodes.extractor.errors import CnnCodesError
 
 MODEL_FORMAT = "cnncodes-model"
 MODEL_VERSION = 1

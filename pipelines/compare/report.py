@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from extractor.engine import library_versions
+from cnncodes.extractor.provenance import library_versions
 
-from .report import embed_png, fmt_cell, html_page, html_table, markdown_table
+from cnncodes.pipelines.reports import embed_png, fmt_cell, html_page, html_table, markdown_table
 
 HEAD = ["strategy", "what", "test acc", "best val/CV acc", "train time (s)", "s/epoch", "epochs",
         "trainable params"]

@@ -1,0 +1,61 @@
+"""Files that are never half-written, and names that are safe in a path. Standard library only.
+
+Every file cnncodes publishes (caches, journal shards, models, checkpoints, records) goes
+through :func:`atomic_write`: written to a temporary name beside the target, flushed to disk,
+renamed over the target, and the folder flushed too (write, fsync, rename, fsync(dir)), so
+neither a kill nor a power cut leaves a truncated file under the real name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the rename is then the best there is
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; write the file there. On a normal exit it is
+    fsynced and renamed over ``path`` (and the folder fsynced); on an exception it is deleted
+    and ``path`` is left as it was.
+
+    Examples
+    --------
+    >>> with atomic_write("result.json") as tmp:   # doctest: +SKIP
+    ...     tmp.write_text("{}")
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent if str(path.parent) else ".")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """``path.write_text(text)`` through :func:`atomic_write`."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def slug(name: str) -> str:
+    """``name`` made safe as one path component: anything but letters, digits, ``.``, ``_`` and
+    ``-`` becomes ``-`` (``timm:convnext_tiny.fb_in1k`` -> ``timm-convnext_tiny.fb_in1k``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", str(name)).strip(".") or "-"

@@ -1,0 +1,6 @@
+"""Layer sweeps: which layer of which backbone should a linear classifier read?"""
+from cnncodes._lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["sweep", "sweep_layers", "default_report_dir"], ".runner"),
+})
