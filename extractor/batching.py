@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from .devices import autocast
-from .images import ImageTable, load_rgb
+from .images import Content, ImageTable, load_rgb
 from .layers import Probe, Tap, Tapper
 
 class DecodedImages(torch.utils.data.Dataset):
-    """Decodes one row; a failure is returned, not raised, so one bad file never stops a run."""
+    """Decodes one row into ``(row, tensor or None, error, Content)``; a failure is returned, not
+    raised, so one bad file never stops a run. ``Content`` identifies the bytes decoded."""
 
     def __init__(self, table: ImageTable, transform):
         self.table, self.transform = table, transform
@@ -29,15 +30,20 @@ class DecodedImages(torch.utils.data.Dataset):
         return len(self.table)
 
     def __getitem__(self, i):
+        content = Content()
         try:
-            return i, self.transform(load_rgb(self.table.absolute(i))), ""
+            return i, self.transform(load_rgb(self.table.absolute(i), content)), "", content
         except Exception as e:  # noqa: BLE001 - any decode error becomes a failed row
-            return i, None, f"{type(e).__name__}: {e}".strip()[:500]
+            return i, None, f"{type(e).__name__}: {e}".strip()[:500], content
 
 
 def collate(items):
-    rows = np.array([i for i, _, _ in items], dtype=np.int64)
-    good = [t for _, t, _ in items if t is not None]
+    """Decoded rows -> ``(rows, batch tensor or None, errors, content columns)``."""
+    rows = np.array([item[0] for item in items], dtype=np.int64)
+    content = {"sha256": np.array([item[3].sha256 for item in items], dtype="<U64"),
+               "size": np.array([item[3].size for item in items], dtype=np.int64),
+               "mtime_ns": np.array([item[3].mtime_ns for item in items], dtype=np.int64)}
+    good = [item[1] for item in items if item[1] is not None]
     x = None
     if good and good[0].dim() == 3:
         # Stacked as (N, H, W, C) and viewed as (N, C, H, W): a channels_last batch in one
@@ -45,7 +51,7 @@ def collate(items):
         x = torch.stack([t.permute(1, 2, 0) for t in good]).permute(0, 3, 1, 2)
     elif good:
         x = torch.stack(good)
-    return rows, x, [e for _, _, e in items]
+    return rows, x, [item[2] for item in items], content
 
 
 def _threaded_batches(dataset, blocks, threads: int):
@@ -77,11 +83,11 @@ class Encoder:
     def __exit__(self, *exc):
         self.tapper.__exit__(*exc)
 
-    def __call__(self, rows, x, errs):
+    def __call__(self, rows, x, errs, content=None):
         ok = np.array([not e for e in errs])
         codes = {name: np.zeros((len(rows), d), self.np_dtype) for name, d in self.dims.items()}
         if x is None:
-            return rows, ok, errs, codes
+            return rows, ok, errs, codes, content
         dev = self.dev
         with torch.inference_mode():  # per thread, so entered here
             x = x.to(dev, non_blocking=True)
@@ -98,13 +104,13 @@ class Encoder:
                     feats = self.tapper(part)
                 for name, f in feats.items():
                     codes[name][good[lo:lo + self.micro]] = f.float().cpu().numpy()
-        return rows, ok, errs, codes
+        return rows, ok, errs, codes, content
 
 
 def _encode(encoder: Encoder, loader):
     """Batches from ``loader`` (decoded elsewhere), computed here, in order."""
-    for rows, x, errs in loader:
-        yield encoder(rows, x, errs)
+    for batch in loader:
+        yield encoder(*batch)
 
 
 @contextlib.contextmanager

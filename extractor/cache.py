@@ -9,6 +9,8 @@ Layout (readable with plain h5py)::
     /images/split   str   train | val | test | ""
     /images/status  uint8 enum: 0 pending, 1 done, 2 failed
     /images/error   str   the error of failed rows, "" otherwise
+    /images/sha256  str   hex sha256 of the bytes the row's codes were made from ("" while pending)
+    /images/size    int64 their size, and /images/mtime_ns the file's mtime then (-1 while pending)
     /classes        str   class names; the index is the label
     /codes/<layer>  N x D float32|float16, chunked, gzip, resizable; attrs: module, kind,
                     pooling, unpooled_shape, stride, dim
@@ -24,6 +26,12 @@ exclusive lock in ``<cache>.journal/``, appends each finished batch there as an 
 renamed ``.npz`` shard (the durable record), and also writes it into a working copy of the
 cache. ``commit()`` finalises the working copy and renames it over the cache. After a ``kill
 -9`` the working copy is discarded and the next session replays the shards.
+
+Content. The codes of a row belong to the bytes they were made from. Each writing session
+compares every finished row's recorded size and mtime with the file's now (cheap), hashes only
+the files where they differ, and puts a row whose content really changed back to pending, so
+that one file is extracted again and nothing stale is kept (:meth:`CacheWriter.refresh`).
+Schema-1 caches (before these columns) are checked by the image list and file sizes only.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +56,8 @@ from .files import atomic_write, fsync_path
 log = logging.getLogger(__name__)
 
 FORMAT = "cnncodes-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CONTENT = ("sha256", "size", "mtime_ns")  # per-row columns of what the codes were made from
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 STATUS_DTYPE = h5py.enum_dtype({"pending": PENDING, "done": DONE, "failed": FAILED}, basetype="u1")
@@ -97,6 +107,9 @@ def create_cache(path: str | os.PathLike, *, paths, labels, splits, classes, lay
             g.create_dataset("split", data=np.array(splits, dtype=object), dtype=_STR)
             g.create_dataset("status", data=np.zeros(n, dtype=np.uint8), dtype=STATUS_DTYPE)
             g.create_dataset("error", data=np.array([""] * n, dtype=object), dtype=_STR)
+            g.create_dataset("sha256", data=np.array([""] * n, dtype=object), dtype=_STR)
+            g.create_dataset("size", data=np.full(n, -1, dtype=np.int64))
+            g.create_dataset("mtime_ns", data=np.full(n, -1, dtype=np.int64))
             g["status"].attrs["values"] = "0 pending, 1 done, 2 failed"
             f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
             codes = f.create_group("codes")
@@ -197,6 +210,12 @@ class Cache:
     def complete(self) -> bool:
         return bool(self.attrs.get("complete"))
 
+    @property
+    def content(self) -> dict[str, np.ndarray] | None:
+        """Per row: ``sha256``, ``size`` and ``mtime_ns`` of the bytes its codes were made from
+        (None for a schema-1 cache)."""
+        return _read_content(self._f)
+
     def layer_attrs(self, layer: str) -> dict:
         self._check_layer(layer)
         return {k: _decode_attr(v) for k, v in self._f["codes"][layer].attrs.items()}
@@ -215,7 +234,7 @@ class Cache:
     def summary(self) -> dict:
         st = self.status
         splits = self.splits
-        journal = Journal(self.path)
+        unmerged, damaged = Journal(self.path).row_count()
         return {
             "path": str(self.path), "format": self.attrs["format"],
             "schema_version": int(self.attrs["schema_version"]), "model": self.attrs.get("model"),
@@ -227,7 +246,7 @@ class Cache:
                        for name in self.layers},
             "images": int(len(st)), "done": int((st == DONE).sum()), "failed": int((st == FAILED).sum()),
             "pending": int((st == PENDING).sum()),
-            "unmerged_rows": journal.row_count(),
+            "unmerged_rows": unmerged, "damaged_shards": damaged,
             "splits": {s or "(none)": int((splits == s).sum()) for s in sorted(set(splits.tolist()))},
             "classes": len(self.classes), "complete": self.complete,
             "created": self.attrs.get("created"), "image_fingerprint": self.attrs.get("image_fingerprint"),
@@ -236,9 +255,31 @@ class Cache:
         }
 
 
+def _read_content(f: h5py.File) -> dict[str, np.ndarray] | None:
+    g = f["images"]
+    if not all(k in g for k in CONTENT):
+        return None
+    return {"sha256": np.array([s.decode() for s in g["sha256"][()]], dtype=object),
+            "size": g["size"][()], "mtime_ns": g["mtime_ns"][()]}
+
+
+def changed_rows(content: dict[str, np.ndarray] | None, status: np.ndarray, sizes, mtimes) -> np.ndarray:
+    """Finished rows whose file's size or mtime now (``sizes``, ``mtimes``) is not what the
+    cache recorded: candidates for a content check. Empty for schema-1 caches."""
+    if content is None:
+        return np.zeros(0, dtype=np.int64)
+    differ = (content["size"] != np.asarray(sizes, dtype=np.int64)) | \
+             (content["mtime_ns"] != np.asarray(mtimes, dtype=np.int64))
+    return np.flatnonzero(differ & (status != PENDING))
+
+
 def open_cache(path: str | os.PathLike) -> Cache:
     """Open a cache for reading (a context manager)."""
     return Cache(path)
+
+
+# What reading a damaged or hand-made shard raises (numpy's npz reader is a zip reader).
+_SHARD_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 class Journal:
@@ -253,22 +294,29 @@ class Journal:
             return []
         return sorted(self.dir.glob("rows-*.npz"))
 
-    def row_count(self) -> int:
-        n = 0
+    def row_count(self) -> tuple[int, int]:
+        """``(rows, damaged)``: rows held by readable shards, and how many shards are damaged
+        (a writing session drops those and extracts their rows again)."""
+        n = damaged = 0
         for s in self.shards():
             try:
                 with np.load(s, allow_pickle=False) as z:
                     n += len(z["rows"])
-            except (OSError, ValueError, KeyError):
-                continue
-        return n
+            except _SHARD_ERRORS:
+                damaged += 1
+        return n, damaged
 
-    def write(self, rows: np.ndarray, status: np.ndarray, errors: list[str], codes: dict[str, np.ndarray]) -> Path:
-        """One batch, atomically: write a temporary file, then rename it into place."""
+    def write(self, rows: np.ndarray, status: np.ndarray, errors: list[str], codes: dict[str, np.ndarray],
+              content: dict[str, np.ndarray] | None = None) -> Path:
+        """One batch, atomically (see :func:`~.files.atomic_write`)."""
         name = f"rows-{int(rows[0]):012d}-{int(rows[-1]):012d}.npz"
         arrays = {"rows": rows.astype(np.int64), "status": status.astype(np.uint8),
                   "errors": np.array(errors, dtype=str) if errors else np.zeros(len(rows), dtype="<U1")}
         arrays.update({f"codes/{k}": v for k, v in codes.items()})
+        if content is not None:
+            arrays.update({"content/sha256": np.asarray(content["sha256"], dtype="<U64"),
+                           "content/size": np.asarray(content["size"], dtype=np.int64),
+                           "content/mtime_ns": np.asarray(content["mtime_ns"], dtype=np.int64)})
         with atomic_write(self.dir / name) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
         return self.dir / name
@@ -280,10 +328,12 @@ class Journal:
         self.dir.rmdir()
 
     @staticmethod
-    def read(shard: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, np.ndarray]]:
+    def read(shard: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, np.ndarray], dict | None]:
+        """``(rows, status, errors, codes, content)`` of a shard (content None in older shards)."""
         with np.load(shard, allow_pickle=False) as z:
             codes = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("codes/")}
-            return z["rows"], z["status"], [str(e) for e in z["errors"]], codes
+            content = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("content/")} or None
+            return z["rows"], z["status"], [str(e) for e in z["errors"]], codes, content
 
 
 def _lock(journal: Journal) -> int:
@@ -354,7 +404,8 @@ class CacheWriter:
         for shard in self.journal.shards():  # replay what a killed session finished
             try:
                 batch = Journal.read(shard)
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                self._check_shard(*batch)
+            except _SHARD_ERRORS as e:
                 # Shards are renamed into place whole, so only damage or a hand edit gets here.
                 # Its rows stay pending and are extracted again.
                 log.warning("ignoring unreadable journal shard %s (%s); its images will be redone", shard, e)
@@ -366,6 +417,20 @@ class CacheWriter:
     def __exit__(self, *exc):
         self.close()
 
+    def _check_shard(self, rows, status, errors, codes, content) -> None:
+        """A shard must fit this cache: rows in range and sorted, one entry per row in every
+        array, codes of this cache's layers and widths. Raises ValueError otherwise."""
+        n = len(self._status)
+        if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= n or (np.diff(rows) <= 0).any():
+            raise ValueError(f"rows outside 0..{n - 1} or unsorted")
+        if len(status) != len(rows) or len(errors) != len(rows) or not set(np.unique(status)) <= {DONE, FAILED}:
+            raise ValueError("status or errors do not match the rows")
+        for name, block in codes.items():
+            if name not in self._f["codes"] or block.shape != (len(rows), self._f["codes"][name].shape[1]):
+                raise ValueError(f"codes of '{name}' do not fit the cache")
+        if content is not None and any(len(content.get(k, ())) != len(rows) for k in CONTENT):
+            raise ValueError("content columns do not match the rows")
+
     @property
     def status(self) -> np.ndarray:
         """Status per row, including rows added in this session."""
@@ -374,15 +439,48 @@ class CacheWriter:
     def pending_rows(self) -> np.ndarray:
         return np.flatnonzero(self._status == PENDING)
 
-    def add(self, rows, status, errors, codes: dict[str, np.ndarray]) -> None:
-        """Record one batch: ``rows`` (sorted), a status per row, errors, and codes per layer
-        (one row per entry of ``rows``; failed rows hold zeros)."""
+    def add(self, rows, status, errors, codes: dict[str, np.ndarray],
+            content: dict[str, np.ndarray] | None = None) -> None:
+        """Record one batch: ``rows`` (sorted), a status per row, errors, codes per layer (one
+        row per entry of ``rows``; failed rows hold zeros) and, per row, the ``sha256``,
+        ``size`` and ``mtime_ns`` of the bytes the codes were made from."""
         rows = np.asarray(rows, dtype=np.int64)
         status = np.asarray(status, dtype=np.uint8)
-        self.journal.write(rows, status, errors, codes)
-        self._apply(rows, status, errors, codes)
+        self.journal.write(rows, status, errors, codes, content)
+        self._apply(rows, status, errors, codes, content)
 
-    def _apply(self, rows, status, errors, codes) -> None:
+    @property
+    def content(self) -> dict[str, np.ndarray] | None:
+        """The per-row content columns as this session has them (None for schema 1)."""
+        return _read_content(self._f)
+
+    def refresh(self, sizes, mtimes, digest) -> tuple[int, int]:
+        """Bring finished rows whose file changed back to pending.
+
+        A row whose recorded size or mtime differs from ``sizes[row]`` / ``mtimes[row]`` is
+        hashed with ``digest(row)``: when the content differs, the row is pending again (its
+        old codes are no longer taken for the file's); when only the mtime moved, the new
+        stat is recorded so the next check is cheap again. Returns ``(stale, restated)``.
+        """
+        content = self.content
+        rows = changed_rows(content, self._status, sizes, mtimes)
+        if not len(rows):
+            return 0, 0
+        now = np.array([digest(int(r)) for r in rows], dtype=object)
+        stale = rows[now != content["sha256"][rows]]
+        same = rows[now == content["sha256"][rows]]
+        g = self._f["images"]
+        for r in stale.tolist():
+            g["status"][r], g["error"][r], g["sha256"][r] = PENDING, "", ""
+            g["size"][r] = g["mtime_ns"][r] = -1
+        for r in same.tolist():
+            g["size"][r], g["mtime_ns"][r] = int(sizes[r]), int(mtimes[r])
+        self._status[stale] = PENDING
+        if len(stale):
+            log.info("%d images changed since their codes were made; extracting them again", len(stale))
+        return len(stale), len(same)
+
+    def _apply(self, rows, status, errors, codes, content=None) -> None:
         # Batches are contiguous row blocks, except where a resume skipped done rows: write
         # each contiguous run as one slice (h5py's fancy indexing is far slower).
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -395,6 +493,10 @@ class CacheWriter:
             self._dataset("images/status")[lo:hi] = status[part]
             if any(errors[i] for i in part):
                 self._dataset("images/error")[lo:hi] = np.array([errors[i] for i in part], dtype=object)
+            if content is not None and "sha256" in self._f["images"]:
+                self._dataset("images/sha256")[lo:hi] = np.asarray(content["sha256"])[part].astype(object)
+                self._dataset("images/size")[lo:hi] = np.asarray(content["size"])[part]
+                self._dataset("images/mtime_ns")[lo:hi] = np.asarray(content["mtime_ns"])[part]
         self._status[rows] = status
 
     def _dataset(self, name: str) -> h5py.Dataset:
@@ -405,6 +507,28 @@ class CacheWriter:
         if name not in self._ds:
             self._ds[name] = self._f[name]
         return self._ds[name]
+
+    def _discard_file(self) -> None:
+        """Close a working copy that is thrown away (the session did not commit).
+
+        HDF5 flushes a file's chunk caches when it closes, and on a full disk that flush fails,
+        noisily and, at exit, fatally (h5py segfaulted). The copy's bytes are worthless now (the
+        journal's shards, each whole or absent, are the durable record), so it is cut to zero
+        length first: that frees its blocks for the flush, whose writes then go to a file that
+        is deleted right after.
+        """
+        try:
+            os.truncate(self.work, 0)
+        except OSError:
+            pass
+        hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None  # h5py's dealloc complaints
+        try:
+            self._close_file()
+        except (OSError, RuntimeError) as e:
+            log.debug("the discarded working copy %s did not close cleanly: %s", self.work, e)
+            self._f = None
+        finally:
+            sys.unraisablehook = hook
 
     def _close_file(self) -> None:
         self._ds.clear()  # HDF5 flushes each dataset's chunk cache as the file closes
@@ -425,6 +549,13 @@ class CacheWriter:
             if len(status) != len(self._status) or (status != self._status).any():
                 raise IncompatibleCacheError(
                     f"{source} and {self.path} disagree on which images were extracted or failed.")
+            theirs, ours = _read_content(src), self.content
+            if theirs is not None and ours is not None:
+                known = (ours["sha256"] != "") & (theirs["sha256"] != "")
+                if (ours["sha256"][known] != theirs["sha256"][known]).any():
+                    raise IncompatibleCacheError(
+                        f"images changed while layers were added to {self.path}: rerun the same command "
+                        f"(the changed images are extracted again).")
             names = [n for n in src["codes"] if n not in self._f["codes"]]
             for name in names:
                 src.copy(src["codes"][name], self._f["codes"], name=name)
@@ -446,7 +577,7 @@ class CacheWriter:
 
     def close(self) -> None:
         if self._f is not None:
-            self._close_file()
+            self._discard_file()  # commit() closes the file it publishes: this one is not wanted
         if self.work.exists():
             self.work.unlink()
         if self._lock_fd is not None:

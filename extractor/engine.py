@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -25,12 +26,12 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .batching import DecodedImages, Encoder, encoded_batches, micro_batch_size, row_blocks
-from .cache import DONE, FAILED, PENDING, CacheWriter, LayerSpec, create_cache, discard_cache, open_cache
+from .cache import DONE, FAILED, PENDING, CacheWriter, Journal, LayerSpec, create_cache, discard_cache, open_cache
 from .devices import check_dtype, resolve_device, resolve_precision
-from .errors import CacheLockedError, ImageDecodeError, SettingsError
+from .errors import CacheLockedError, CacheWriteError, CnnCodesError, ImageDecodeError, SettingsError
 from .files import slug
 from .fusion import fold_batchnorm
-from .images import ImageTable, find_images
+from .images import ImageTable, file_digest, find_images
 from .layers import Probe, Tap, Tapper
 from .plan import UP_TO_DATE, ExtractionPlan, plan_extraction
 from .pooling import Pooling, parse_pooling
@@ -110,7 +111,7 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
         return out, errors
     encoder, dataset = _encoding(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table)
     with encoder:
-        for rows, _, errs, codes in encoded_batches(encoder, dataset, row_blocks(np.arange(len(paths)), batch_size),
+        for rows, _, errs, codes, _ in encoded_batches(encoder, dataset, row_blocks(np.arange(len(paths)), batch_size),
                                                     dev, workers=0):
             for name, block in codes.items():
                 out[name][rows] = block
@@ -220,7 +221,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     bb = load_backbone(model, weights)
     job = _Job(bb, table, backbone_recipe(bb, pooling, dtype, prec, table), pooling, dev, prec, data,
                batch_size, workers, strict, progress, t_start)
-    plan = plan_extraction(out, job.recipe, layers, overwrite=overwrite)
+    plan = plan_extraction(out, job.recipe, layers, overwrite=overwrite, table=table)
     if plan.replace or overwrite:  # an interrupted layer addition to the cache being replaced is stale too
         discard_cache(plan.companion)
     if plan.action == UP_TO_DATE:
@@ -242,7 +243,7 @@ def backbone_recipe(bb: Backbone, pooling: Pooling, dtype: str, precision: str,
                     table: ImageTable | None = None) -> Recipe:
     """The :class:`Recipe` of codes that ``bb`` makes with these settings (of ``table``'s images)."""
     return Recipe(bb.name, bb.weights, bb.preprocessing, str(pooling), dtype, precision, bb.input_size,
-                  table.fingerprint() if table is not None else None)
+                  table.list_fingerprint() if table is not None else None)
 
 
 @dataclass
@@ -308,11 +309,21 @@ class _CacheRun:
     def run(self) -> ExtractResult:
         """Extract every pending row; interrupted runs save what they finished and raise
         :class:`ExtractionInterrupted`."""
+        try:
+            return self._run()
+        except OSError as e:  # a full disk, a read-only folder: the journal keeps what was saved
+            raise _write_error(e, self.path, len(self.job.table)) from None
+
+    def _run(self) -> ExtractResult:
         job = self.job
         with CacheWriter(self.path, create=self._create_file if self.create else None) as writer:
             state = "created" if self.create else "resumed"
             try:
+                t = job.table
+                stale, _ = writer.refresh(t.sizes, t.mtimes, lambda row: file_digest(t.absolute(row)))
                 pending = writer.pending_rows()
+                if not len(pending) and not self.create and not stale:
+                    state = "up to date"  # only mtimes moved: recorded, nothing to extract
                 if len(pending):
                     self._encode_into(writer, pending)
             except KeyboardInterrupt:
@@ -338,11 +349,11 @@ class _CacheRun:
                     contextlib.closing(encoded_batches(encoder, dataset, row_blocks(pending, job.batch_size),
                                                        job.dev, job.workers)) as batches:
                 # closing(): an interrupt stops the lanes (each finishes its batch) before the commit
-                for rows, ok, errs, codes in batches:
+                for rows, ok, errs, codes, content in batches:
                     bad = [(job.table.paths[r], e) for r, e in zip(rows.tolist(), errs) if e]
                     if bad and job.strict:
                         raise ImageDecodeError(f"{bad[0][0]}: {bad[0][1]} (stopped by --strict)")
-                    background.put(rows, np.where(ok, DONE, FAILED), list(errs), codes)
+                    background.put(rows, np.where(ok, DONE, FAILED), list(errs), codes, content)
                     self.failures.extend(bad)
                     self.processed += len(rows)
                     bar.update(len(rows), len(self.failures))
@@ -365,6 +376,8 @@ class _BackgroundWriter:
             try:
                 if not self.errors:
                     self.writer.add(*item)
+            except RuntimeError as e:  # h5py's word for a write that failed (a full disk)
+                self.errors.append(OSError(errno.EIO, str(e).split("(")[0].strip(), str(self.writer.work)))
             except BaseException as e:  # noqa: BLE001 - surfaced in the main thread
                 self.errors.append(e)
 
@@ -418,6 +431,21 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _write_error(e: OSError, path: Path, images: int) -> CacheWriteError:
+    """One line for a cache that could not be written: what failed, what is safe, what to do."""
+    try:
+        with open_cache(path) as c:
+            saved = int((c.status != PENDING).sum())
+    except CnnCodesError:
+        saved = 0
+    saved += Journal(path).row_count()[0]
+    where = e.filename or path
+    what = "no space left on the device of" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e}):"
+    todo = "free space" if e.errno == errno.ENOSPC else "make it writable (or choose another --out)"
+    return CacheWriteError(f"{what} {where}; {saved} of {images} images are saved; {todo} and rerun the same "
+                           f"command to resume.")
+
+
 def _add_layers(job: _Job, plan: ExtractionPlan) -> ExtractResult:
     """Add ``plan.new_layers`` to an existing cache of the same recipe.
 
@@ -428,7 +456,7 @@ def _add_layers(job: _Job, plan: ExtractionPlan) -> ExtractResult:
     """
     if plan.finish_first:
         _CacheRun(job, plan.path, plan.layers, create=False).run()
-    part = plan_extraction(plan.companion, job.recipe, plan.new_layers)
+    part = plan_extraction(plan.companion, job.recipe, plan.new_layers, table=job.table)
     if part.action == UP_TO_DATE:  # finished before a kill stopped the merge
         with open_cache(part.path) as c:
             res = job.result(part.path, c.status, "layers added", {})

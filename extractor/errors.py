@@ -37,6 +37,10 @@ class IncompatibleCacheError(CacheError):
     """An existing cache was made by a different recipe than the one requested."""
 
 
+class CacheWriteError(CacheError, OSError):
+    """A cache could not be written (a full disk, a read-only folder); what was saved stays."""
+
+
 class CacheLockedError(CacheError, RuntimeError):
     """Another process is writing the same cache."""
 

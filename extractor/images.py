@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageSourceError
 
@@ -45,6 +45,9 @@ class ImageTable:
         ``train``, ``val``, ``test`` or ``""`` per image.
     classes : list of str
         Class names; the index is the label.
+    sizes, mtimes : list of int
+        ``st_size`` and ``st_mtime_ns`` of each file when the table was made (-1 when it could
+        not be read): the cheap half of a cache's content check (see ``extractor.cache``).
     """
 
     root: Path
@@ -53,6 +56,7 @@ class ImageTable:
     splits: list[str]
     classes: list[str]
     sizes: list[int] = field(default_factory=list)
+    mtimes: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,8 +64,19 @@ class ImageTable:
     def absolute(self, i: int) -> Path:
         return self.root / self.paths[i]
 
+    def list_fingerprint(self) -> str:
+        """sha256 over every (path, label, split) and the class names: changes when the image
+        list does (a cache's ``image_fingerprint``). What a file holds is checked per row instead (size, mtime and a content
+        hash in the cache), so a changed image is re-extracted alone."""
+        h = hashlib.sha256()
+        for p, y, s in zip(self.paths, self.labels.tolist(), self.splits):
+            h.update(f"{p}\0{y}\0{s}\n".encode())
+        h.update("\0".join(self.classes).encode())
+        return h.hexdigest()
+
     def fingerprint(self) -> str:
-        """sha256 over every (path, label, split, file size): changes when the image list does."""
+        """sha256 over every (path, label, split, file size) and the class names: changes when
+        the image list or a file's size does (fine-tuning runs; schema-1 caches)."""
         h = hashlib.sha256()
         for p, y, s, n in zip(self.paths, self.labels.tolist(), self.splits, self.sizes):
             h.update(f"{p}\0{y}\0{s}\0{n}\n".encode())
@@ -72,7 +87,7 @@ class ImageTable:
         rows = list(rows)
         return ImageTable(self.root, [self.paths[i] for i in rows], self.labels[rows],
                           [self.splits[i] for i in rows], list(self.classes),
-                          [self.sizes[i] for i in rows])
+                          [self.sizes[i] for i in rows], [self.mtimes[i] for i in rows])
 
 
 def _is_candidate(entry: os.DirEntry) -> bool:
@@ -113,15 +128,36 @@ def find_images(source: str | os.PathLike) -> ImageTable:
         raise ImageSourceError(
             f"no images found in {source}: expected ROOT/<class>/<image>, "
             f"ROOT/train|val|test/<class>/<image> or a CSV manifest 'path,label[,split]'.")
-    table.sizes = [_size(table.absolute(i)) for i in range(len(table))]
+    stats = [file_stat(table.absolute(i)) for i in range(len(table))]
+    table.sizes, table.mtimes = [s for s, _ in stats], [m for _, m in stats]
     return table
 
 
-def _size(path: Path) -> int:
+def file_stat(path: str | os.PathLike) -> tuple[int, int]:
+    """``(st_size, st_mtime_ns)`` of a file, ``(-1, -1)`` when it cannot be read."""
     try:
-        return path.stat().st_size
+        st = os.stat(path)
     except OSError:
-        return -1
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes; "" when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Content:
+    """What an image file held when it was decoded: the bytes' sha256, size and mtime."""
+
+    sha256: str = ""
+    size: int = -1
+    mtime_ns: int = -1
 
 
 def _from_folder(root: Path) -> ImageTable:
@@ -173,18 +209,27 @@ def _from_manifest(csv_path: Path) -> ImageTable:
     return ImageTable(csv_path.parent, paths, np.asarray(labels, dtype=np.int64), splits, classes)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+def load_rgb(path: str | os.PathLike, content: Content | None = None) -> Image.Image:
     """Decode any image Pillow reads into an 8-bit RGB image, upright.
 
     EXIF orientation is applied; 16-bit and 32-bit integer images are scaled to 8 bits rather
     than clipped; transparent pixels are composited on white (their colour is undefined);
     palette, grayscale and CMYK images are converted. Truncated files raise ``OSError``.
+    ``content``, when given, is filled with the sha256, size and mtime of the bytes read
+    (before decoding, so a file that fails to decode is identified too).
     """
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
         data = f.read()
+    if content is not None:
+        content.sha256, content.size, content.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), st.st_mtime_ns
     if not data:
         raise OSError("empty file")
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # Pillow's message names the BytesIO object, not the file
+        raise UnidentifiedImageError(f"cannot identify image file {Path(path).name!r}") from None
+    with img:
         img.load()  # decode now: truncated data raises here, not later in a worker
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import Journal, read_attrs
+from .cache import Journal, changed_rows, open_cache, read_attrs
 from .errors import CacheError, IncompatibleCacheError
 from .recipe import Recipe
 
@@ -56,8 +56,13 @@ class ExtractionPlan:
         return self.action == CREATE
 
 
-def plan_extraction(path: str | Path, recipe: Recipe, layers, *, overwrite: bool = False) -> ExtractionPlan:
+def plan_extraction(path: str | Path, recipe: Recipe, layers, *, overwrite: bool = False,
+                    table=None) -> ExtractionPlan:
     """Decide what extracting ``layers`` by ``recipe`` into ``path`` means.
+
+    ``table`` (the :class:`~.images.ImageTable` being extracted) lets the plan see files whose
+    size or mtime moved since their codes were made: a finished cache is then resumed (the run
+    re-extracts the rows whose content changed), not up to date.
 
     Raises :class:`~.errors.CacheError` when ``path`` holds something that is not a readable
     cache, and :class:`~.errors.IncompatibleCacheError` when it is a cache of another recipe or
@@ -76,13 +81,22 @@ def plan_extraction(path: str | Path, recipe: Recipe, layers, *, overwrite: bool
         attrs = read_attrs(path)
     except CacheError as e:
         raise CacheError(f"{e} Refusing to overwrite it: choose another --out, or pass --overwrite.") from None
+    if int(attrs.get("schema_version", 1)) < 2 and table is not None:
+        recipe = recipe.replace(image_fingerprint=table.fingerprint())  # schema 1 covered file sizes
     diffs = Recipe.from_attrs(attrs).differences(recipe)
     if diffs:
         raise IncompatibleCacheError(f"{path} was made by a different recipe: " + "; ".join(diffs)
                                      + ". Pass --overwrite to replace it, or choose another --out.")
     held = tuple(attrs["layers"])
-    unfinished = not attrs.get("complete") or bool(Journal(path).shards())
+    unfinished = not attrs.get("complete") or bool(Journal(path).shards()) or _files_moved(path, table)
     missing = tuple(name for name in layers if name not in held)
     if missing:
         return ExtractionPlan(ADD_LAYERS, path, held, new_layers=missing, finish_first=unfinished)
     return ExtractionPlan(RESUME if unfinished else UP_TO_DATE, path, held)
+
+
+def _files_moved(path: Path, table) -> bool:
+    if table is None:
+        return False
+    with open_cache(path) as c:
+        return bool(len(changed_rows(c.content, c.status, table.sizes, table.mtimes)))

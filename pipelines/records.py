@@ -7,8 +7,9 @@ fits come out differently, redo the work instead of reading a stale answer.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from cnncodes.extractor.files import write_text_atomic
 
 # Bump when a stored result (a sweep fit, a LogME score, a compare strategy) would come out
 # differently from the same inputs: every record made before is then redone once.
@@ -16,12 +17,10 @@ RESULTS_VERSION = 2
 
 
 def write_json(path: Path, obj, indent: int | None = None) -> None:
-    """Write through a temporary file and a rename: a kill never leaves half a file."""
+    """Write JSON atomically (see :func:`~cnncodes.extractor.files.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=indent, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
 def read_record(path: Path, key: dict) -> dict | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import joblib
 
+from cnncodes.extractor.files import atomic_write, write_text_atomic
 from cnncodes.extractor.provenance import library_versions, sha256_of
 from cnncodes.extractor.errors import CnnCodesError
 
@@ -57,17 +58,17 @@ def save_model(result, path: str | os.PathLike, overwrite: bool = False) -> Path
                "classes": list(result.classes), "layer": result.layer, "classifier": result.classifier,
                "C": result.C, "recipe": dict(result.cache), "metrics": result.as_dict(),
                "versions": library_versions()}
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    joblib.dump(payload, tmp, compress=3)
-    return _publish(tmp, path)
+    return _publish(path, lambda tmp: joblib.dump(payload, tmp, compress=3))
 
 
-def _publish(tmp: Path, path: Path) -> Path:
-    """Give the finished file ``tmp`` its sha256 sidecar and move both to ``path``."""
-    side_tmp = sidecar(tmp)
-    side_tmp.write_text(f"{sha256_of(tmp)}  {path.name}\n")
-    os.replace(tmp, path)
-    os.replace(side_tmp, sidecar(path))
+def _publish(path: Path, write) -> Path:
+    """``write(tmp)`` the model file, then publish it at ``path`` with its sha256 sidecar, each
+    atomically (a kill between the two leaves a model that its old sidecar refuses, never one
+    taken for another)."""
+    with atomic_write(path) as tmp:
+        write(tmp)
+        digest = sha256_of(tmp)
+    write_text_atomic(sidecar(path), f"{digest}  {path.name}\n")
     return path
 
 
@@ -78,9 +79,7 @@ def copy_model(source: str | os.PathLike, path: str | os.PathLike, overwrite: bo
     if path.exists() and not overwrite:
         raise ModelFileError(f"{path} exists: pass --overwrite to replace it, or choose another --out.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    return _publish(tmp, path)
+    return _publish(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def load_model(path: str | os.PathLike) -> SavedModel:

@@ -20,6 +20,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
+from cnncodes.extractor.errors import SettingsError
+from cnncodes.extractor.recipe import Recipe
 from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
 
 CLASSIFIERS = ("svm", "softmax")
@@ -39,9 +41,9 @@ def parse_c_grid(text: str | None) -> tuple[float, ...]:
     try:
         grid = tuple(sorted({float(t) for t in str(text).split(",") if t.strip()}))
     except ValueError:
-        raise ValueError(f"--c-grid must be comma-separated numbers such as 1e-3,0.1,10, got {text!r}.") from None
+        raise SettingsError(f"--c-grid must be comma-separated numbers such as 1e-3,0.1,10, got {text!r}.") from None
     if not grid or min(grid) <= 0:
-        raise ValueError(f"--c-grid values must be > 0, got {text!r}.")
+        raise SettingsError(f"--c-grid values must be > 0, got {text!r}.")
     return grid
 
 
@@ -54,9 +56,9 @@ def parse_pca(value) -> int | str | None:
     try:
         n = int(value)
     except ValueError:
-        raise ValueError(f"--pca takes a number of components or 'whiten', got {value!r}.") from None
+        raise SettingsError(f"--pca takes a number of components or 'whiten', got {value!r}.") from None
     if n < 1:
-        raise ValueError(f"--pca must be >= 1, got {n}.")
+        raise SettingsError(f"--pca must be >= 1, got {n}.")
     return n
 
 
@@ -72,9 +74,9 @@ def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=N
     samples than features), as liblinear's documentation advises.
     """
     if classifier not in CLASSIFIERS:
-        raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}.")
+        raise SettingsError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}.")
     if norm not in NORMS:
-        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}.")
+        raise SettingsError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}.")
     steps = []
     if norm == "standard":
         steps.append(("scale", StandardScaler()))
@@ -175,7 +177,7 @@ def split_rows(codes: Codes, holdout: float | None, seed: int) -> tuple[np.ndarr
         return idx[codes.splits != "test"], idx[codes.splits == "test"]
     if holdout:
         if not 0 < holdout < 1:
-            raise ValueError(f"--holdout must be between 0 and 1, got {holdout}.")
+            raise SettingsError(f"--holdout must be between 0 and 1, got {holdout}.")
         return tuple(np.sort(a) for a in train_test_split(idx, test_size=holdout, stratify=codes.y,
                                                           random_state=seed))
     return idx, idx[:0]
@@ -215,11 +217,11 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     t0 = time.perf_counter()
     grid = parse_c_grid(c_grid) if not isinstance(c_grid, (list, tuple)) else tuple(sorted(c_grid))
     if folds < 2:
-        raise ValueError(f"--folds must be >= 2, got {folds}.")
+        raise SettingsError(f"--folds must be >= 2, got {folds}.")
     if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
+        raise SettingsError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
     if solver == "torch" and parse_pca(pca) is not None:
-        raise ValueError("--solver torch does not do PCA; use --solver sklearn with --pca.")
+        raise SettingsError("--solver torch does not do PCA; use --solver sklearn with --pca.")
     codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete)
     train, test = split_rows(codes, holdout, seed)
     X, y = codes.X[train], codes.y[train]
@@ -266,10 +268,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
 
 def cache_summary(codes: Codes) -> dict:
     """What a saved model needs to know of the cache it was trained on."""
-    keys = ("model", "weights", "weights_sha256", "preprocessing", "pooling", "dtype", "precision",
-            "input_size", "image_fingerprint", "data_root")
     return {"path": str(codes.path), "layer": codes.layer, "layer_attrs": codes.layer_attrs,
-            **{k: codes.attrs.get(k) for k in keys}}
+            **Recipe.from_attrs(codes.attrs).to_attrs(), "data_root": codes.attrs.get("data_root")}
 
 
 def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs) -> list[np.ndarray]:

