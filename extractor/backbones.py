@@ -231,8 +231,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsNotFoundError(f"weights file {path} does not exist.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, truncated files
-        raise WeightsNotFoundError(f"{path} is not a readable PyTorch weights file: {e}") from e
+    except Exception as e:  # noqa: BLE001 - pickle errors, zip errors, truncated files
+        # torch's own message advises weights_only=False, which would run the file's code:
+        # bad advice for a file of unknown origin, so it is not passed on.
+        what = "it holds pickled objects besides tensors" if "weights_only" in str(e) else \
+            "it is not a PyTorch file (torch.save), or it is truncated"
+        raise WeightsNotFoundError(f"{path} is not a readable PyTorch weights file: {what}.") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -260,12 +264,23 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
     if head and mismatched and all(k.startswith(head[0] + ".") for k in mismatched):
         out_features, in_features = sd[head[0] + ".weight"].shape
         _set_module(model, head[0], nn.Linear(in_features, out_features))
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        first = str(e).splitlines()
-        raise WeightsNotFoundError(
-            f"{path} does not fit this model: {' '.join(first[:3])[:400]}") from e
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(keys)} {what} ({_some(keys)})" for what, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", wrong))
+                 if keys]
+        raise WeightsNotFoundError(f"{path} does not fit this model (is it another architecture's?): "
+                                   + "; ".join(parts) + ".")
+    model.load_state_dict(sd)
+
+
+def _some(keys: list[str], n: int = 3) -> str:
+    """The first ``n`` keys, whole, and how many more."""
+    more = f", and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

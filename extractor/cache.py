@@ -178,33 +178,43 @@ class Cache:
     def __exit__(self, *exc):
         self.close()
 
+    def _read(self, name: str, rows=None) -> np.ndarray:
+        """A dataset's values; a damaged file (a failing chunk filter, a cut file) becomes one
+        CacheError that names the cache and says how to rebuild it."""
+        try:
+            ds = self._f[name]
+            return ds[()] if rows is None else ds[rows]
+        except (OSError, KeyError) as e:
+            raise CacheError(f"{self.path} is damaged: /{name} cannot be read ({str(e).split('(')[0].strip()}). "
+                             f"Rebuild it: run the same `cnncodes extract` with --overwrite.") from None
+
     @property
     def layers(self) -> list[str]:
         return list(self.attrs["layers"])
 
     @property
     def classes(self) -> list[str]:
-        return [s.decode() if isinstance(s, bytes) else s for s in self._f["classes"][()]]
+        return [s.decode() if isinstance(s, bytes) else s for s in self._read("classes")]
 
     @property
     def paths(self) -> list[str]:
-        return [s.decode() for s in self._f["images/path"][()]]
+        return [s.decode() for s in self._read("images/path")]
 
     @property
     def splits(self) -> np.ndarray:
-        return np.array([s.decode() for s in self._f["images/split"][()]], dtype=object)
+        return np.array([s.decode() for s in self._read("images/split")], dtype=object)
 
     @property
     def labels(self) -> np.ndarray:
-        return self._f["images/label"][()]
+        return self._read("images/label")
 
     @property
     def status(self) -> np.ndarray:
-        return self._f["images/status"][()]
+        return self._read("images/status")
 
     @property
     def errors(self) -> list[str]:
-        return [s.decode() for s in self._f["images/error"][()]]
+        return [s.decode() for s in self._read("images/error")]
 
     @property
     def complete(self) -> bool:
@@ -228,8 +238,7 @@ class Cache:
     def codes(self, layer: str, rows=None) -> np.ndarray:
         """The N x D codes of ``layer`` (all rows, or the given row indices)."""
         self._check_layer(layer)
-        ds = self._f["codes"][layer]
-        return ds[()] if rows is None else ds[np.sort(np.asarray(rows))]
+        return self._read(f"codes/{layer}", None if rows is None else np.sort(np.asarray(rows)))
 
     def summary(self) -> dict:
         st = self.status

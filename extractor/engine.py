@@ -65,6 +65,7 @@ class ExtractResult:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of this call
     warnings: list[str] = field(default_factory=list)
     setup_seconds: float = 0.0      # finding images, loading weights, probing, BN folding
+    skipped: dict[str, int] = field(default_factory=dict)  # entries passed over by the scan, by reason
 
     @property
     def images_per_s(self) -> float:
@@ -82,7 +83,7 @@ class ExtractResult:
                 "images_per_s": round(self.images_per_s, 2), "device": self.device,
                 "layers": self.layers, "complete": self.complete,
                 "failures": [{"path": p, "error": e} for p, e in self.failures],
-                "warnings": self.warnings}
+                "warnings": self.warnings, "skipped": self.skipped}
 
 
 def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str = "auto",
@@ -104,7 +105,7 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
     table = ImageTable(_P("/"), paths, np.full(len(paths), -1, dtype=np.int64), [""] * len(paths), [])
     probe = Probe(bb.model, bb.input_size, bb.name)
     taps = probe.resolve(list(layers))
-    dims = {t.name: pooling.dim(t.shape) for t in taps}
+    dims = {s.name: s.dim for s in _layer_specs(taps, pooling, bb.input_size)}
     out = {name: np.zeros((len(paths), d), np.dtype(dtype)) for name, d in dims.items()}
     errors = [""] * len(paths)
     if not paths:
@@ -131,6 +132,8 @@ def _encoding(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, dev
 
 
 def _layer_specs(taps: list[Tap], pooling: Pooling, input_size: int) -> list[LayerSpec]:
+    for t in taps:
+        pooling.check(t.shape, t.name)
     return [LayerSpec(t.name, pooling.dim(t.shape),
                       {"module": t.module, "kind": t.kind, "pooling": str(pooling) if len(t.shape) == 3 else "none",
                        "unpooled_shape": list(t.shape), "stride": t.stride or -1,
@@ -166,7 +169,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
             layers=("penultimate",), pool: str = "avg", dtype: str = "float32",
             device: str = "auto", precision: str = "auto", batch_size: int = 32,
             workers: int | None = None, strict: bool = False, overwrite: bool = False,
-            progress: bool | None = None) -> ExtractResult:
+            allow_overlap: bool = False, progress: bool | None = None) -> ExtractResult:
     """Extract CNN codes of one or more layers for every image of ``data`` into an HDF5 cache.
 
     Resumes an interrupted run at the same ``out``; a finished one is left as is ("up to date").
@@ -195,6 +198,8 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         whose cores the forward pass already fills, that beats worker processes).
     strict : bool
         Stop at the first image that fails to decode instead of recording and skipping it.
+    allow_overlap : bool
+        Accept a manifest that lists an image in two splits (a train/test leak).
     overwrite : bool
         Replace an existing file at ``out`` made by another recipe (or not a cache at all).
     progress : bool, optional
@@ -215,8 +220,11 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     data = Path(data)
-    table = find_images(data)
     out = Path(out) if out else default_cache_path(data, model)
+    # Never scan the output folder as data (`extract .` from the data root writes cache/ there).
+    table = find_images(data, exclude=out.parent, allow_overlap=allow_overlap)
+    if table.skipped:
+        log.warning("input: %s", table.summary_of_skipped())
     out.parent.mkdir(parents=True, exist_ok=True)
     bb = load_backbone(model, weights)
     job = _Job(bb, table, backbone_recipe(bb, pooling, dtype, prec, table), pooling, dev, prec, data,
@@ -226,7 +234,12 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         discard_cache(plan.companion)
     if plan.action == UP_TO_DATE:
         with open_cache(out) as c:
-            return job.result(out, c.status, "up to date", {n: int(c.layer_attrs(n)["dim"]) for n in c.layers})
+            res = job.result(out, c.status, "up to date", {n: int(c.layer_attrs(n)["dim"]) for n in c.layers})
+            if strict and res.failed:  # --strict promises no failed image, also on a rerun
+                row = int(np.flatnonzero(c.status == FAILED)[0])
+                raise ImageDecodeError(f"{c.paths[row]}: {c.errors[row]} ({res.failed} images of {out} failed "
+                                       f"to decode; stopped by --strict)")
+            return res
     if plan.new_layers:
         return _add_layers(job, plan)
     return _CacheRun(job, out, plan.layers, create=plan.create, replace=plan.replace).run()
@@ -274,10 +287,12 @@ class _Job:
     def result(self, path: Path, status: np.ndarray, state: str, layers: dict[str, int], run: _CacheRun | None = None,
                ) -> ExtractResult:
         processed, loop = (run.processed, run.loop_seconds) if run else (0, 0.0)
+        skipped = [f"input: {self.table.summary_of_skipped()}"] if self.table.skipped else []
         return ExtractResult(path, state, len(self.table), int((status == DONE).sum()),
                              int((status == FAILED).sum()), int((status == PENDING).sum()), processed, loop,
-                             str(self.dev), layers, list(run.failures) if run else [], list(self.bb.warnings),
-                             time.perf_counter() - self.t_start - loop)
+                             str(self.dev), layers, list(run.failures) if run else [],
+                             list(self.bb.warnings) + skipped, time.perf_counter() - self.t_start - loop,
+                             {k: len(v) for k, v in self.table.skipped.items()})
 
 
 class _CacheRun:

@@ -51,3 +51,7 @@ class ImageDecodeError(CnnCodesError, RuntimeError):
 
 class SettingsError(CnnCodesError, ValueError):
     """A setting has a value the library cannot use (an unknown device, a batch size of 0...)."""
+
+
+class OutputError(CnnCodesError, OSError):
+    """An output file or folder cannot be written (missing folder, read-only, no permission)."""

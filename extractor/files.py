@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 from pathlib import Path
+
+from .errors import OutputError
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -59,3 +62,18 @@ def slug(name: str) -> str:
     """``name`` made safe as one path component: anything but letters, digits, ``.``, ``_`` and
     ``-`` becomes ``-`` (``timm:convnext_tiny.fb_in1k`` -> ``timm-convnext_tiny.fb_in1k``)."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", str(name)).strip(".") or "-"
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Make sure ``path`` (a file to be written, or with ``folder`` a folder to write into) can
+    be written, before any long work: its folder is created if missing and a scratch file is
+    made and removed there. Raises :class:`~.errors.OutputError` naming the path otherwise."""
+    path = Path(path)
+    where = path if folder else (path.parent if str(path.parent) else Path("."))
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to {where}: {e.strerror or e}; choose another place.") from None
+    return path

@@ -13,6 +13,7 @@ decode is not silently ignored, it becomes a failed row with its error in the ca
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -25,6 +26,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageSourceError
 
 SPLITS = ("train", "val", "test")
+# Folder (and manifest) names of splits, as published data sets spell them.
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
 # Operating-system litter that is never an image and never worth a failed row.
 _IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 
@@ -57,6 +60,7 @@ class ImageTable:
     classes: list[str]
     sizes: list[int] = field(default_factory=list)
     mtimes: list[int] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> entries passed over
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -83,6 +87,10 @@ class ImageTable:
         h.update("\0".join(self.classes).encode())
         return h.hexdigest()
 
+    def summary_of_skipped(self) -> str:
+        """``2 broken link (e.g. cat/x.png), 1 a folder inside a class folder (e.g. dog/more)``."""
+        return "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in self.skipped.items())
+
     def subset(self, rows) -> "ImageTable":
         rows = list(rows)
         return ImageTable(self.root, [self.paths[i] for i in rows], self.labels[rows],
@@ -90,26 +98,96 @@ class ImageTable:
                           [self.sizes[i] for i in rows], [self.mtimes[i] for i in rows])
 
 
-def _is_candidate(entry: os.DirEntry) -> bool:
-    return (not entry.name.startswith(".") and entry.name.lower() not in _IGNORED_NAMES
-            and entry.is_file())
+def _kind(entry: os.DirEntry) -> str:
+    """``file``, ``dir``, ``hidden`` or why the entry is no image: ``broken link``, ``link loop``."""
+    if entry.name.startswith(".") or entry.name.lower() in _IGNORED_NAMES:
+        return "hidden"
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError as e:  # ELOOP: a symbolic link that points at itself
+        return "link loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+    if entry.is_symlink():
+        try:
+            os.stat(entry.path)
+        except OSError as e:
+            return "link loop" if e.errno == errno.ELOOP else "broken link"
+    return "not a regular file"
 
 
-def _class_folders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+class _Scan:
+    """Entries of a folder scan, with what was passed over and why (for the summary)."""
+
+    def __init__(self, root: Path, exclude: Path | None):
+        self.root, self.exclude = root, exclude
+        self.skipped: dict[str, list[str]] = {}
+
+    def skip(self, reason: str, path: Path) -> None:
+        self.skipped.setdefault(reason, []).append(_relative(path, self.root))
+
+    def entries(self, folder: Path) -> list[os.DirEntry]:
+        try:
+            with os.scandir(folder) as it:
+                return sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise ImageSourceError(f"cannot read the folder {folder}: {e.strerror}.") from None
+
+    def folders(self, folder: Path) -> list[str]:
+        out = []
+        for e in self.entries(folder):
+            if _kind(e) == "dir":
+                if self.exclude is not None and _same_path(Path(e.path), self.exclude):
+                    self.skip("the output folder", Path(e.path))
+                else:
+                    out.append(e.name)
+        return out
+
+    def files(self, folder: Path) -> list[str]:
+        out = []
+        for e in self.entries(folder):
+            kind = _kind(e)
+            if kind == "file":
+                out.append(e.name)
+            elif kind == "dir":
+                self.skip("a folder inside a class folder", Path(e.path))
+            elif kind != "hidden":
+                self.skip(kind, Path(e.path))
+        return out
 
 
-def _files(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if _is_candidate(e))
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
-def find_images(source: str | os.PathLike) -> ImageTable:
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def find_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None = None,
+                allow_overlap: bool = False) -> ImageTable:
     """Read an image folder, a split image folder or a CSV manifest.
 
     Parameters
     ----------
     source : path
-        A folder (``ROOT/<class>/<image>`` or ``ROOT/<split>/<class>/<image>``) or a ``.csv``.
+        A folder (``ROOT/<class>/<image>`` or ``ROOT/<split>/<class>/<image>``, the split
+        folders named ``train``, ``val`` (or ``validation``, ``valid``, ``dev``) and ``test``)
+        or a ``.csv``.
+    exclude : path, optional
+        A folder never scanned as data (where the output goes, when it lies inside ``source``).
+    allow_overlap : bool
+        Accept an image listed in more than one split (a train/test leak); refused by default.
+
+    What was passed over (broken links, sub-folders of class folders, the output folder, link
+    loops) is counted in ``table.skipped``, never dropped silently.
 
     Examples
     --------
@@ -121,13 +199,14 @@ def find_images(source: str | os.PathLike) -> ImageTable:
     if not source.exists():
         raise ImageSourceError(f"{source} does not exist: give an image folder or a CSV manifest.")
     if source.is_file():
-        table = _from_manifest(source)
+        table = _from_manifest(source, allow_overlap)
     else:
-        table = _from_folder(source)
+        table = _from_folder(source, Path(exclude) if exclude is not None else None)
     if not table.paths:
         raise ImageSourceError(
             f"no images found in {source}: expected ROOT/<class>/<image>, "
-            f"ROOT/train|val|test/<class>/<image> or a CSV manifest 'path,label[,split]'.")
+            f"ROOT/train|val|test/<class>/<image> or a CSV manifest 'path,label[,split]'"
+            + (f" ({table.summary_of_skipped()})" if table.skipped else "") + ".")
     stats = [file_stat(table.absolute(i)) for i in range(len(table))]
     table.sizes, table.mtimes = [s for s, _ in stats], [m for _, m in stats]
     return table
@@ -160,53 +239,89 @@ class Content:
     mtime_ns: int = -1
 
 
-def _from_folder(root: Path) -> ImageTable:
-    top = _class_folders(root)
-    split_dirs = [s for s in SPLITS if s in top]
+def _from_folder(root: Path, exclude: Path | None) -> ImageTable:
+    scan = _Scan(root, exclude)
+    top = scan.folders(root)
+    split_dirs = [d for d in top if d.lower() in SPLIT_NAMES]
     if split_dirs:
-        others = [d for d in top if d not in SPLITS]
+        others = [d for d in top if d.lower() not in SPLIT_NAMES]
         if others:
             raise ImageSourceError(
                 f"{root} mixes split folders ({', '.join(split_dirs)}) with other folders "
-                f"({', '.join(others[:5])}): use either ROOT/<split>/<class>/ or ROOT/<class>/.")
-        layout = [(s, root / s) for s in split_dirs]
+                f"({', '.join(others[:5])}): use either ROOT/<split>/<class>/ or ROOT/<class>/ "
+                f"(split folders: {', '.join(sorted(SPLIT_NAMES))}).")
+        named = {}
+        for d in split_dirs:
+            split = SPLIT_NAMES[d.lower()]
+            if split in named:
+                raise ImageSourceError(f"{root} has two {split} folders ({named[split]} and {d}): keep one.")
+            named[split] = d
+        layout = [(s, root / named[s]) for s in SPLITS if s in named]
     else:
         layout = [("", root)]
-    classes = sorted({c for _, folder in layout for c in _class_folders(folder)})
+    folders = {folder: scan.folders(folder) if folder != root else top for _, folder in layout}
+    classes = sorted({c for names in folders.values() for c in names})
     if not classes:
         raise ImageSourceError(f"{root} has no class folders: expected ROOT/<class>/<image>.")
     index = {c: i for i, c in enumerate(classes)}
     paths, labels, splits = [], [], []
     for split, folder in layout:
-        for c in _class_folders(folder):
-            for name in _files(folder / c):
-                paths.append(f"{split}/{c}/{name}" if split else f"{c}/{name}")
+        prefix = folder.relative_to(root).as_posix()
+        for c in folders[folder]:
+            for name in scan.files(folder / c):
+                paths.append(f"{prefix}/{c}/{name}" if split else f"{c}/{name}")
                 labels.append(index[c])
                 splits.append(split)
-    return ImageTable(root, paths, np.asarray(labels, dtype=np.int64), splits, classes)
+    table = ImageTable(root, paths, np.asarray(labels, dtype=np.int64), splits, classes)
+    table.skipped = scan.skipped
+    return table
 
 
-def _from_manifest(csv_path: Path) -> ImageTable:
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = [h.strip().lower() for h in (reader.fieldnames or [])]
-        if "path" not in fields or "label" not in fields:
-            raise ImageSourceError(
-                f"{csv_path}: a manifest needs a header 'path,label[,split]', got {','.join(fields) or 'none'}.")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+def _read_manifest(csv_path: Path) -> list[dict]:
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is no header text
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [h.strip().lower() for h in (reader.fieldnames or [])]
+            if "path" not in fields or "label" not in fields:
+                raise ImageSourceError(f"{csv_path}: a manifest needs a header 'path,label[,split]', "
+                                       f"got {','.join(fields) or 'none'}.")
+            return [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    except UnicodeDecodeError:
+        raise ImageSourceError(f"{csv_path} is not UTF-8 text (UTF-16 or Latin-1?): save it as 'CSV UTF-8' "
+                               f"and run again.") from None
+
+
+def _from_manifest(csv_path: Path, allow_overlap: bool) -> ImageTable:
+    rows = _read_manifest(csv_path)
     classes = sorted({r["label"] for r in rows if r["label"]})
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels, splits = [], [], []
+    paths, labels, splits, seen, skipped = [], [], [], {}, {}
     for n, r in enumerate(rows, start=2):
         split = r.get("split", "")
+        split = SPLIT_NAMES.get(split.lower(), split)
         if split not in ("",) + SPLITS:
             raise ImageSourceError(f"{csv_path}:{n}: split must be train, val, test or empty, got {split!r}.")
         if not r["path"]:
             raise ImageSourceError(f"{csv_path}:{n}: empty path.")
-        paths.append(Path(r["path"]).as_posix())
+        path = Path(r["path"]).as_posix()
+        if path in seen:
+            first_split = splits[seen[path]]
+            if first_split != split and not allow_overlap:
+                raise ImageSourceError(
+                    f"{csv_path}:{n}: {path} is listed in {first_split or 'no split'} (line {seen[path] + 2}) and "
+                    f"in {split or 'no split'}: a leak between splits. Fix the manifest, or pass --allow-overlap.")
+            skipped.setdefault("a duplicate manifest row", []).append(f"line {n}: {path}")
+            continue
+        seen[path] = len(paths)
+        if not r["label"]:
+            skipped.setdefault("unlabelled rows (extracted; classifiers leave them out)", []).append(path)
+        paths.append(path)
         labels.append(index[r["label"]] if r["label"] else -1)
         splits.append(split)
-    return ImageTable(csv_path.parent, paths, np.asarray(labels, dtype=np.int64), splits, classes)
+    table = ImageTable(csv_path.parent, paths, np.asarray(labels, dtype=np.int64), splits, classes)
+    table.skipped = skipped
+    return table
 
 
 def load_rgb(path: str | os.PathLike, content: Content | None = None) -> Image.Image:

@@ -36,6 +36,16 @@ class Pooling:
                 "grid": c * sum(k * k for k in self.sizes),
                 "spp": c * sum(k * k for k in self.sizes)}[self.kind]
 
+    def check(self, shape: tuple[int, ...], layer: str) -> None:
+        """Refuse a grid or pyramid finer than the feature map of ``layer`` (adaptive pooling
+        would upsample it: ``grid:30`` on a 7x7 map makes 900 copies of 49 values)."""
+        if len(shape) != 3 or self.kind not in ("grid", "spp"):
+            return
+        _, h, w = shape
+        if max(self.sizes) > min(h, w):
+            raise PoolingError(f"'{self}' asks for {max(self.sizes)}x{max(self.sizes)} cells, but '{layer}' is "
+                               f"a {h}x{w} map: use sizes up to {min(h, w)}, or another layer.")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 2:
             return x

@@ -50,11 +50,22 @@ def write_fit_report(result, directory: str | Path) -> dict[str, Path]:
     return files
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    """A row-normalised confusion matrix; class names on the axes while they stay legible."""
+def pyplot():
+    """matplotlib's pyplot for files: the Agg backend, and every string drawn as plain text.
+
+    Class and layer names are user data: a class named ``price_$1_to_$2`` must not be read
+    as mathtext (which raised inside matplotlib, after the fit, before the model was saved).
+    """
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    """A row-normalised confusion matrix; class names on the axes while they stay legible."""
+    plt = pyplot()
     k = len(classes)
     size = min(14, max(5, 3 + 0.25 * k))
     fig, ax = plt.subplots(figsize=(size, size), dpi=100)

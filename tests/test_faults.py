@@ -226,3 +226,206 @@ def test_a_read_only_output_folder_is_one_line(image_folder, tmp_path, r18_weigh
         import subprocess
         subprocess.run(["umount", str(ro)], capture_output=True)
         ro.chmod(0o755)
+
+
+# --- input validation ----------------------------------------------------------------------------
+
+def test_skipped_inputs_are_counted_and_named(image_folder, tmp_path, r18_weights):
+    os.symlink(image_folder / "nowhere.png", image_folder / "cat" / "broken.png")
+    os.symlink(image_folder / "cat" / "loop.png", image_folder / "cat" / "loop.png")
+    write_image(image_folder / "dog" / "more" / "x.png", seed=5)
+    table = extractor.find_images(image_folder)
+    assert len(table) == 12
+    assert {k: len(v) for k, v in table.skipped.items()} == {"broken link": 1, "link loop": 1,
+                                                             "a folder inside a class folder": 1}
+    r = _extract(image_folder, tmp_path / "c.h5", r18_weights, layers=["penultimate"])
+    assert r.skipped == {"broken link": 1, "link loop": 1, "a folder inside a class folder": 1}
+    assert any("1 broken link (e.g. cat/broken.png)" in w for w in r.warnings)
+
+
+def test_the_output_folder_is_never_scanned_as_data(image_folder, tmp_path, r18_weights, monkeypatch):
+    monkeypatch.chdir(image_folder)
+    args = ["extract", ".", "--model", "resnet18", "--weights", str(r18_weights), "-q", "--json"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert (image_folder / "cache").is_dir()
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and '"state": "up to date"' in again.output, again.output
+
+
+def test_common_names_of_the_validation_split_are_accepted(tmp_path):
+    for split in ("train", "validation", "test"):
+        for cls in ("a", "b"):
+            write_image(tmp_path / "d" / split / cls / "0.png", seed=len(split) + len(cls))
+    table = extractor.find_images(tmp_path / "d")
+    assert sorted(set(table.splits)) == ["test", "train", "val"]
+    assert "validation/a/0.png" in table.paths
+    (tmp_path / "e" / "dev" / "a").mkdir(parents=True)
+    write_image(tmp_path / "e" / "train" / "a" / "0.png", seed=1)
+    write_image(tmp_path / "e" / "dev" / "a" / "0.png", seed=2)
+    assert sorted(set(extractor.find_images(tmp_path / "e").splits)) == ["train", "val"]
+
+
+def _manifest(tmp_path, text: str, encoding="utf-8") -> object:
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name, seed=len(name))
+    p = tmp_path / "m.csv"
+    p.write_bytes(text.encode(encoding))
+    return p
+
+
+def test_manifests_in_excel_utf8_are_read_and_other_encodings_named(tmp_path):
+    p = _manifest(tmp_path, "\ufeffpath,label\na.png,x\nb.png,y\n")
+    assert extractor.find_images(p).classes == ["x", "y"]
+    p = _manifest(tmp_path, "path,label\na.png,x\nb.png,y\n", encoding="utf-16")
+    result = CliRunner().invoke(cli, ["extract", str(p)])
+    one_line_error(result, "m.csv is not UTF-8 text", "CSV UTF-8")
+
+
+def test_a_manifest_leak_between_splits_is_refused_and_duplicates_counted(tmp_path):
+    p = _manifest(tmp_path, "path,label,split\na.png,x,train\nb.png,y,train\na.png,x,test\n")
+    result = CliRunner().invoke(cli, ["extract", str(p)])
+    one_line_error(result, "a.png is listed in train (line 2) and in test", "--allow-overlap")
+    table = extractor.find_images(p, allow_overlap=True)
+    assert len(table) == 2 and list(table.skipped) == ["a duplicate manifest row"]
+    p = _manifest(tmp_path, "path,label\na.png,x\nb.png,\na.png,x\n")
+    table = extractor.find_images(p)
+    assert {k: len(v) for k, v in table.skipped.items()} == {
+        "a duplicate manifest row": 1, "unlabelled rows (extracted; classifiers leave them out)": 1}
+
+
+def test_strict_on_a_finished_cache_with_failed_rows_fails(image_folder, tmp_path, r18_weights):
+    (image_folder / "cat" / "bad.png").write_bytes(b"no image")
+    out = tmp_path / "c.h5"
+    _extract(image_folder, out, r18_weights, layers=["penultimate"])
+    result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "--model", "resnet18",
+                                      "--weights", str(r18_weights), "--strict", "-q"])
+    one_line_error(result, "cat/bad.png", "stopped by --strict")
+
+
+def test_absurd_c_grids_are_refused_up_front(tmp_path):
+    from .test_house import toy_cache
+    cache = toy_cache(tmp_path / "c.h5")
+    for grid in ("nan", "inf", "1e-30", "0.1,1e12"):
+        result = CliRunner().invoke(cli, ["fit-softmax", "-c", str(cache), "--c-grid", grid])
+        assert result.exit_code == 2 and "Invalid value for '--c-grid'" in result.output, (grid, result.output)
+
+
+def test_a_grid_finer_than_the_map_is_refused(image_folder, tmp_path, r18_weights):
+    for pool in ("grid:30", "spp:1,2,50"):
+        result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(tmp_path / "c.h5"),
+                                          "--model", "resnet18", "--weights", str(r18_weights), "-l", "layer4",
+                                          "--pool", pool])
+        one_line_error(result, "'layer4' is a 7x7 map", "use sizes up to 7")
+    assert not (tmp_path / "c.h5").exists()
+
+
+class _Opaque:
+    """An object torch's weights_only loader refuses to unpickle."""
+
+
+def test_weights_files_get_messages_that_help(image_folder, tmp_path):
+    import torch
+    text = tmp_path / "w.pth"
+    text.write_text("hello")
+    with_pickle = tmp_path / "p.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2), "extra": _Opaque()}, with_pickle)
+    other = tmp_path / "o.pth"
+    torch.save({f"some.very.long.module.name.{i}.weight": torch.zeros(1) for i in range(40)}, other)
+    for path, words in ((text, "not a PyTorch file"), (with_pickle, "pickled objects besides tensors"),
+                        (other, "does not fit this model")):
+        result = CliRunner().invoke(cli, ["extract", str(image_folder), "--model", "resnet18", "--weights",
+                                          str(path), "--out", str(tmp_path / "c.h5")])
+        line = one_line_error(result, words)
+        assert "weights_only=False" not in line
+    line = one_line_error(CliRunner().invoke(cli, ["extract", str(image_folder), "--model", "resnet18",
+                                                   "--weights", str(other), "--out", str(tmp_path / "c.h5")]))
+    assert "40 unexpected keys (some.very.long.module.name.0.weight, some.very.long.module.name.1.weight, " \
+           "some.very.long.module.name.2.weight, and 37 more)" in line
+
+
+def test_predict_checks_its_output_before_the_work_and_refuses_an_empty_folder(image_folder, tmp_path,
+                                                                               r18_weights):
+    from .test_house import toy_cache
+    cache = toy_cache(tmp_path / "c.h5")
+    assert CliRunner().invoke(cli, ["fit-svm", "-c", str(cache), "--folds", "2", "--out",
+                                    str(tmp_path / "m.joblib")]).exit_code == 0
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["predict", "-m", str(tmp_path / "m.joblib"), str(tmp_path / "empty")])
+    one_line_error(result, "no image files in", "nothing to predict")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(cli, ["predict", "-m", str(tmp_path / "m.joblib"), str(image_folder),
+                                      "--out", str(blocker / "p.csv")])
+    one_line_error(result, "cannot write to", str(blocker))
+
+
+def test_class_names_with_dollars_do_not_crash_the_report_and_the_model_is_saved_first(tmp_path):
+    from cnncodes.extractor.cache import CacheWriter, LayerSpec, create_cache
+    from .test_house import RECIPE
+    n = 30
+    labels = np.arange(n) % 3
+    create_cache(tmp_path / "c.h5", paths=[f"{i}.png" for i in range(n)], labels=labels, splits=[""] * n,
+                 classes=["price_$1_to_$2", "$x$", "plain"],
+                 layers=[LayerSpec("l1", 4, {"module": "m", "dim": 4})], attrs=RECIPE.to_attrs())
+    with CacheWriter(tmp_path / "c.h5") as w:
+        X = (np.random.default_rng(0).normal(size=(n, 4)) + labels[:, None] * 3).astype(np.float32)
+        w.add(np.arange(n), np.ones(n, np.uint8), [""] * n, {"l1": X})
+        w.commit()
+    result = CliRunner().invoke(cli, ["fit-svm", "-c", str(tmp_path / "c.h5"), "--folds", "2", "--report",
+                                      str(tmp_path / "rep"), "--out", str(tmp_path / "m.joblib")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rep" / "confusion.png").stat().st_size > 0 and (tmp_path / "m.joblib").exists()
+
+
+def test_fit_svm_checks_out_and_report_before_the_fit(tmp_path):
+    from .test_house import toy_cache
+    cache = toy_cache(tmp_path / "c.h5")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for option in ("--out", "--report"):
+        result = CliRunner().invoke(cli, ["fit-svm", "-c", str(cache), option, str(blocker / "x")])
+        one_line_error(result, "cannot write to")
+        assert "C " not in result.output  # no fit table printed: nothing was fitted
+
+
+def test_a_damaged_chunk_is_reported_as_damage_by_fit_and_info(tmp_path):
+    from .test_house import toy_cache
+    cache = toy_cache(tmp_path / "c.h5", n=400, dim=64)
+    with h5py.File(cache, "r") as f:
+        offset = f["codes/l1"].id.get_chunk_info(0).byte_offset
+    with open(cache, "r+b") as fh:
+        fh.seek(offset + 10)
+        fh.write(b"\xff" * 200)
+    result = CliRunner().invoke(cli, ["fit-svm", "-c", str(cache), "--folds", "2"])
+    one_line_error(result, f"{cache} is damaged: /codes/l1 cannot be read", "--overwrite")
+
+
+def test_a_model_file_with_a_self_made_sidecar_is_refused_in_words(tmp_path):
+    import hashlib
+
+    import joblib
+    path = tmp_path / "m.joblib"
+    joblib.dump({"format": "cnncodes-model", "version": 1}, path)
+    (tmp_path / "m.joblib.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "  m.joblib\n")
+    result = CliRunner().invoke(cli, ["predict", "-m", str(path), str(tmp_path)])
+    one_line_error(result, "is not a whole cnncodes model file", "pipeline")
+
+
+def test_stage_specs_get_messages_that_help():
+    import pytest
+
+    from cnncodes.pipelines.finetune.freezing import FinetuneError, parse_stages
+    with pytest.raises(FinetuneError, match="is not START:EPOCHS"):
+        parse_stages("head:²")
+
+
+def test_ctrl_c_while_setting_up_exits_130(tmp_path, monkeypatch):
+    from cnncodes.extractor import images
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(images, "find_images", interrupted)
+    monkeypatch.setattr("cnncodes.extractor.engine.find_images", interrupted)
+    result = CliRunner().invoke(cli, ["extract", str(tmp_path)])
+    assert result.exit_code == 130 and "interrupted" in result.output

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -56,7 +57,8 @@ def parse_stages(spec: str) -> list[tuple[str, int]]:
     out = []
     for part in (p.strip() for p in str(spec).split(",")):
         name, sep, epochs = part.rpartition(":")
-        if not sep or not name or not epochs.strip().isdigit() or int(epochs) < 1:
+        # ASCII digits only: str.isdigit() accepts '²', which int() then refuses
+        if not sep or not name or not re.fullmatch(r"[0-9]+", epochs.strip()) or int(epochs) < 1:
             raise FinetuneError(
                 f"stage '{part}' is not START:EPOCHS with EPOCHS >= 1 (e.g. 'head:3,layer4:3,all:4').")
         out.append((name.strip(), int(epochs)))
@@ -94,10 +96,11 @@ def resolve_stages(probe: Probe, stages: list[tuple[str, int]]) -> list[Stage]:
                 f"'cnncodes list-layers --model {probe.model_name} --all'.")
     for before, after in zip(resolved, resolved[1:]):
         if after.start > before.start:
+            top_down = ",".join(f"{s.name}:{s.epochs}" for s in sorted(resolved, key=lambda s: -s.start))
             raise FinetuneError(
                 f"stages are out of network order: '{after.name}' starts after '{before.name}', so it "
-                f"would freeze again what the stage before trained. Unfreeze from the top down, "
-                f"e.g. head:3,{before.name if before.name != 'head' else 'stage5'}:3,all:4.")
+                f"would freeze again what the stage before trained. Unfreeze from the top down: "
+                f"{top_down}.")
     return resolved
 
 

@@ -19,6 +19,7 @@ from cnncodes.extractor.errors import CnnCodesError
 
 MODEL_FORMAT = "cnncodes-model"
 MODEL_VERSION = 1
+_PAYLOAD_KEYS = ("version", "pipeline", "classes", "layer", "classifier", "C", "recipe", "metrics", "versions")
 
 
 class ModelFileError(CnnCodesError, ValueError):
@@ -89,19 +90,22 @@ def load_model(path: str | os.PathLike) -> SavedModel:
         raise ModelFileError(f"model file {path} does not exist.")
     side = sidecar(path)
     if not side.is_file():
-        raise ModelFileError(f"{path} has no {side.name} beside it, so it was not saved by cnncodes "
-                             f"(or was moved without it); refusing to unpickle it.")
+        raise ModelFileError(f"{path} has no {side.name} beside it (cnncodes writes one with every model; "
+                             f"was it moved without it?): refusing to unpickle it.")
     recorded = side.read_text().split()
     expected = recorded[0].lower() if recorded else ""
     if sha256_of(path) != expected:
-        raise ModelFileError(f"{path} does not match its {side.name}: it was changed after saving; "
-                             f"refusing to unpickle it.")
+        raise ModelFileError(f"{path} does not match its {side.name}: it was changed or damaged after "
+                             f"saving; refusing to unpickle it.")
     try:
         payload = joblib.load(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
         raise ModelFileError(f"{path} cannot be read as a cnncodes model: {e}") from e
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a cnncodes model file.")
+    missing = [k for k in _PAYLOAD_KEYS if k not in payload]
+    if missing:
+        raise ModelFileError(f"{path} is not a whole cnncodes model file (it lacks {', '.join(missing)}).")
     if int(payload.get("version", 0)) > MODEL_VERSION:
         raise ModelFileError(f"{path} has model format version {payload['version']}, newer than this "
                              f"cnncodes reads ({MODEL_VERSION}): upgrade cnncodes.")

@@ -27,6 +27,7 @@ from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
 CLASSIFIERS = ("svm", "softmax")
 NORMS = ("standard", "l2", "power", "none")
 DEFAULT_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+C_RANGE = (1e-8, 1e8)
 
 
 def signed_sqrt(X):
@@ -42,8 +43,11 @@ def parse_c_grid(text: str | None) -> tuple[float, ...]:
         grid = tuple(sorted({float(t) for t in str(text).split(",") if t.strip()}))
     except ValueError:
         raise SettingsError(f"--c-grid must be comma-separated numbers such as 1e-3,0.1,10, got {text!r}.") from None
-    if not grid or min(grid) <= 0:
-        raise SettingsError(f"--c-grid values must be > 0, got {text!r}.")
+    if not grid or not all(np.isfinite(grid)) or min(grid) <= 0:
+        raise SettingsError(f"--c-grid values must be finite numbers > 0, got {text!r}.")
+    if min(grid) < C_RANGE[0] or max(grid) > C_RANGE[1]:
+        raise SettingsError(f"--c-grid values must lie between {C_RANGE[0]:g} and {C_RANGE[1]:g} (beyond them "
+                            f"the fit is all regularisation or none, and solvers stall), got {text!r}.")
     return grid
 
 
@@ -215,7 +219,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     (0.1, 0.921, 0.931)
     """
     t0 = time.perf_counter()
-    grid = parse_c_grid(c_grid) if not isinstance(c_grid, (list, tuple)) else tuple(sorted(c_grid))
+    grid = parse_c_grid(c_grid if not isinstance(c_grid, (list, tuple)) else ",".join(str(float(c)) for c in c_grid))
     if folds < 2:
         raise SettingsError(f"--folds must be >= 2, got {folds}.")
     if solver not in SOLVERS:

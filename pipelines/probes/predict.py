@@ -77,6 +77,8 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
     from cnncodes.extractor.pooling import parse_pooling
     m = model if isinstance(model, SavedModel) else load_model(model)
     files = gather_images(inputs)
+    if not files:
+        raise ImageSourceError(f"no image files in {', '.join(map(str, inputs))}: nothing to predict.")
     trained = Recipe.from_attrs(m.recipe)
     bb = load_backbone(trained.model, trained.weights_argument)
     now = backbone_recipe(bb, parse_pooling(trained.pooling), trained.dtype, trained.precision)
