@@ -113,11 +113,15 @@ def test_saved_model_round_trip_and_tamper_checks(tmp_path):
     with pytest.raises(ModelFileError, match="exists"):
         save_model(r, path)
     path.write_bytes(path.read_bytes() + b"x")
-    with pytest.raises(ModelFileError, match="changed after saving"):
+    with pytest.raises(ModelFileError, match="changed or damaged after saving"):
         load_model(path)
     sidecar(path).unlink()
-    with pytest.raises(ModelFileError, match="no m.joblib.sha256"):
-        load_model(path)
+    path.write_bytes(path.read_bytes()[:-1])
+    assert load_model(path).classes == r.classes  # arrays + JSON run no code: no checksum needed
+    import joblib
+    joblib.dump({"format": "cnncodes-model"}, tmp_path / "p.joblib")
+    with pytest.raises(ModelFileError, match="no p.joblib.sha256 beside it.*refusing to unpickle it"):
+        load_model(tmp_path / "p.joblib")  # a pickle is never read without its checksum
 
 
 def test_evaluate_refuses_another_recipe(tmp_path):
@@ -125,7 +129,7 @@ def test_evaluate_refuses_another_recipe(tmp_path):
     make_cache(tmp_path / "b.h5", recipe=dict(RECIPE, pooling="max"))
     m = save_model(fit_linear_probe(tmp_path / "a.h5", c_grid="1"), tmp_path / "m.joblib")
     from cnncodes.extractor.errors import IncompatibleCacheError
-    with pytest.raises(IncompatibleCacheError, match="pooling: 'avg' \\(model\\) vs 'max' \\(cache\\)"):
+    with pytest.raises(IncompatibleCacheError, match="pooling: 'avg' \\(model\\), 'max' \\(cache\\)"):
         evaluate_model(m, tmp_path / "b.h5")
 
 
@@ -148,7 +152,7 @@ def test_cli_fit_json_report_and_errors(tmp_path):
     r = run("fit-softmax", "--cache", tmp_path / "c.h5", "--layer", "nope")
     assert r.exit_code == 1 and "holds: penultimate, layer3" in r.output
     r = run("fit-softmax", "--cache", tmp_path / "c.h5", "--c-grid", "a,b")
-    assert r.exit_code == 1 and "comma-separated" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--c-grid'" in r.output and "comma-separated" in r.output
     r = run("fit-softmax", "--cache", tmp_path / "c.h5")
     assert r.exit_code == 0 and "<- chosen" in r.output and "test: accuracy" in r.output
 
@@ -166,7 +170,11 @@ def test_torch_solver_matches_scikit_learn_on_the_same_grid_and_folds(tmp_path, 
         assert abs(ga["mean"] - gb["mean"]) <= 0.02  # 120 rows: one row is 0.8 points
     assert abs(a.test_accuracy - b.test_accuracy) <= 0.05
     m = save_model(b, tmp_path / "t.joblib")
-    assert type(load_model(m).pipeline[-1]).__name__ == "TorchLinearClassifier"
+    # read back as the scikit-learn estimator of the same loss (arrays, no torch): same predictions
+    loaded = load_model(m).pipeline
+    assert type(loaded[-1]).__name__ == ("LinearSVC" if classifier == "svm" else "LogisticRegression")
+    X = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(X), b.pipeline.predict(X))
 
 
 def test_torch_solver_refuses_pca(tmp_path):
@@ -174,3 +182,25 @@ def test_torch_solver_refuses_pca(tmp_path):
     with pytest.raises(ValueError, match="does not do PCA"):
         fit_linear_probe(tmp_path / "c.h5", solver="torch", pca=4)
     assert fit_linear_probe(tmp_path / "c.h5", pca=4, c_grid="1").solver == "sklearn"
+
+
+@pytest.mark.parametrize("classifier,norm,pca,solver", [
+    ("svm", "standard", None, "sklearn"), ("softmax", "l2", None, "sklearn"), ("svm", "power", "whiten", "sklearn"),
+    ("softmax", "none", 3, "sklearn"), ("softmax", "standard", None, "torch"), ("svm", "power", None, "torch")])
+def test_saved_models_are_arrays_that_run_no_code_and_predict_the_same(tmp_path, classifier, norm, pca, solver):
+    import zipfile
+
+    from cnncodes.pipelines.probes.artifacts import load_model, save_model
+    from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    from .test_house import toy_cache
+    cache = toy_cache(tmp_path / "c.h5", n=60, dim=6)
+    r = fit_linear_probe(cache, "l1", classifier, folds=2, c_grid="0.1,1", norm=norm, pca=pca, solver=solver)
+    path = save_model(r, tmp_path / "m.joblib")
+    assert zipfile.is_zipfile(path)  # an .npz of arrays + JSON, whatever the name
+    m = load_model(path)
+    X = np.random.default_rng(1).normal(size=(25, 6)).astype(np.float32) * 3
+    np.testing.assert_array_equal(m.pipeline.predict(X), r.pipeline.predict(X))
+    np.testing.assert_allclose(m.pipeline.decision_function(X), r.pipeline.decision_function(X), rtol=1e-5, atol=1e-6)
+    if classifier == "softmax":
+        np.testing.assert_allclose(m.pipeline.predict_proba(X), r.pipeline.predict_proba(X), rtol=1e-5, atol=1e-6)
+    assert (m.classes, m.layer, m.C) == (list(r.classes), "l1", r.C)

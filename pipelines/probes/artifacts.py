@@ -1,8 +1,12 @@
 """Saved classifiers: the fitted Pipeline with the extraction recipe that produced its inputs.
 
-A model file is a joblib pickle, and loading a pickle runs code: only load files you trust.
-Each file has a ``.sha256`` sidecar written beside it; ``load_model`` checks it *before*
-unpickling, so a file changed after saving (or not written by cnncodes) is refused unread.
+Trust model. The linear probes cnncodes fits are written as plain arrays and JSON (an ``.npz``,
+see :mod:`.model_arrays`): reading one runs no code, whoever made it. Only a pipeline with
+steps of other kinds is written as a joblib pickle, and reading a pickle runs whatever code
+its author put in it. Every model file gets a ``.sha256`` sidecar; ``load_model`` checks it
+before reading, and refuses a pickle without one. The sidecar is a checksum, not a signature:
+it catches damage and mix-ups, not a deliberate forgery (anyone who can write the model can
+write its sidecar), so load pickles only from people you trust.
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ from pathlib import Path
 import joblib
 
 from cnncodes.extractor.files import atomic_write, write_text_atomic
+from cnncodes.pipelines.probes import model_arrays
 from cnncodes.extractor.provenance import library_versions, sha256_of
 from cnncodes.extractor.errors import CnnCodesError
 
 MODEL_FORMAT = "cnncodes-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: arrays + JSON (.npz); 1: joblib pickle
 _PAYLOAD_KEYS = ("version", "pipeline", "classes", "layer", "classifier", "C", "recipe", "metrics", "versions")
 
 
@@ -59,7 +64,11 @@ def save_model(result, path: str | os.PathLike, overwrite: bool = False) -> Path
                "classes": list(result.classes), "layer": result.layer, "classifier": result.classifier,
                "C": result.C, "recipe": dict(result.cache), "metrics": result.as_dict(),
                "versions": library_versions()}
-    return _publish(path, lambda tmp: joblib.dump(payload, tmp, compress=3))
+    try:
+        model_arrays.pipeline_to_arrays(result.pipeline)
+    except model_arrays.NotArrays:  # a pipeline cnncodes did not fit: only a pickle holds it
+        return _publish(path, lambda tmp: joblib.dump({**payload, "version": 1}, tmp, compress=3))
+    return _publish(path, lambda tmp: model_arrays.write(tmp, payload))
 
 
 def _publish(path: Path, write) -> Path:
@@ -89,6 +98,10 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist.")
     side = sidecar(path)
+    with open(path, "rb") as f:
+        arrays = f.read(4) == model_arrays.MAGIC
+    if not side.is_file() and arrays:
+        return _saved(_read_arrays(path), path)  # nothing executes: the checksum is optional
     if not side.is_file():
         raise ModelFileError(f"{path} has no {side.name} beside it (cnncodes writes one with every model; "
                              f"was it moved without it?): refusing to unpickle it.")
@@ -97,10 +110,23 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     if sha256_of(path) != expected:
         raise ModelFileError(f"{path} does not match its {side.name}: it was changed or damaged after "
                              f"saving; refusing to unpickle it.")
+    if arrays:
+        return _saved(_read_arrays(path), path)
     try:
         payload = joblib.load(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
         raise ModelFileError(f"{path} cannot be read as a cnncodes model: {e}") from e
+    return _saved(payload, path)
+
+
+def _read_arrays(path: Path) -> dict:
+    try:
+        return model_arrays.read(path)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign archive is a bad file
+        raise ModelFileError(f"{path} cannot be read as a cnncodes model: {e}") from None
+
+
+def _saved(payload, path: Path) -> SavedModel:
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a cnncodes model file.")
     missing = [k for k in _PAYLOAD_KEYS if k not in payload]
