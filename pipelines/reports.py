@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
+from cnncodes.extractor.files import write_text_atomic
 from cnncodes.extractor.provenance import library_versions
 
 
@@ -46,7 +47,7 @@ def write_fit_report(result, directory: str | Path) -> dict[str, Path]:
                     "fold_of_train_row": dict(zip(map(int, result.train_rows), map(int, result.fold_of_row))),
                     "test_rows": [int(r) for r in result.test_rows], "versions": library_versions(),
                     "recipe": result.cache})
-    files["json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(files["json"], json.dumps(summary, indent=2, default=str) + "\n")
     return files
 
 

@@ -429,3 +429,61 @@ def test_ctrl_c_while_setting_up_exits_130(tmp_path, monkeypatch):
     monkeypatch.setattr("cnncodes.extractor.engine.find_images", interrupted)
     result = CliRunner().invoke(cli, ["extract", str(tmp_path)])
     assert result.exit_code == 130 and "interrupted" in result.output
+
+
+# --- kill -9 at random points --------------------------------------------------------------------
+
+def _popen(*args):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-m", "cnncodes", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def _kill_at_random_points(args, seed: int, kills: int = 3, spread=(0.3, 6.0)):
+    """Run ``cnncodes *args`` and SIGKILL it after a random delay, ``kills`` times (a run that
+    finishes first is fine), then run it to the end."""
+    import signal
+    import time
+    rng = np.random.default_rng(seed)
+    for _ in range(kills):
+        proc = _popen(*args)
+        time.sleep(float(rng.uniform(*spread)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=120)
+    proc = _popen(*args)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_extract_killed_at_random_points_ends_bitwise_equal(tmp_path, r18_weights):
+    data = tmp_path / "data"
+    for i in range(60):
+        write_image(data / f"c{i % 3}" / f"{i:03d}.png", seed=i)
+    (data / "c0" / "bad.png").write_bytes(b"broken")
+    ref = _extract(data, tmp_path / "ref.h5", r18_weights, batch_size=2)
+    out = tmp_path / "killed.h5"
+    _kill_at_random_points(["extract", data, "--out", out, "--model", "resnet18", "--weights", r18_weights,
+                            "-l", "layer2", "-l", "penultimate", "-b", "2", "-q"], seed=1)
+    with h5py.File(ref.path, "r") as a, h5py.File(out, "r") as b:
+        for name in ("codes/layer2", "codes/penultimate", "images/status", "images/sha256"):
+            assert np.array_equal(a[name][()], b[name][()]), name
+        assert b.attrs["complete"]
+    assert not out.with_name(out.name + ".journal").exists() and not out.with_name(out.name + ".work").exists()
+
+
+def test_a_layer_addition_killed_at_random_points_ends_equal(tmp_path, r18_weights):
+    data = tmp_path / "data"
+    for i in range(60):
+        write_image(data / f"c{i % 3}" / f"{i:03d}.png", seed=i)
+    out = tmp_path / "c.h5"
+    _extract(data, out, r18_weights, layers=["penultimate"], batch_size=2)
+    _kill_at_random_points(["extract", data, "--out", out, "--model", "resnet18", "--weights", r18_weights,
+                            "-l", "layer2", "-l", "penultimate", "-b", "2", "-q"], seed=2)
+    ref = _extract(data, tmp_path / "ref.h5", r18_weights, batch_size=2)
+    a, b = _codes(ref.path, "layer2"), _codes(out, "layer2")
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "c.h5.adding.h5").exists()
