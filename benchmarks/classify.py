@@ -97,7 +97,8 @@ def big_matrix(cache: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, P
 
 def ours(cache: Path, classifier: str, solver: str = "auto", timeout: float | None = None) -> dict:  # noqa: D103
     res, wall = sh([sys.executable, "-m", "cnncodes", f"fit-{classifier}", "--cache", str(cache),
-                    "--layer", "penultimate", "--c-grid", GRID, "--solver", solver, "--json"], timeout=timeout)
+                    "--layer", "penultimate", "--c-grid", GRID, "--solver", solver, "--json"],
+                   timeout=timeout)
     if res is None:
         return {"timed_out_after_s": round(wall, 1), "solver": solver}
     return {"seconds": res["seconds"], "process_wall_s": round(wall, 2), "C": res["C"],
@@ -117,11 +118,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--big-rows", type=int, default=20000)
     ap.add_argument("--big-dim", type=int, default=2048)
-    ap.add_argument("--peer-timeout", type=float, default=600, help="seconds for the peer on the big matrix; 0 skips it")
+    ap.add_argument("--peer-timeout", type=float, default=600,
+                    help="seconds for the peer on the big matrix; 0 skips it")
     ap.add_argument("--caltech-peer-timeout", type=float, default=1800,
-                    help="seconds for the peer on the Caltech codes (a lower bound of the speed-up is reported past it)")
+                    help="seconds for the peer on the Caltech codes (a lower bound of the speed-up is "
+                         "reported past it)")
     ap.add_argument("--sklearn-timeout", type=float, default=900,
-                    help="seconds for `--solver sklearn`, the accuracy reference of the torch solver; 0 skips it")
+                    help="seconds for `--solver sklearn`, the accuracy reference of the torch solver; "
+                         "0 skips it")
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--update-readme", action="store_true")
     ap.add_argument("--readme-only", action="store_true",
@@ -145,11 +149,13 @@ def main() -> None:
                      test_points=round(100 * (o["test_accuracy"] - p["test_accuracy"]), 2))
         else:
             v["speedup_at_least"] = round(p["timed_out_after_s"] / o["seconds"], 2)
-        if o["solver"] == "torch" and args.sklearn_timeout:  # the reference: scikit-learn, same grid and folds
+        # the reference: scikit-learn, same grid and folds
+        if o["solver"] == "torch" and args.sklearn_timeout:
             ref = ours(cache, clf, "sklearn", args.sklearn_timeout)
             v["sklearn_solver"] = ref
             if "seconds" in ref:
-                v["torch_vs_sklearn_points"] = {k: round(100 * (o[k] - ref[k]), 2) for k in ("cv_accuracy", "test_accuracy")}
+                v["torch_vs_sklearn_points"] = {k: round(100 * (o[k] - ref[k]), 2)
+                                                for k in ("cv_accuracy", "test_accuracy")}
         result["caltech"][clf] = v
         print(clf, json.dumps(result["caltech"][clf]), file=sys.stderr)
     saved = HERE / "results" / "classify-cpu.json"
@@ -178,17 +184,21 @@ def write_table(table: str, update: bool) -> None:
 
 def markdown(r: dict, args) -> str:
     t = r["targets"]
-    rows = ["| fit, C grid 1e-4..1e2 x 5 folds | peer s | cnncodes s | speed-up | CV acc peer / cnncodes | test acc peer / cnncodes |",
+    rows = ["| fit, C grid 1e-4..1e2 x 5 folds | peer s | cnncodes s | speed-up | CV acc peer / cnncodes | "
+            "test acc peer / cnncodes |",
             "|---|---:|---:|---:|---:|---:|"]
     for clf, v in r["caltech"].items():
         p, o = v["peer"], v["cnncodes"]
         if "seconds" in p:
-            rows.append(f"| Caltech 1,515 x 1,280, `fit-{clf}` ({o['solver']}) | {p['seconds']:.1f} | {o['seconds']:.1f} | "
+            rows.append(f"| Caltech 1,515 x 1,280, `fit-{clf}` ({o['solver']}) | {p['seconds']:.1f} | "
+                        f"{o['seconds']:.1f} | "
                         f"{v['speedup']:.1f}x | {p['cv_accuracy']:.4f} / {o['cv_accuracy']:.4f} | "
                         f"{p['test_accuracy']:.4f} / {o['test_accuracy']:.4f} |")
         else:
-            rows.append(f"| Caltech 1,515 x 1,280, `fit-{clf}` ({o['solver']}) | > {p['timed_out_after_s']:.0f} | "
-                        f"{o['seconds']:.1f} | >= {v['speedup_at_least']:.1f}x | - / {o['cv_accuracy']:.4f} | "
+            rows.append(f"| Caltech 1,515 x 1,280, `fit-{clf}` ({o['solver']}) | "
+                        f"> {p['timed_out_after_s']:.0f} | "
+                        f"{o['seconds']:.1f} | >= {v['speedup_at_least']:.1f}x | "
+                        f"- / {o['cv_accuracy']:.4f} | "
                         f"- / {o['test_accuracy']:.4f} |")
     for clf, v in r["caltech"].items():
         if "sklearn_solver" in v and "timed_out_after_s" in v["sklearn_solver"]:
@@ -196,17 +206,23 @@ def markdown(r: dict, args) -> str:
                         f"> {v['sklearn_solver']['timed_out_after_s']:.0f} | | not finished | not finished |")
         elif "sklearn_solver" in v:
             ref, o, d = v["sklearn_solver"], v["cnncodes"], v["torch_vs_sklearn_points"]
-            rows.append(f"| Caltech, `fit-{clf} --solver sklearn` (reference for the torch solver) | | {ref['seconds']:.1f} | "
-                        f"torch {ref['seconds'] / o['seconds']:.1f}x faster | {ref['cv_accuracy']:.4f} (torch {d['cv_accuracy']:+.2f} pt) | "
+            rows.append(f"| Caltech, `fit-{clf} --solver sklearn` (reference for the torch solver) | | "
+                        f"{ref['seconds']:.1f} | "
+                        f"torch {ref['seconds'] / o['seconds']:.1f}x faster | "
+                        f"{ref['cv_accuracy']:.4f} (torch {d['cv_accuracy']:+.2f} pt) | "
                         f"{ref['test_accuracy']:.4f} (torch {d['test_accuracy']:+.2f} pt) |")
     for clf, v in r["big"].items():
         p, o = v["peer"], v["cnncodes"]
-        ps = f"{p['seconds']:.1f}" if "seconds" in p else (f"> {p['timed_out_after_s']:.0f}" if "timed_out_after_s" in p else "not run")
+        ps = f"{p['seconds']:.1f}" if "seconds" in p else (f"> {p['timed_out_after_s']:.0f}"
+                                                           if "timed_out_after_s" in p else "not run")
         pa = f"{p['cv_accuracy']:.4f}" if "cv_accuracy" in p else "-"
-        rows.append(f"| {args.big_rows:,} x {args.big_dim:,}, `fit-{clf}` ({o['solver']}) | {ps} | {o['seconds']:.1f} | | "
+        rows.append(f"| {args.big_rows:,} x {args.big_dim:,}, `fit-{clf}` ({o['solver']}) | {ps} | "
+                    f"{o['seconds']:.1f} | | "
                     f"{pa} / {o['cv_accuracy']:.4f} | - |")
-    return "\n".join(rows) + (f"\n\n(targets: >= {t['speedup']}x the peer within {t['accuracy_points']} points; the "
-                              f"{args.big_rows:,} x {args.big_dim:,} grid < {t['big_seconds']:.0f} s. {r['cpus']}-core CPU, "
+    return "\n".join(rows) + (f"\n\n(targets: >= {t['speedup']}x the peer within "
+                              f"{t['accuracy_points']} points; the "
+                              f"{args.big_rows:,} x {args.big_dim:,} grid < {t['big_seconds']:.0f} s. "
+                              f"{r['cpus']}-core CPU, "
                               f"{r['date']}; `python benchmarks/classify.py`)")
 
 

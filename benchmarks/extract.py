@@ -97,12 +97,12 @@ def ceiling(manifest: Path, device: str, batch_size: int) -> dict:
     faster, so it is what cnncodes would reach if decoding and writing were free, at the least.
     """
     import torch
-
-    from cnncodes import extractor
     from cnncodes.extractor.batching import _torch_threads, micro_batch_size
     from cnncodes.extractor.engine import prepare_model
     from cnncodes.extractor.layers import Probe, Tapper
     from cnncodes.extractor.pooling import parse_pooling
+
+    from cnncodes import extractor
     dev = torch.device(device)
     table = extractor.find_images(manifest)
     bb = extractor.load_backbone()
@@ -246,15 +246,20 @@ def markdown(r: dict) -> str:
         "| extract, 512 Caltech images, Lite0 `blocks.4`+`blocks.6` | images/s (median of "
         f"{r['settings']['repeats']}) | cnncodes is | target | met |",
         "|---|---:|---:|---:|:---:|",
-        f"| peer `naive` | {m['naive']:.1f} | {x['vs_naive']:.2f}x | >= {t['vs_naive']}x | {yes('vs_naive')} |",
-        f"| peer `tuned` | {m['tuned']:.1f} | {x['vs_tuned']:.2f}x | >= {t['vs_tuned']}x | {yes('vs_tuned')} |",
-        f"| forward-only ceiling | {m['ceiling']:.1f} | {x['of_ceiling']:.2f} of it | >= {t['of_ceiling']} | {yes('of_ceiling')} |",
+        f"| peer `naive` | {m['naive']:.1f} | {x['vs_naive']:.2f}x | >= {t['vs_naive']}x | "
+        f"{yes('vs_naive')} |",
+        f"| peer `tuned` | {m['tuned']:.1f} | {x['vs_tuned']:.2f}x | >= {t['vs_tuned']}x | "
+        f"{yes('vs_tuned')} |",
+        f"| forward-only ceiling | {m['ceiling']:.1f} | {x['of_ceiling']:.2f} of it | >= {t['of_ceiling']} | "
+        f"{yes('of_ceiling')} |",
         f"| **cnncodes** | **{m['cnncodes']:.1f}** | | | |",
         f"| peak memory, 2,000 vs 500 images | {r['memory'][2000]['peak_rss_mib']:.0f} vs "
-        f"{r['memory'][500]['peak_rss_mib']:.0f} MiB | {x['memory_ratio']:.2f}x | <= {t['memory_ratio']}x | {yes('memory_ratio')} |",
+        f"{r['memory'][500]['peak_rss_mib']:.0f} MiB | {x['memory_ratio']:.2f}x | <= {t['memory_ratio']}x | "
+        f"{yes('memory_ratio')} |",
     ]
     dev = r["machine"]["gpu"] or f"{r['machine']['cpus']}-core CPU"
-    return "\n".join(rows) + f"\n\n({r['device']}: {dev}, {r['date']}; `python benchmarks/extract.py --repeats {r['settings']['repeats']}`)"
+    return "\n".join(rows) + (f"\n\n({r['device']}: {dev}, {r['date']}; "
+                              f"`python benchmarks/extract.py --repeats {r['settings']['repeats']}`)")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ Examples
 from cnncodes._lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["DEFAULT_MODEL", "Backbone", "list_models", "load_backbone", "list_layers"], ".backbones"),
+    **dict.fromkeys(["DEFAULT_MODEL", "Backbone", "list_models", "load_backbone",
+                     "list_layers"], ".backbones"),
     **dict.fromkeys(["Cache", "open_cache"], ".cache"),
     **dict.fromkeys(["ExtractionPlan", "plan_extraction"], ".plan"),
     **dict.fromkeys(["ExtractResult", "ExtractionInterrupted", "encode_images", "extract"], ".engine"),
-    **dict.fromkeys(["CacheError", "CacheLockedError", "CnnCodesError", "ImageDecodeError", "ImageSourceError",
+    **dict.fromkeys(["CacheError", "CacheLockedError", "CnnCodesError", "ImageDecodeError",
+                     "ImageSourceError",
                      "IncompatibleCacheError", "LayerNotFoundError", "ModelNotFoundError", "PoolingError",
                      "SettingsError", "WeightsNotFoundError"], ".errors"),
     **dict.fromkeys(["ImageTable", "find_images", "load_rgb"], ".images"),

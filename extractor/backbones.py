@@ -17,9 +17,9 @@ import difflib
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -91,7 +91,8 @@ def split_transform(transform) -> SplitTransform | None:
     if isinstance(transform, _presets.ImageClassification):
         t = transform
         # partials, not lambdas: DataLoader workers started by spawn (macOS) pickle them
-        ops = [functools.partial(F.resize, size=t.resize_size, interpolation=t.interpolation, antialias=t.antialias),
+        ops = [functools.partial(F.resize, size=t.resize_size, interpolation=t.interpolation,
+                                 antialias=t.antialias),
                functools.partial(F.center_crop, output_size=t.crop_size)]
         fused = _resize_crop(t.resize_size, None, t.interpolation, t.antialias, t.crop_size)
         return SplitTransform(ops, "convert_image_dtype", t.mean, t.std, fused)
@@ -270,7 +271,8 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
     wrong = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if missing or unexpected or wrong:
         parts = [f"{len(keys)} {what} ({_some(keys)})" for what, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", wrong))
+                 (("missing keys", missing), ("unexpected keys", unexpected),
+                  ("keys of another shape", wrong))
                  if keys]
         raise WeightsNotFoundError(f"{path} does not fit this model (is it another architecture's?): "
                                    + "; ".join(parts) + ".")

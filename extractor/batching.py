@@ -19,6 +19,7 @@ from .devices import autocast
 from .images import Content, ImageTable, load_rgb
 from .layers import Probe, Tap, Tapper
 
+
 class DecodedImages(torch.utils.data.Dataset):
     """Decodes one row into ``(row, tensor or None, error, Content)``; a failure is returned, not
     raised, so one bad file never stops a run. ``Content`` identifies the bytes decoded."""

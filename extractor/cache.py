@@ -185,7 +185,8 @@ class Cache:
             ds = self._f[name]
             return ds[()] if rows is None else ds[rows]
         except (OSError, KeyError) as e:
-            raise CacheError(f"{self.path} is damaged: /{name} cannot be read ({str(e).split('(')[0].strip()}). "
+            raise CacheError(f"{self.path} is damaged: /{name} cannot be read "
+                             f"({str(e).split('(')[0].strip()}). "
                              f"Rebuild it: run the same `cnncodes extract` with --overwrite.") from None
 
     @property
@@ -432,7 +433,8 @@ class CacheWriter:
         n = len(self._status)
         if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= n or (np.diff(rows) <= 0).any():
             raise ValueError(f"rows outside 0..{n - 1} or unsorted")
-        if len(status) != len(rows) or len(errors) != len(rows) or not set(np.unique(status)) <= {DONE, FAILED}:
+        if len(status) != len(rows) or len(errors) != len(rows) or \
+                not set(np.unique(status)) <= {DONE, FAILED}:
             raise ValueError("status or errors do not match the rows")
         for name, block in codes.items():
             if name not in self._f["codes"] or block.shape != (len(rows), self._f["codes"][name].shape[1]):

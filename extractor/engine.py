@@ -26,7 +26,17 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .batching import DecodedImages, Encoder, encoded_batches, micro_batch_size, row_blocks
-from .cache import DONE, FAILED, PENDING, CacheWriter, Journal, LayerSpec, create_cache, discard_cache, open_cache
+from .cache import (
+    DONE,
+    FAILED,
+    PENDING,
+    CacheWriter,
+    Journal,
+    LayerSpec,
+    create_cache,
+    discard_cache,
+    open_cache,
+)
 from .devices import check_dtype, resolve_device, resolve_precision
 from .errors import CacheLockedError, CacheWriteError, CnnCodesError, ImageDecodeError, SettingsError
 from .files import slug
@@ -43,7 +53,7 @@ log = logging.getLogger(__name__)
 class ExtractionInterrupted(KeyboardInterrupt):
     """Raised after an interrupted run has saved what it finished; rerun to resume."""
 
-    def __init__(self, message: str, result: "ExtractResult"):
+    def __init__(self, message: str, result: ExtractResult):
         super().__init__(message)
         self.result = result
 
@@ -112,7 +122,8 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
         return out, errors
     encoder, dataset = _encoding(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table)
     with encoder:
-        for rows, _, errs, codes, _ in encoded_batches(encoder, dataset, row_blocks(np.arange(len(paths)), batch_size),
+        for rows, _, errs, codes, _ in encoded_batches(encoder, dataset,
+                                                    row_blocks(np.arange(len(paths)), batch_size),
                                                     dev, workers=0):
             for name, block in codes.items():
                 out[name][rows] = block
@@ -135,7 +146,8 @@ def _layer_specs(taps: list[Tap], pooling: Pooling, input_size: int) -> list[Lay
     for t in taps:
         pooling.check(t.shape, t.name)
     return [LayerSpec(t.name, pooling.dim(t.shape),
-                      {"module": t.module, "kind": t.kind, "pooling": str(pooling) if len(t.shape) == 3 else "none",
+                      {"module": t.module, "kind": t.kind,
+                       "pooling": str(pooling) if len(t.shape) == 3 else "none",
                        "unpooled_shape": list(t.shape), "stride": t.stride or -1,
                        "dim": pooling.dim(t.shape), "input_size": input_size,
                        "relative_depth": t.relative_depth, "flops": int(t.flops)})
@@ -237,7 +249,8 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
             res = job.result(out, c.status, "up to date", {n: int(c.layer_attrs(n)["dim"]) for n in c.layers})
             if strict and res.failed:  # --strict promises no failed image, also on a rerun
                 row = int(np.flatnonzero(c.status == FAILED)[0])
-                raise ImageDecodeError(f"{c.paths[row]}: {c.errors[row]} ({res.failed} images of {out} failed "
+                raise ImageDecodeError(f"{c.paths[row]}: {c.errors[row]} "
+                                       f"({res.failed} images of {out} failed "
                                        f"to decode; stopped by --strict)")
             return res
     if plan.new_layers:
@@ -282,9 +295,11 @@ class _Job:
         return Probe(self.bb.model, self.bb.input_size, self.bb.name)
 
     def attrs(self) -> dict:
-        return {**self.recipe.to_attrs(), "data_root": str(self.data.resolve()), "versions": library_versions()}
+        return {**self.recipe.to_attrs(), "data_root": str(self.data.resolve()),
+                "versions": library_versions()}
 
-    def result(self, path: Path, status: np.ndarray, state: str, layers: dict[str, int], run: _CacheRun | None = None,
+    def result(self, path: Path, status: np.ndarray, state: str, layers: dict[str, int],
+               run: _CacheRun | None = None,
                ) -> ExtractResult:
         processed, loop = (run.processed, run.loop_seconds) if run else (0, 0.0)
         skipped = [f"input: {self.table.summary_of_skipped()}"] if self.table.skipped else []
@@ -355,7 +370,8 @@ class _CacheRun:
 
     def _encode_into(self, writer: CacheWriter, pending: np.ndarray) -> None:
         job = self.job
-        encoder, dataset = _encoding(job.bb, job.probe, self.taps, job.pooling, job.dev, job.prec, job.batch_size,
+        encoder, dataset = _encoding(job.bb, job.probe, self.taps, job.pooling, job.dev, job.prec,
+                                     job.batch_size,
                                      self.dims, job.recipe.dtype, job.table)
         t0 = time.perf_counter()
         try:
@@ -455,7 +471,8 @@ def _write_error(e: OSError, path: Path, images: int) -> CacheWriteError:
         saved = 0
     saved += Journal(path).row_count()[0]
     where = e.filename or path
-    what = "no space left on the device of" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e}):"
+    what = "no space left on the device of" if e.errno == errno.ENOSPC else \
+        f"cannot write ({e.strerror or e}):"
     todo = "free space" if e.errno == errno.ENOSPC else "make it writable (or choose another --out)"
     return CacheWriteError(f"{what} {where}; {saved} of {images} images are saved; {todo} and rerun the same "
                            f"command to resume.")

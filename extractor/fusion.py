@@ -48,7 +48,8 @@ def conv_bn_pairs(model: nn.Module, input_size: int) -> list[tuple[str, str]]:
                 lambda mod, a, out, name=name: produced.__setitem__(id(out), name)))
         elif isinstance(m, nn.BatchNorm2d) and _replacement(m) is not None:
             handles.append(m.register_forward_pre_hook(
-                lambda mod, a, name=name: pairs.append((produced[id(a[0])], name)) if id(a[0]) in produced else None))
+                lambda mod, a, name=name: pairs.append((produced[id(a[0])], name))
+                                          if id(a[0]) in produced else None))
     try:
         with torch.inference_mode():
             model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
@@ -74,7 +75,8 @@ def fold_batchnorm(model: nn.Module, input_size: int, keep: set[str] = frozenset
         if conv_name in keep:
             continue
         conv, bn = modules[conv_name], modules[bn_name]
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+            1 / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
         with torch.no_grad():
             conv.weight.mul_(scale.reshape(-1, 1, 1, 1))

@@ -27,7 +27,8 @@ from .errors import ImageSourceError
 
 SPLITS = ("train", "val", "test")
 # Folder (and manifest) names of splits, as published data sets spell them.
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val",
+               "test": "test"}
 # Operating-system litter that is never an image and never worth a failed row.
 _IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 
@@ -70,7 +71,8 @@ class ImageTable:
 
     def list_fingerprint(self) -> str:
         """sha256 over every (path, label, split) and the class names: changes when the image
-        list does (a cache's ``image_fingerprint``). What a file holds is checked per row instead (size, mtime and a content
+        list does (a cache's ``image_fingerprint``). What a file holds is checked per row instead
+        (size, mtime and a content
         hash in the cache), so a changed image is re-extracted alone."""
         h = hashlib.sha256()
         for p, y, s in zip(self.paths, self.labels.tolist(), self.splits):
@@ -91,7 +93,7 @@ class ImageTable:
         """``2 broken link (e.g. cat/x.png), 1 a folder inside a class folder (e.g. dog/more)``."""
         return "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in self.skipped.items())
 
-    def subset(self, rows) -> "ImageTable":
+    def subset(self, rows) -> ImageTable:
         rows = list(rows)
         return ImageTable(self.root, [self.paths[i] for i in rows], self.labels[rows],
                           [self.splits[i] for i in rows], list(self.classes),
@@ -309,8 +311,10 @@ def _from_manifest(csv_path: Path, allow_overlap: bool) -> ImageTable:
             first_split = splits[seen[path]]
             if first_split != split and not allow_overlap:
                 raise ImageSourceError(
-                    f"{csv_path}:{n}: {path} is listed in {first_split or 'no split'} (line {seen[path] + 2}) and "
-                    f"in {split or 'no split'}: a leak between splits. Fix the manifest, or pass --allow-overlap.")
+                    f"{csv_path}:{n}: {path} is listed in {first_split or 'no split'} "
+                    f"(line {seen[path] + 2}) and "
+                    f"in {split or 'no split'}: a leak between splits. "
+                    f"Fix the manifest, or pass --allow-overlap.")
             skipped.setdefault("a duplicate manifest row", []).append(f"line {n}: {path}")
             continue
         seen[path] = len(paths)
@@ -337,7 +341,8 @@ def load_rgb(path: str | os.PathLike, content: Content | None = None) -> Image.I
         st = os.fstat(f.fileno())
         data = f.read()
     if content is not None:
-        content.sha256, content.size, content.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), st.st_mtime_ns
+        content.sha256, content.size, content.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), \
+            st.st_mtime_ns
     if not data:
         raise OSError("empty file")
     try:

@@ -94,7 +94,8 @@ class Probe:
             def fn(module, args):
                 if name not in starts:
                     t = _first_tensor(args)
-                    in_stride = _nominal_stride(input_size, t.shape[-1]) if t is not None and t.ndim == 4 else None
+                    in_stride = _nominal_stride(input_size, t.shape[-1]) if t is not None and t.ndim == 4 \
+                        else None
                     starts[name] = (clock[0], in_stride, counter.get_total_flops())
                     clock[0] += 1
             return fn

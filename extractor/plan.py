@@ -80,7 +80,8 @@ def plan_extraction(path: str | Path, recipe: Recipe, layers, *, overwrite: bool
     try:
         attrs = read_attrs(path)
     except CacheError as e:
-        raise CacheError(f"{e} Refusing to overwrite it: choose another --out, or pass --overwrite.") from None
+        raise CacheError(f"{e} Refusing to overwrite it: choose another --out, "
+                         f"or pass --overwrite.") from None
     if int(attrs.get("schema_version", 1)) < 2 and table is not None:
         recipe = recipe.replace(image_fingerprint=table.fingerprint())  # schema 1 covered file sizes
     diffs = Recipe.from_attrs(attrs).differences(recipe)

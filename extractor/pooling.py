@@ -43,7 +43,8 @@ class Pooling:
             return
         _, h, w = shape
         if max(self.sizes) > min(h, w):
-            raise PoolingError(f"'{self}' asks for {max(self.sizes)}x{max(self.sizes)} cells, but '{layer}' is "
+            raise PoolingError(f"'{self}' asks for {max(self.sizes)}x{max(self.sizes)} cells, "
+                               f"but '{layer}' is "
                                f"a {h}x{w} map: use sizes up to {min(h, w)}, or another layer.")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,7 @@ def parse_pooling(spec: str | Pooling) -> Pooling:
         except ValueError:
             raise PoolingError(f"'{spec}': sizes must be integers, {_HELP}.") from None
         if not sizes or any(s < 1 for s in sizes) or (kind == "grid" and len(sizes) != 1):
-            raise PoolingError(f"'{spec}': {'grid takes one size K >= 1' if kind == 'grid' else 'spp sizes must be >= 1'}.")
+            raise PoolingError(
+                f"'{spec}': {'grid takes one size K >= 1' if kind == 'grid' else 'spp sizes must be >= 1'}.")
         return Pooling(kind, sizes)
     raise PoolingError(f"'{spec}' is not a pooling: {_HELP}.")

@@ -48,7 +48,8 @@ def describe_differences(a: dict, b: dict, *, keys=None, where=("in the cache", 
         elif key == "classes":
             gone, new = sorted(set(x or []) - set(y or [])), sorted(set(y or []) - set(x or []))
             what = "; ".join(filter(None, [f"gone: {', '.join(gone[:5])}" if gone else "",
-                                            f"new: {', '.join(new[:5])}" if new else ""])) or "same names, new order"
+                                            f"new: {', '.join(new[:5])}" if new else ""])) or \
+                "same names, new order"
             out.append(f"classes differ ({what})")
         elif key == "weights_sha256":
             names = [(s.get("weights") or {}).get("name") for s in (a, b)]
@@ -103,7 +104,8 @@ class Recipe:
 
     def to_attrs(self) -> dict:
         """The recipe as a cache's root attributes (and a saved model's ``recipe`` entries)."""
-        out = {"model": self.model, "weights": dict(self.weights or {}), "weights_sha256": self.weights_sha256,
+        out = {"model": self.model, "weights": dict(self.weights or {}),
+               "weights_sha256": self.weights_sha256,
                "preprocessing": self.preprocessing, "pooling": self.pooling, "dtype": self.dtype,
                "precision": self.precision, "input_size": self.input_size}
         if self.image_fingerprint is not None:

@@ -17,7 +17,8 @@ pass treats each row on its own, a vertical pass each column. So, for Pillow's u
 The other order is the mirror image: recent Pillow (13 does, older releases did not) runs the
 vertical pass first when the height shrinks much more than the width. Which order the
 installed Pillow uses, and that each single-direction call is one pass, is checked once on
-test images; if the check fails, this module declines and the caller resizes the ordinary way. Pillow's ``box=`` argument cannot be
+test images; if the check fails, this module declines and the caller resizes the ordinary way.
+Pillow's ``box=`` argument cannot be
 used instead: Pillow stores it as float32, which moves the filter taps (measured: values off
 by up to 2 levels).
 """

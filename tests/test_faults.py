@@ -10,10 +10,10 @@ import os
 import h5py
 import numpy as np
 from click.testing import CliRunner
+from cnncodes.pipelines.cli import cli
 from PIL import Image
 
 from cnncodes import extractor
-from cnncodes.pipelines.cli import cli
 
 from .conftest import write_image
 
@@ -147,7 +147,8 @@ def test_a_hand_made_shard_with_rows_out_of_range_is_dropped_and_redone(image_fo
 def _cli_extract(data, out, weights, *extra):
     import subprocess
     import sys
-    return subprocess.run([sys.executable, "-m", "cnncodes", "extract", str(data), "--out", str(out), "--model",
+    return subprocess.run([sys.executable, "-m", "cnncodes", "extract", str(data),
+                           "--out", str(out), "--model",
                            "resnet18", "--weights", str(weights), "-b", "2", "-q", *extra],
                           capture_output=True, text=True, timeout=300)
 
@@ -167,7 +168,8 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_resumes_bitwise(image_fol
         assert first.returncode == 1, first.stderr[-3000:]
         lines = first.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in first.stderr, first.stderr[-3000:]
-        assert lines[0].startswith("Error: no space left on the device of") and "rerun the same command" in lines[0]
+        assert lines[0].startswith("Error: no space left on the device of") and \
+            "rerun the same command" in lines[0]
         assert not (small / "c.h5.work").exists()
         subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
         again = _cli_extract(image_folder, small / "c.h5", r18_weights, *args)
@@ -197,7 +199,8 @@ def test_a_write_error_of_the_journal_is_one_line_and_loses_nothing(image_folder
     monkeypatch.setattr(cache_module.Journal, "write", full)
     out = tmp_path / "c.h5"
     result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "--model", "resnet18",
-                                      "--weights", str(r18_weights), "-b", "2", "-q", "-l", "layer2", "-l", "penultimate"])
+                                      "--weights", str(r18_weights), "-b", "2", "-q",
+                                      "-l", "layer2", "-l", "penultimate"])
     one_line_error(result, "no space left on the device of", "images are saved", "free space and rerun")
     monkeypatch.setattr(cache_module.Journal, "write", real)
     r = _extract(image_folder, out, r18_weights, batch_size=2)
@@ -215,7 +218,8 @@ def test_a_read_only_output_folder_is_one_line(image_folder, tmp_path, r18_weigh
     try:
         if os.access(ro, os.W_OK):  # root ignores mode bits: make it truly read-only with a mount
             import subprocess
-            if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], capture_output=True).returncode:
+            if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)],
+                              capture_output=True).returncode:
                 import pytest
                 pytest.skip("cannot make a read-only folder here")
             subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True)
@@ -308,13 +312,15 @@ def test_absurd_c_grids_are_refused_up_front(tmp_path):
     cache = toy_cache(tmp_path / "c.h5")
     for grid in ("nan", "inf", "1e-30", "0.1,1e12"):
         result = CliRunner().invoke(cli, ["fit-softmax", "-c", str(cache), "--c-grid", grid])
-        assert result.exit_code == 2 and "Invalid value for '--c-grid'" in result.output, (grid, result.output)
+        assert result.exit_code == 2 and "Invalid value for '--c-grid'" in result.output, \
+            (grid, result.output)
 
 
 def test_a_grid_finer_than_the_map_is_refused(image_folder, tmp_path, r18_weights):
     for pool in ("grid:30", "spp:1,2,50"):
         result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(tmp_path / "c.h5"),
-                                          "--model", "resnet18", "--weights", str(r18_weights), "-l", "layer4",
+                                          "--model", "resnet18", "--weights", str(r18_weights),
+                                          "-l", "layer4",
                                           "--pool", pool])
         one_line_error(result, "'layer4' is a 7x7 map", "use sizes up to 7")
     assert not (tmp_path / "c.h5").exists()
@@ -362,6 +368,7 @@ def test_predict_checks_its_output_before_the_work_and_refuses_an_empty_folder(i
 
 def test_class_names_with_dollars_do_not_crash_the_report_and_the_model_is_saved_first(tmp_path):
     from cnncodes.extractor.cache import CacheWriter, LayerSpec, create_cache
+
     from .test_house import RECIPE
     n = 30
     labels = np.arange(n) % 3
@@ -414,7 +421,6 @@ def test_a_model_file_with_a_self_made_sidecar_is_refused_in_words(tmp_path):
 
 def test_stage_specs_get_messages_that_help():
     import pytest
-
     from cnncodes.pipelines.finetune.freezing import FinetuneError, parse_stages
     with pytest.raises(FinetuneError, match="is not START:EPOCHS"):
         parse_stages("head:²")
@@ -471,7 +477,8 @@ def test_extract_killed_at_random_points_ends_bitwise_equal(tmp_path, r18_weight
         for name in ("codes/layer2", "codes/penultimate", "images/status", "images/sha256"):
             assert np.array_equal(a[name][()], b[name][()]), name
         assert b.attrs["complete"]
-    assert not out.with_name(out.name + ".journal").exists() and not out.with_name(out.name + ".work").exists()
+    assert not out.with_name(out.name + ".journal").exists() and \
+        not out.with_name(out.name + ".work").exists()
 
 
 def test_a_layer_addition_killed_at_random_points_ends_equal(tmp_path, r18_weights):

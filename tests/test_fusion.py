@@ -1,6 +1,5 @@
 import torch
 import torchvision
-
 from cnncodes.extractor.engine import prepare_model
 from cnncodes.extractor.fusion import conv_bn_pairs, fold_batchnorm
 from cnncodes.extractor.layers import Probe, Tapper
@@ -26,7 +25,8 @@ def test_folded_model_gives_the_same_taps():
     assert n == 20
     taps = Probe(m, 64).resolve(["layer2", "layer4", "penultimate"])
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad(), Tapper(m, taps, parse_pooling("avg")) as a, Tapper(folded, taps, parse_pooling("avg")) as b:
+    with torch.no_grad(), Tapper(m, taps, parse_pooling("avg")) as a, \
+            Tapper(folded, taps, parse_pooling("avg")) as b:
         ra, rb = a(x), b(x)
     for k in ra:
         assert torch.allclose(ra[k], rb[k], rtol=1e-4, atol=1e-5), k

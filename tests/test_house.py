@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from cnncodes.extractor.cache import DONE, CacheWriter, LayerSpec, create_cache
 from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.errors import CacheError, CnnCodesError, IncompatibleCacheError, SettingsError
@@ -25,17 +24,20 @@ RECIPE = Recipe("toy", {"name": "none", "file": None, "sha256": None}, {"crop": 
                 pooling="avg", dtype="float32", precision="fp32", input_size=32, image_fingerprint="abc")
 
 
-def toy_cache(path: Path, n: int = 40, dim: int = 8, layers=("l1",), done: bool = True, recipe=RECIPE) -> Path:
+def toy_cache(path: Path, n: int = 40, dim: int = 8, layers=("l1",), done: bool = True,
+              recipe=RECIPE) -> Path:
     """A real cache with separable codes of two classes, written without torch."""
     rng = np.random.default_rng(0)
     labels = np.arange(n) % 2
     create_cache(path, paths=[f"c{y}/{i}.png" for i, y in enumerate(labels)], labels=labels,
                  splits=["train"] * n, classes=["a", "b"],
-                 layers=[LayerSpec(name, dim, {"module": f"m.{name}", "stride": 8, "dim": dim}) for name in layers],
+                 layers=[LayerSpec(name, dim, {"module": f"m.{name}", "stride": 8, "dim": dim})
+                         for name in layers],
                  attrs={**recipe.to_attrs(), "data_root": "/nowhere"})
     if done:
         with CacheWriter(path) as w:
-            codes = {name: (rng.normal(size=(n, dim)) + 3 * labels[:, None]).astype(np.float32) for name in layers}
+            codes = {name: (rng.normal(size=(n, dim)) + 3 * labels[:, None]).astype(np.float32)
+                     for name in layers}
             w.add(np.arange(n), np.full(n, DONE), [""] * n, codes)
             w.commit()
     return path
@@ -56,7 +58,8 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     for folder in ("cnncodes", "extractor", "pipelines"):
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+                          "-w", str(tmp_path / "dist"), str(src)],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     (wheel,) = (tmp_path / "dist").glob("cnncodes-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -99,7 +102,8 @@ from cnncodes.pipelines.probes.codes import load_codes
 from cnncodes.pipelines.probes.classifiers import fit_linear_probe
 from cnncodes.pipelines.probes.artifacts import save_model, load_model
 from cnncodes.pipelines.records import read_record, write_record
-import cnncodes.pipelines.probes, cnncodes.pipelines.sweep, cnncodes.pipelines.finetune, cnncodes.pipelines.compare
+import cnncodes.pipelines.probes, cnncodes.pipelines.sweep, \
+cnncodes.pipelines.finetune, cnncodes.pipelines.compare
 r = fit_linear_probe({str(cache)!r}, "l1", "softmax", folds=2, c_grid="0.1,1", solver="sklearn")
 save_model(r, {str(tmp_path / 'm.joblib')!r})
 m = load_model({str(tmp_path / 'm.joblib')!r})
@@ -122,7 +126,8 @@ def test_recipe_round_trips_through_attrs_and_words_its_differences():
     diffs = RECIPE.differences(other)
     assert "pooling: 'avg' in the cache, 'max' requested" in diffs
     assert any(d.startswith("the image list differs") for d in diffs)
-    assert any(d.startswith("weights: none (sha256 none) in the cache, w.pt (sha256 ffffffffffff)") for d in diffs)
+    assert any(d.startswith("weights: none (sha256 none) in the cache, w.pt (sha256 ffffffffffff)")
+               for d in diffs)
     assert RECIPE.differences(other, Recipe.FEATURE_KEYS, where=("(a)", "(b)"))[0] == \
         "weights: none (sha256 none) (a), w.pt (sha256 ffffffffffff) (b)"
     assert RECIPE.differences(RECIPE.replace(dtype="float16"), Recipe.FEATURE_KEYS) == []

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cnncodes.extractor.images import load_rgb
 
 from cnncodes import extractor
-from cnncodes.extractor.images import load_rgb
 
 from .conftest import CALTECH, IMAGENET_CHECK, needs_shared
 
@@ -39,13 +39,13 @@ def test_extract_real_photos_matches_a_plain_forward(tmp_path):
     with extractor.open_cache(r.path) as c:
         np.testing.assert_allclose(c.codes("blocks.6")[:4], seen["b6"].numpy(), rtol=1e-3, atol=1e-4)
         pen = torch.from_numpy(c.codes("penultimate")[:4])
-        np.testing.assert_allclose(bb.model.classifier(pen).detach().numpy(), logits.numpy(), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(bb.model.classifier(pen).detach().numpy(), logits.numpy(),
+                                   rtol=1e-3, atol=1e-3)
         assert c.labels.tolist()[:2] == [0, 1] and np.isfinite(c.codes("stage3")).all()
 
 
 def test_fit_save_load_predict_round_trip_on_real_photos(tmp_path):
     from click.testing import CliRunner
-
     from cnncodes.pipelines.cli import cli
     classes = sorted(p.name for p in (CALTECH / "train").iterdir())[:6]
     lines = ["path,label,split"]
@@ -57,7 +57,8 @@ def test_fit_save_load_predict_round_trip_on_real_photos(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     run = lambda *a: CliRunner().invoke(cli, [str(x) for x in a], catch_exceptions=False)
     assert run("extract", manifest, "--out", tmp_path / "c.h5", "-q").exit_code == 0
-    r = run("fit-svm", "--cache", tmp_path / "c.h5", "--folds", "4", "--out", tmp_path / "svm.joblib", "--json")
+    r = run("fit-svm", "--cache", tmp_path / "c.h5", "--folds", "4",
+            "--out", tmp_path / "svm.joblib", "--json")
     assert r.exit_code == 0, r.output
     import json
     assert json.loads(r.output)["test_accuracy"] >= 0.8
@@ -86,8 +87,8 @@ def test_caltech_sweep_top_stage_beats_stage2_by_20_points(tmp_path):
 
 
 def test_demo_sweeps_digits_and_saves_a_predicting_svm(tmp_path):
-    from cnncodes.pipelines.probes.artifacts import load_model
     from cnncodes.pipelines.demo import run_demo
+    from cnncodes.pipelines.probes.artifacts import load_model
     from cnncodes.pipelines.probes.predict import predict_images
     df = run_demo(tmp_path / "digits", tmp_path / "report", c_grid="0.1,1", folds=3, progress=False)
     assert df.attrs["data_written"] == 1797

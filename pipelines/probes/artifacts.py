@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
-
-from cnncodes.extractor.files import atomic_write, write_text_atomic
-from cnncodes.pipelines.probes import model_arrays
-from cnncodes.extractor.provenance import library_versions, sha256_of
 from cnncodes.extractor.errors import CnnCodesError
+from cnncodes.extractor.files import atomic_write, write_text_atomic
+from cnncodes.extractor.provenance import library_versions, sha256_of
+from cnncodes.pipelines.probes import model_arrays
 
 MODEL_FORMAT = "cnncodes-model"
 MODEL_VERSION = 2  # 2: arrays + JSON (.npz); 1: joblib pickle
-_PAYLOAD_KEYS = ("version", "pipeline", "classes", "layer", "classifier", "C", "recipe", "metrics", "versions")
+_PAYLOAD_KEYS = ("version", "pipeline", "classes", "layer", "classifier", "C", "recipe", "metrics",
+                 "versions")
 
 
 class ModelFileError(CnnCodesError, ValueError):

@@ -11,6 +11,9 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from cnncodes.extractor.errors import SettingsError
+from cnncodes.extractor.recipe import Recipe
+from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -19,10 +22,6 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
-
-from cnncodes.extractor.errors import SettingsError
-from cnncodes.extractor.recipe import Recipe
-from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
 
 CLASSIFIERS = ("svm", "softmax")
 NORMS = ("standard", "l2", "power", "none")
@@ -42,11 +41,13 @@ def parse_c_grid(text: str | None) -> tuple[float, ...]:
     try:
         grid = tuple(sorted({float(t) for t in str(text).split(",") if t.strip()}))
     except ValueError:
-        raise SettingsError(f"--c-grid must be comma-separated numbers such as 1e-3,0.1,10, got {text!r}.") from None
+        raise SettingsError(f"--c-grid must be comma-separated numbers such as 1e-3,0.1,10, "
+                            f"got {text!r}.") from None
     if not grid or not all(np.isfinite(grid)) or min(grid) <= 0:
         raise SettingsError(f"--c-grid values must be finite numbers > 0, got {text!r}.")
     if min(grid) < C_RANGE[0] or max(grid) > C_RANGE[1]:
-        raise SettingsError(f"--c-grid values must lie between {C_RANGE[0]:g} and {C_RANGE[1]:g} (beyond them "
+        raise SettingsError(f"--c-grid values must lie between {C_RANGE[0]:g} and {C_RANGE[1]:g} "
+                            f"(beyond them "
                             f"the fit is all regularisation or none, and solvers stall), got {text!r}.")
     return grid
 
@@ -219,7 +220,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     (0.1, 0.921, 0.931)
     """
     t0 = time.perf_counter()
-    grid = parse_c_grid(c_grid if not isinstance(c_grid, (list, tuple)) else ",".join(str(float(c)) for c in c_grid))
+    grid = parse_c_grid(c_grid if not isinstance(c_grid, (list, tuple))
+                        else ",".join(str(float(c)) for c in c_grid))
     if folds < 2:
         raise SettingsError(f"--folds must be >= 2, got {folds}.")
     if solver not in SOLVERS:
@@ -245,7 +247,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         scores, oof, warm = cv_scores_batched(X, y, splits, grid, classifier, norm)
     else:
         scores, oof = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs)
-    table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()), "folds": [round(float(v), 6) for v in s]}
+    table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()),
+              "folds": [round(float(v), 6) for v in s]}
              for c, s in zip(grid, scores)]
     best = max(table, key=lambda g: (round(g["mean"], 10), -g["C"]))  # ties: the stronger regularisation
     final = make_pipeline(classifier, best["C"], norm, pca, n_samples=len(y), n_features=X.shape[1],
@@ -289,7 +292,8 @@ def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs) -> list[
     preds = np.empty((len(grid), len(y)), dtype=y.dtype)
 
     def one_fold(train, held):
-        pipe = make_pipeline(classifier, grid[0], norm, pca, n_samples=len(train), n_features=X.shape[1], seed=seed)
+        pipe = make_pipeline(classifier, grid[0], norm, pca, n_samples=len(train), n_features=X.shape[1],
+                             seed=seed)
         if classifier == "softmax":
             pipe.set_params(clf__warm_start=True)
         out = []

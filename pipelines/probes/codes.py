@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from cnncodes.extractor.cache import DONE, FAILED, open_cache
 from cnncodes.extractor.errors import CacheError
 
@@ -62,7 +61,8 @@ def load_codes(path: str | Path, layer: str | None = None, allow_incomplete: boo
             elif "penultimate" in layers:
                 layer = "penultimate"
             else:
-                raise CodesError(f"{path} holds several layers ({', '.join(layers)}): choose one with --layer.")
+                raise CodesError(f"{path} holds several layers ({', '.join(layers)}): "
+                                 f"choose one with --layer.")
         if layer not in layers:
             raise CodesError(f"layer '{layer}' is not in {path}; it holds: {', '.join(layers)}.")
         status = c.status

@@ -40,11 +40,13 @@ def _step_arrays(name: str, step) -> tuple[dict, dict[str, np.ndarray]]:
         return {"kind": "signed_sqrt"}, {}
     if isinstance(step, PCA):
         return ({"kind": "pca", "whiten": bool(step.whiten), "n_components": int(step.n_components_)},
-                {"components": step.components_, "mean": step.mean_, "explained_variance": step.explained_variance_})
+                {"components": step.components_, "mean": step.mean_,
+                 "explained_variance": step.explained_variance_})
     if hasattr(step, "coef_") and hasattr(step, "intercept_") and hasattr(step, "classes_"):
         loss = getattr(step, "loss", None)
         kind = "logistic" if isinstance(step, LogisticRegression) or loss == "log_loss" else "linear_svc"
-        if not isinstance(step, (LogisticRegression, LinearSVC)) and loss not in ("log_loss", "squared_hinge"):
+        if not isinstance(step, (LogisticRegression, LinearSVC)) and \
+                loss not in ("log_loss", "squared_hinge"):
             raise NotArrays(f"step {name!r}: {type(step).__name__}")
         return {"kind": kind, "C": float(step.C)}, {"coef": step.coef_, "intercept": step.intercept_,
                                                     "classes": step.classes_}
@@ -76,7 +78,8 @@ def _step_from(spec: dict, a: dict[str, np.ndarray]):
         step.fit(np.zeros((1, spec["n_features_in"] or 1)))
     elif kind == "pca":
         step = PCA(n_components=spec["n_components"], whiten=spec["whiten"])
-        step.components_, step.mean_, step.explained_variance_ = a["components"], a["mean"], a["explained_variance"]
+        step.components_, step.mean_, step.explained_variance_ = a["components"], a["mean"], \
+            a["explained_variance"]
         step.n_components_ = spec["n_components"]
     elif kind in ("logistic", "linear_svc"):
         step = LogisticRegression(C=spec["C"]) if kind == "logistic" else LinearSVC(C=spec["C"])

@@ -6,13 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-
 from cnncodes.extractor.errors import ImageSourceError, IncompatibleCacheError
 from cnncodes.extractor.recipe import Recipe, describe_differences
-
 from cnncodes.pipelines.probes.artifacts import SavedModel, load_model
 from cnncodes.pipelines.probes.codes import load_codes
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
 
 def recipe_mismatches(saved: dict, attrs: dict, layer_attrs: dict | None = None) -> list[str]:
     """Why codes of a cache (``attrs``, ``layer_attrs``) cannot feed a model trained on the cache
@@ -31,15 +30,18 @@ def evaluate_model(model: SavedModel | str | os.PathLike, cache, allow_incomplet
     codes = load_codes(cache, m.layer, allow_incomplete)
     diffs = recipe_mismatches(m.recipe, codes.attrs, codes.layer_attrs)
     if diffs:
-        raise IncompatibleCacheError(f"{codes.path} was not made by the model's recipe: " + "; ".join(diffs) + ".")
+        raise IncompatibleCacheError(f"{codes.path} was not made by the model's recipe: " +
+                                     "; ".join(diffs) + ".")
     missing = sorted(set(codes.classes) - set(m.classes))
     if missing:
-        raise IncompatibleCacheError(f"{codes.path} has classes the model never saw: {', '.join(missing[:5])}.")
+        raise IncompatibleCacheError(f"{codes.path} has classes the model never saw: "
+                                     f"{', '.join(missing[:5])}.")
     index = {c: i for i, c in enumerate(m.classes)}
     y = np.array([index[codes.classes[v]] for v in codes.y])
     pred = m.pipeline.predict(codes.X)
     return {"model": str(m.path), "cache": str(codes.path), "layer": m.layer, "n": int(len(y)),
-            "accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "accuracy": float(accuracy_score(y, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
             "macro_f1": float(f1_score(y, pred, average="macro")), "excluded": codes.excluded}
 
 
@@ -84,7 +86,8 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
     now = backbone_recipe(bb, parse_pooling(trained.pooling), trained.dtype, trained.precision)
     diffs = trained.differences(now, Recipe.FEATURE_KEYS, where=("(trained on)", "(found now)"))
     if diffs:
-        raise IncompatibleCacheError(f"the backbone cnncodes builds for {m.path} is not the one it was trained "
+        raise IncompatibleCacheError(f"the backbone cnncodes builds for {m.path} "
+                                     f"is not the one it was trained "
                                      f"on: " + "; ".join(diffs) + ".")
     codes, errors = encode_images(bb, files, [m.layer], trained.pooling, device=device, batch_size=batch_size)
     X = codes[m.layer]
