@@ -34,7 +34,18 @@ class CacheError(CnnCodesError, ValueError):
 
 
 class IncompatibleCacheError(CacheError):
-    """An existing cache was made by a different recipe than the one requested."""
+    """An existing cache was made by a different recipe than the one requested.
+
+    ``path``, ``reasons`` and ``remedy`` are the parts of the message; a caller with other
+    options than ``extract``'s words the remedy anew with :meth:`with_remedy`.
+    """
+
+    def __init__(self, message: str, *, path=None, reasons=(), remedy: str = ""):
+        super().__init__(f"{message} {remedy}".strip())
+        self.head, self.path, self.reasons, self.remedy = message, path, list(reasons), remedy
+
+    def with_remedy(self, remedy: str) -> "IncompatibleCacheError":
+        return IncompatibleCacheError(self.head, path=self.path, reasons=self.reasons, remedy=remedy)
 
 
 class CacheWriteError(CacheError, OSError):

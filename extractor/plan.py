@@ -86,8 +86,9 @@ def plan_extraction(path: str | Path, recipe: Recipe, layers, *, overwrite: bool
         recipe = recipe.replace(image_fingerprint=table.fingerprint())  # schema 1 covered file sizes
     diffs = Recipe.from_attrs(attrs).differences(recipe)
     if diffs:
-        raise IncompatibleCacheError(f"{path} was made by a different recipe: " + "; ".join(diffs)
-                                     + ". Pass --overwrite to replace it, or choose another --out.")
+        raise IncompatibleCacheError(f"{path} was made by a different recipe: " + "; ".join(diffs) + ".",
+                                     path=path, reasons=diffs,
+                                     remedy="Pass --overwrite to replace it, or choose another --out.")
     held = tuple(attrs["layers"])
     unfinished = not attrs.get("complete") or bool(Journal(path).shards()) or _files_moved(path, table)
     missing = tuple(name for name in layers if name not in held)

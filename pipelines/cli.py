@@ -12,19 +12,59 @@ import sys
 
 import click
 
+# Plain name lists (torch-free), shared with the library's own validation.
+from cnncodes.extractor.devices import DEVICES, DTYPES, PRECISIONS
+from cnncodes.extractor.errors import CnnCodesError
+
 EXIT_INTERRUPTED = 130
 
 
 def _fail_cleanly(fn):
-    """Library errors become one-line messages and exit status 1, never a traceback."""
+    """The library's own errors (:class:`CnnCodesError`) and OS errors (a missing file, a
+    read-only folder) become one-line messages and exit status 1. Anything else is a bug in
+    cnncodes and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from cnncodes.extractor.errors import CnnCodesError
         try:
             return fn(*args, **kwargs)
-        except (CnnCodesError, ValueError, FileNotFoundError) as e:
+        except CnnCodesError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:  # Ctrl-C before any work was saved (loading, scanning)
+            click.echo("interrupted; nothing was written.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
     return wrapper
+
+
+def _checked_by(parse):
+    """A click callback: ``parse(value)`` must accept the value (``parse`` is imported from the
+    library when the option is used, so ``--help`` stays instant); its error becomes click's
+    BadParameter, which names the option."""
+    def callback(ctx, param, value):
+        if value is not None:
+            try:
+                parse()(value)
+            except CnnCodesError as e:
+                raise click.BadParameter(str(e)) from None
+        return value
+    return callback
+
+
+def _c_grid_parser():
+    from cnncodes.pipelines.probes.classifiers import parse_c_grid
+    return parse_c_grid
+
+
+def _pca_parser():
+    from cnncodes.pipelines.probes.classifiers import parse_pca
+    return parse_pca
+
+
+def _pool_parser():
+    from cnncodes.extractor.pooling import parse_pooling
+    return parse_pooling
 
 
 def _echo_json(obj) -> None:
@@ -155,11 +195,12 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="DEFAULT, a torchvision enum name (IMAGENET1K_V2), a file, or none.")
 @click.option("--layer", "-l", "layers", multiple=True, default=["penultimate"], show_default=True,
               help="Layer name or alias (stage1..stage5, penultimate); repeat for several.")
-@click.option("--pool", default="avg", show_default=True, help="avg | max | avgmax | grid:K | spp:1,2,4 | none")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+@click.option("--pool", default="avg", show_default=True, callback=_checked_by(_pool_parser),
+              help="avg | max | avgmax | grid:K | spp:1,2,4 | none")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Storage type of the codes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True, help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
@@ -167,11 +208,12 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
                    "batch, then computes it), one per core (at most 8) on CUDA/MPS].")
 @click.option("--strict", is_flag=True, help="Stop at the first image that fails to decode.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made by another recipe.")
+@click.option("--allow-overlap", is_flag=True, help="Accept a manifest listing an image in two splits (a leak).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
 def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precision, batch_size,
-                workers, strict, overwrite, quiet, as_json) -> None:
+                workers, strict, overwrite, allow_overlap, quiet, as_json) -> None:
     """Extract CNN codes of one or more layers for every image of DATA into an HDF5 cache.
 
     DATA is an image folder (ROOT/<class>/<image>, or ROOT/train|val|test/<class>/<image>) or a
@@ -192,7 +234,8 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
     try:
         r = extract(data, out, model=model, weights=weights, layers=layers, pool=pool, dtype=dtype,
                     device=device, precision=precision, batch_size=batch_size, workers=workers,
-                    strict=strict, overwrite=overwrite, progress=False if quiet else None)
+                    strict=strict, overwrite=overwrite, allow_overlap=allow_overlap,
+                    progress=False if quiet else None)
     except ExtractionInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -244,12 +287,16 @@ def info_cmd(cache: str, as_json: bool) -> None:
     state = "complete" if s["complete"] else "INCOMPLETE"
     extra = (f"; {s['unmerged_rows']} rows of an interrupted run await the next `extract`"
              if s["unmerged_rows"] else "")
+    if s["damaged_shards"]:
+        extra += (f"; {s['damaged_shards']} damaged journal shards (the next `extract` drops them and "
+                  f"extracts their images again)")
     click.echo(f"  state         {state}{extra}; created {s['created']}")
 
 
 # How C is cross-validated: shared by fit-svm, fit-softmax, sweep and demo.
 _CV_OPTIONS = [
-    click.option("--c-grid", help="Comma-separated C values [default: 1e-4,1e-3,...,1e2]."),
+    click.option("--c-grid", callback=_checked_by(_c_grid_parser),
+                 help="Comma-separated C values [default: 1e-4,1e-3,...,1e2]."),
     click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
                  help="Stratified, shuffled cross-validation folds."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds (and holdout)."),
@@ -265,7 +312,8 @@ def _fit_options(fn):
                      help="HDF5 cache written by `cnncodes extract`."),
         click.option("--layer", "-l", help="Layer of the cache [default: its only layer, or penultimate]."),
         *_CV_OPTIONS,
-        click.option("--pca", help="Number of PCA components, or 'whiten' (fitted inside each fold)."),
+        click.option("--pca", callback=_checked_by(_pca_parser),
+                     help="Number of PCA components, or 'whiten' (fitted inside each fold)."),
         click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Without a test split in the cache: keep this stratified share as the test."),
         click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache."),
@@ -288,19 +336,23 @@ def _fit_options(fn):
 
 def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allow_incomplete, solver,
          n_jobs, report_dir, out, overwrite, as_json) -> None:
+    from cnncodes.extractor.files import check_writable
     from cnncodes.pipelines.probes.artifacts import save_model
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
     from cnncodes.pipelines.reports import write_fit_report
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
+    for path, is_folder in ((out, False), (report_dir, True)):  # before the fit, not after it
+        if path:
+            check_writable(path, folder=is_folder)
     r = fit_linear_probe(cache, layer, classifier, c_grid=c_grid, folds=folds, seed=seed, norm=norm,
                          pca=pca, holdout=holdout, allow_incomplete=allow_incomplete, n_jobs=n_jobs,
                          solver=solver)
     summary = r.as_dict()
+    if out:  # the model first: an optional report that fails must not lose the fit
+        summary["model_file"] = str(save_model(r, out, overwrite=overwrite))
     if report_dir:
         summary["report"] = {k: str(v) for k, v in write_fit_report(r, report_dir).items()}
-    if out:
-        summary["model_file"] = str(save_model(r, out, overwrite=overwrite))
     if as_json:
         _echo_json(summary)
         return
@@ -358,7 +410,7 @@ def _sweep_options(fn):
         *_CV_OPTIONS,
         click.option("--solver", type=click.Choice(["auto", "sklearn", "torch"]), default="auto",
                      show_default=True, help="As for fit-svm."),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps"),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
         click.option("--json", "as_json", is_flag=True, help="Print every row and the conclusion as JSON."),
@@ -368,28 +420,31 @@ def _sweep_options(fn):
     return fn
 
 
-def _print_sweep(df, extra: dict | None = None, as_json: bool = False) -> None:
+def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> None:
+    """A :class:`~cnncodes.pipelines.sweep.report.SweepResult` as a table and its reading, or
+    as JSON; ``extra`` adds labelled lines (entries of the JSON)."""
     from cnncodes.pipelines.sweep.report import table_rows
     if as_json:
-        _echo_json({"rows": df.drop(columns=["model_file"]).to_dict("records"), **{
-            k: df.attrs.get(k) for k in ("conclusion", "best", "kendall_tau", "report", "files", "seconds")},
-            **(extra or {})})
+        _echo_json({"rows": result.table.drop(columns=["model_file"]).to_dict("records"),
+                    "conclusion": result.conclusion, "best": result.best, "kendall_tau": result.kendall_tau,
+                    "report": result.report, "files": result.files, "seconds": result.seconds,
+                    **(extra or {})})
         return
-    head, rows = table_rows(df)
+    head, rows = table_rows(result.table)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     click.echo("  ".join(h.rjust(w) if i > 2 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths))))
     for r in rows:
         click.echo("  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     click.echo("")
-    for line in df.attrs.get("conclusion", []):
+    for line in result.conclusion:
         click.echo(line)
-    tau = {k: v for k, v in df.attrs.get("kendall_tau", {}).items() if v is not None}
+    tau = {k: v for k, v in result.kendall_tau.items() if v is not None}
     if tau:
         click.echo("LogME ranked the layers with Kendall's tau " +
                    ", ".join(f"{v:+.2f} ({k})" for k, v in tau.items()) + " against CV accuracy.")
     for label, value in (extra or {}).items():
         click.echo(f"{label}: {value}")
-    click.echo(f"report: {df.attrs['files']['html']} ({df.attrs['seconds']:.0f}s)")
+    click.echo(f"report: {result.files['html']} ({result.seconds:.0f}s)")
 
 
 @cli.command("sweep")
@@ -410,7 +465,8 @@ def _print_sweep(df, extra: dict | None = None, as_json: bool = False) -> None:
               help="Score every layer with LogME; cross-validate only the K best of each backbone.")
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Without a test split: keep this stratified share as the test.")
-@click.option("--pool", default="avg", show_default=True, help="Pooling of feature maps, as for extract.")
+@click.option("--pool", default="avg", show_default=True, callback=_checked_by(_pool_parser),
+              help="Pooling of feature maps, as for extract.")
 @_sweep_options
 @_fail_cleanly
 def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, prescreen, holdout, pool,
@@ -429,11 +485,11 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
       cnncodes sweep data/birds --layers layer2,layer3,layer4 --prescreen 2 --json
     """
     from cnncodes.pipelines.sweep.runner import sweep
-    df = sweep(data, list(models), layers, [c.strip() for c in classifiers.split(",") if c.strip()],
+    result = sweep(data, list(models), layers, [c.strip() for c in classifiers.split(",") if c.strip()],
                weights=list(weights), cache=cache, report=report_dir, c_grid=c_grid, folds=folds, seed=seed,
                norm=norm, solver=solver, holdout=holdout, prescreen=prescreen, pool=pool,
                batch_size=batch_size, device=device, progress=False if quiet else None)
-    _print_sweep(df, as_json=as_json)
+    _print_sweep(result, as_json=as_json)
 
 
 @cli.command("demo")
@@ -455,12 +511,12 @@ def demo(data, report_dir, c_grid, folds, seed, norm, solver, device, batch_size
       cnncodes demo && cnncodes predict --model reports/digits-efficientnet_lite0/best-svm.joblib data/digits/test/3
     """
     from cnncodes.pipelines.demo import run_demo
-    df = run_demo(data, report_dir, c_grid=c_grid, folds=folds, seed=seed, norm=norm, solver=solver,
-                  device=device, batch_size=batch_size, progress=False if quiet else None)
-    extra = {"saved SVM": f"{df.attrs['model_file']} ({df.attrs['model_layer']})"}
-    if df.attrs["data_written"]:
-        extra = {"data": f"{data} ({df.attrs['data_written']} images generated)", **extra}
-    _print_sweep(df, extra, as_json)
+    r = run_demo(data, report_dir, c_grid=c_grid, folds=folds, seed=seed, norm=norm, solver=solver,
+                 device=device, batch_size=batch_size, progress=False if quiet else None)
+    extra = {"saved SVM": f"{r.model_file} ({r.model_layer})"}
+    if r.data_written:
+        extra = {"data": f"{data} ({r.data_written} images generated)", **extra}
+    _print_sweep(r.sweep, extra, as_json)
 
 
 # Fine-tuning settings: shared by finetune and compare.
@@ -491,8 +547,8 @@ def _train_options(fn):
         click.option("--bn", type=click.Choice(["frozen", "train"]), default="frozen", show_default=True,
                      help="Batch norm in frozen parts: frozen = eval mode, statistics kept; train = re-estimated."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                      show_default=True, help="auto: bf16 autocast on CUDA (AMP), fp32 elsewhere."),
         click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
                      help="Decoding worker processes [default: min(4, cores)]."),
@@ -551,18 +607,17 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
-        _echo_json({k: v for k, v in r.items() if k != "confusion"})
+        _echo_json({k: v for k, v in r.as_dict().items() if k != "confusion"})
         return
-    for s in r["stages"]:
+    for s in r.stages:
         click.echo(f"  {s['name']:<10} {s['epochs_run']}/{s['epochs']} epochs, "
                    f"{s['trainable_params'] or 0:>11,} trainable, {s['seconds_per_epoch'] or 0:.1f} s/epoch, "
                    f"best val {s['best_val_accuracy'] if s['best_val_accuracy'] is not None else float('nan'):.4f}")
-    for path in r["failed_images"][:10]:
+    for path in r.failed_images[:10]:
         click.echo(f"failed: {path}", err=True)
-    click.echo(f"{r['run_dir']}: {r['status']}; {r['evaluated_on']} accuracy "
-               f"{r[r['evaluated_on'] + '_accuracy']:.4f} with the best epoch ({r['best_epoch'] + 1}, val "
-               f"{r['best_val_accuracy']:.4f}); {r['epochs_run']} epochs, {r['seconds_per_epoch']:.1f} s/epoch "
-               f"on {r['device']} ({r['precision']})")
+    click.echo(f"{r.run_dir}: {r.status}; {r.evaluated_on} accuracy {r.accuracy:.4f} with the best epoch "
+               f"({r.best_epoch + 1}, val {r.best_val_accuracy:.4f}); {r.epochs_run} epochs, "
+               f"{r.seconds_per_epoch:.1f} s/epoch on {r.device} ({r.precision})")
 
 
 @cli.command("compare")
@@ -596,24 +651,24 @@ def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, repo
     """
     from cnncodes.pipelines.compare.strategies import compare
     model, weights = kw.pop("model"), kw.pop("weights")
-    df = compare(data, model, weights=weights, layer=layer, sweep_report=sweep_report, out=report_dir,
-                 head_epochs=head_epochs, epochs=epochs,
-                 strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-                 config=_config(data, "", **kw), progress=not quiet)
+    result = compare(data, model, weights=weights, layer=layer, sweep_report=sweep_report, out=report_dir,
+                     head_epochs=head_epochs, epochs=epochs,
+                     strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                     config=_config(data, "", **kw), progress=not quiet)
     if as_json:
-        _echo_json({"rows": json.loads(df.to_json(orient="records")), "conclusion": df.attrs["conclusion"],
-                    "files": df.attrs["files"], "seconds": df.attrs["seconds"]})
+        _echo_json({"rows": json.loads(result.table.to_json(orient="records")),
+                    "conclusion": result.conclusion, "files": result.files, "seconds": result.seconds})
         return
     from cnncodes.pipelines.compare.report import HEAD, table_rows
-    rows = table_rows(df)
+    rows = table_rows(result.table)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEAD)]
     click.echo("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(HEAD, widths))))
     for r in rows:
         click.echo("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     click.echo("")
-    for line in df.attrs["conclusion"]:
+    for line in result.conclusion:
         click.echo(line)
-    click.echo(f"report: {df.attrs['files']['html']} ({df.attrs['seconds']:.0f}s)")
+    click.echo(f"report: {result.files['html']} ({result.seconds:.0f}s)")
 
 
 @cli.command("evaluate")
@@ -643,7 +698,7 @@ def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write CSV here instead of stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @_fail_cleanly
 def predict_cmd(model_file, paths, out, overwrite, device, batch_size) -> None:
@@ -659,18 +714,23 @@ def predict_cmd(model_file, paths, out, overwrite, device, batch_size) -> None:
     import csv
 
     from cnncodes.pipelines.probes.predict import predict_images
+    from cnncodes.extractor.files import atomic_write, check_writable
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
+    if out:
+        check_writable(out)  # before the extraction, not after it
     rows = predict_images(model_file, paths, batch_size=batch_size, device=device)
-    fh = open(out, "w", newline="") if out else sys.stdout
-    try:
+
+    def write(fh):
         w = csv.writer(fh)
         w.writerow(["path", "label", "score", "error"])
         for p in rows:
             w.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}", p.error])
-    finally:
-        if out:
-            fh.close()
+    if out:
+        with atomic_write(out) as tmp, open(tmp, "w", newline="") as fh:
+            write(fh)
+    else:
+        write(sys.stdout)
     failed = sum(1 for p in rows if p.error)
     if failed:
         click.echo(f"{failed} of {len(rows)} images could not be read (see the error column)", err=True)

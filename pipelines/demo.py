@@ -6,31 +6,48 @@ the advice "for data unlike ImageNet, an earlier layer may transfer better".
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from cnncodes.extractor import DEFAULT_MODEL
 
 from cnncodes.pipelines.probes.artifacts import copy_model
 from cnncodes.pipelines.sample_data import write_digits
+from cnncodes.pipelines.sweep.report import SweepResult
 from cnncodes.pipelines.sweep.runner import sweep
 
 
-def run_demo(data: str | Path = "data/digits", report: str | Path | None = None, *,
-             progress: bool | None = None, **sweep_options):
-    """Generate the digits folder if missing, sweep every stage with both classifiers, and save
-    the best layer's SVM as ``<report>/best-svm.joblib``.
+@dataclass
+class DemoResult:
+    """What the demo did.
 
-    Returns the sweep's DataFrame; ``df.attrs["model_file"]`` is the saved SVM and
-    ``df.attrs["data_written"]`` how many images were generated (0 when the folder was there).
+    Attributes
+    ----------
+    sweep : SweepResult
+        The sweep of every stage with both classifiers.
+    model_file : str
+        The best layer's SVM, saved for ``cnncodes predict``.
+    model_layer : str
+        The layer that SVM reads.
+    data_written : int
+        How many images were generated (0 when the folder was there).
     """
+
+    sweep: SweepResult
+    model_file: str
+    model_layer: str
+    data_written: int
+
+
+def run_demo(data: str | Path = "data/digits", report: str | Path | None = None, *,
+             progress: bool | None = None, **sweep_options) -> DemoResult:
+    """Generate the digits folder if missing, sweep every stage with both classifiers, and save
+    the best layer's SVM as ``<report>/best-svm.joblib``."""
     data = Path(data)
     written = write_digits(data)["written"] if not data.exists() else 0
-    df = sweep(data, [DEFAULT_MODEL], "all-stages", ["svm", "softmax"], report=report,
-               progress=progress, **sweep_options)
-    best = df.attrs["best"]
-    svm = df[(df["layer"] == best["layer"]) & (df["classifier"] == "svm")].iloc[0]
-    df.attrs["model_file"] = str(copy_model(svm["model_file"], Path(df.attrs["report"]) / "best-svm.joblib",
-                                            overwrite=True))
-    df.attrs["model_layer"] = svm["layer"]
-    df.attrs["data_written"] = written
-    return df
+    result = sweep(data, [DEFAULT_MODEL], "all-stages", ["svm", "softmax"], report=report,
+                   progress=progress, **sweep_options)
+    table = result.table
+    svm = table[(table["layer"] == result.best["layer"]) & (table["classifier"] == "svm")].iloc[0]
+    saved = copy_model(svm["model_file"], Path(result.report) / "best-svm.joblib", overwrite=True)
+    return DemoResult(sweep=result, model_file=str(saved), model_layer=svm["layer"], data_written=written)

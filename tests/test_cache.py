@@ -3,9 +3,16 @@ import json
 import h5py
 import numpy as np
 import pytest
-
-from cnncodes.extractor.cache import (DONE, FAILED, CacheWriter, Journal, LayerSpec, create_cache, open_cache,
-                                      read_attrs)
+from cnncodes.extractor.cache import (
+    DONE,
+    FAILED,
+    CacheWriter,
+    Journal,
+    LayerSpec,
+    create_cache,
+    open_cache,
+    read_attrs,
+)
 from cnncodes.extractor.errors import CacheError, CacheLockedError
 from cnncodes.extractor.recipe import Recipe
 

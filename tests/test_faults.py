@@ -494,3 +494,67 @@ def test_a_layer_addition_killed_at_random_points_ends_equal(tmp_path, r18_weigh
     for path in a:
         np.testing.assert_allclose(a[path], b[path], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "c.h5.adding.h5").exists()
+
+
+# --- fine-tuning, compare and sweep --------------------------------------------------------------
+
+def _tiny_data(root, per_class=4, classes=("a", "b", "c")):
+    for c, cls in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / "train" / cls / f"{i}.png", seed=1000 + 50 * c + i, size=(48, 40))
+        for i in range(2):
+            write_image(root / "test" / cls / f"{i}.png", seed=3000 + 50 * c + i, size=(48, 40))
+    return root
+
+
+TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "-b", "4", "--val-fraction", "0.3",
+        "-j", "0", "--patience", "0", "-q"]
+
+
+def test_finetune_never_replaces_a_folder_that_is_not_this_resumable_run(tmp_path):
+    data = _tiny_data(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["finetune", str(data), "--stages", "head:1", *TINY, "--out", str(run)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    (run / "last.pt").unlink()  # a natural way to save space
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = CliRunner().invoke(cli, [*args, "--lr", "0.1"])
+    one_line_error(result, "is not empty", "best.pt", "holds no run to resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing rewritten
+    assert CliRunner().invoke(cli, [*args, "--lr", "0.1", "--resume"]).exit_code == 1
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "best.pt").write_bytes(b"my own weights")
+    one_line_error(CliRunner().invoke(cli, ["finetune", str(data), "--stages", "head:1", *TINY, "--out", str(own)]),
+                   "is not empty")
+    assert (own / "best.pt").read_bytes() == b"my own weights"
+    assert CliRunner().invoke(cli, [*args, "--lr", "0.1", "--overwrite"]).exit_code == 0
+
+
+def test_compare_adapts_its_folds_and_a_probe_alone_says_nothing_of_fine_tuning(tmp_path):
+    data = _tiny_data(tmp_path / "data", per_class=3)  # 3 training images per class, fewer than 5 folds
+    result = CliRunner().invoke(cli, ["compare", str(data), "--strategies", "probe", "--report",
+                                      str(tmp_path / "cmp"), *TINY, "--json"])
+    assert result.exit_code == 0, result.output
+    assert "--folds" not in result.output and "Fine-tuning" not in result.output
+
+
+def test_sweep_and_compare_name_their_own_options_after_a_cache_mismatch(image_folder, tmp_path, r18_weights):
+    cache = tmp_path / "c.h5"
+    _extract(image_folder, cache, r18_weights, layers=["penultimate"], pool="max")
+    result = CliRunner().invoke(cli, ["sweep", str(image_folder), "--model", "resnet18", "--weights",
+                                      str(r18_weights), "--layers", "penultimate", "--cache", str(cache),
+                                      "--report", str(tmp_path / "rep"), "-q"])
+    line = one_line_error(result, "was made by a different recipe", "Give sweep another --cache")
+    assert "--overwrite" not in line and "--out" not in line
+
+
+def test_a_sweep_killed_at_random_points_ends_with_the_same_table(image_folder, tmp_path, r18_weights):
+    import json
+    args = ["sweep", image_folder, "--model", "resnet18", "--weights", r18_weights, "--layers", "layer2,layer3",
+            "--classifier", "svm", "--c-grid", "0.1,1", "--folds", "2", "--cache", tmp_path / "c.h5", "-q"]
+    _kill_at_random_points([*args, "--report", tmp_path / "killed"], seed=3, kills=2, spread=(1.0, 8.0))
+    _popen(*args, "--report", tmp_path / "whole").communicate(timeout=300)
+    a, b = (json.loads((tmp_path / name / "sweep.json").read_text()) for name in ("killed", "whole"))
+    keep = ("layer", "classifier", "C", "cv_accuracy", "test_accuracy", "logme")
+    assert [{k: r[k] for k in keep} for r in a["rows"]] == [{k: r[k] for k in keep} for r in b["rows"]]

@@ -130,7 +130,8 @@ def test_run_writes_metrics_curves_and_checkpoints(tmp_path, data):
     assert lines[0]["trainable_params"] < lines[2]["trainable_params"]
     saved = json.loads((out / "result.json").read_text())
     assert saved["evaluated_on"] == "test" and saved["images"] == {"train": 25, "val": 11, "test": 9}
-    assert 0 <= r["test_accuracy"] <= 1 and len(saved["confusion"]) == 3
+    assert 0 <= r.test_accuracy <= 1 and len(saved["confusion"]) == 3
+    assert json.loads(json.dumps(r.as_dict(), default=str)) == saved  # the summary returned is result.json
     ckpt = load_checkpoint(out / "last.pt")
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "epoch", "stage", "frozen", "rng", "recipe"}
     assert ckpt["stage"] == "stage5" and "conv_stem" in ckpt["frozen"] and "blocks.4" not in ckpt["frozen"]
@@ -167,13 +168,13 @@ def test_checkpoint_is_weights_for_extract_and_finetune(tmp_path, data):
     with open_cache(res.path) as c:
         assert c.attrs["weights"]["sha256"] and c.codes("penultimate").shape[0] == 45
     again = finetune(tiny_config(data, tmp_path / "run2", stages="head:1", weights=str(best)), progress=False)
-    assert again["recipe"]["weights"]["name"] == "best.pt"
+    assert again.recipe["weights"]["name"] == "best.pt"
 
 
 def test_corrupt_image_is_skipped_and_recorded(tmp_path, data):
     (data / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     r = finetune(tiny_config(data, tmp_path / "run", stages="head:1", val_fraction=0.2), progress=False)
-    assert r["failed_images"] == ["train/a/broken.png"] and r["status"] == "trained"
+    assert r.failed_images == ["train/a/broken.png"] and r.status == "trained"
 
 
 def test_resume_refuses_another_recipe_or_class_list(tmp_path, data):
@@ -187,7 +188,7 @@ def test_resume_refuses_another_recipe_or_class_list(tmp_path, data):
     with pytest.raises(FinetuneError, match=r"classes differ \(new: d\)"):
         finetune(tiny_config(data, tmp_path / "run", stages="head:1"), resume=True, progress=False)
     r = finetune(tiny_config(data, tmp_path / "run", stages="head:1"), overwrite=True, progress=False)
-    assert r["status"] == "trained" and len(r["classes"]) == 4
+    assert r.status == "trained" and len(r.classes) == 4
 
 
 def test_bad_data_is_refused(tmp_path):
@@ -206,8 +207,8 @@ def test_bad_data_is_refused(tmp_path):
 def test_early_stopping_ends_a_stage(tmp_path, data):
     r = finetune(tiny_config(data, tmp_path / "run", stages="head:6,all:1", lr=1e-9, head_lr_mult=1.0,
                              patience=1), progress=False)
-    head = r["stages"][0]
-    assert head["epochs_run"] < 6 and r["stages"][1]["epochs_run"] == 1
+    head = r.stages[0]
+    assert head["epochs_run"] < 6 and r.stages[1]["epochs_run"] == 1
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[head["epochs_run"] - 1]["early_stop"] is True
 
@@ -302,27 +303,29 @@ def test_cli_finetune_and_its_errors(tmp_path, data):
 def test_compare_writes_one_report_and_reuses_finished_strategies(tmp_path, data):
     from cnncodes.pipelines.compare.strategies import compare
     cfg = tiny_config(data, "", batch_size=4)
-    df = compare(data, TINY, weights="none", out=tmp_path / "cmp", head_epochs=1, epochs=1, config=cfg,
-                 progress=False)
+    result = compare(data, TINY, weights="none", out=tmp_path / "cmp", head_epochs=1, epochs=1, config=cfg,
+                     progress=False)
+    df = result.table
     assert list(df["strategy"]) == ["probe", "top", "all", "scratch"]
     assert df["test_accuracy"].between(0, 1).all()
     params = dict(zip(df["strategy"], df["trainable_params"]))
     assert params["probe"] < params["top"] < params["all"] == params["scratch"]
-    files = {Path(p).name for p in df.attrs["files"].values()}
+    files = {Path(p).name for p in result.files.values()}
     assert files == {"compare.csv", "compare.json", "compare.md", "compare.png", "index.html"}
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert len(summary["rows"]) == 4 and summary["conclusion"][0].startswith("Best:")
+    assert summary["conclusion"] == result.conclusion and summary["settings"] == result.settings
     html = (tmp_path / "cmp" / "index.html").read_text()
     assert 'id="compare-table"' in html and "data:image/png;base64," in html
     t = time.perf_counter()
     again = compare(data, TINY, weights="none", out=tmp_path / "cmp", head_epochs=1, epochs=1, config=cfg,
                     progress=False)
     assert time.perf_counter() - t < 10  # nothing retrained: read back
-    assert list(again["test_accuracy"]) == list(df["test_accuracy"])
+    assert list(again.table["test_accuracy"]) == list(df["test_accuracy"])
 
 
 def test_out_of_memory_becomes_advice(tmp_path, data, monkeypatch):
-    import cnncodes.pipelines.finetune.training as ft
+    import cnncodes.pipelines.finetune.epochs as ft
 
     def oom(out):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -336,8 +339,8 @@ def test_out_of_memory_becomes_advice(tmp_path, data, monkeypatch):
 def test_cuda_run_with_autocast_and_accumulation(tmp_path, data):
     r = finetune(tiny_config(data, tmp_path / "run", stages="head:1,all:1", device="cuda", accumulate=2),
                  progress=False)
-    assert r["device"].startswith("cuda") and r["precision"] in ("bf16", "fp16")
-    assert 0 <= r["test_accuracy"] <= 1
+    assert r.device.startswith("cuda") and r.precision in ("bf16", "fp16")
+    assert 0 <= r.test_accuracy <= 1
 
 
 def test_accumulate_steps_once_per_n_batches(tmp_path, data):

@@ -78,11 +78,12 @@ def test_fit_save_load_predict_round_trip_on_real_photos(tmp_path):
 def test_caltech_sweep_top_stage_beats_stage2_by_20_points(tmp_path):
     """ImageNet-like photos: accuracy rises with depth, as the literature reports."""
     from cnncodes.pipelines.sweep.runner import sweep
-    df = sweep(CALTECH, layers="stage2,stage5", classifiers=["softmax"], cache=tmp_path / "c.h5",
-               report=tmp_path / "report", c_grid="0.1,1,10", folds=3, progress=False)
+    r = sweep(CALTECH, layers="stage2,stage5", classifiers=["softmax"], cache=tmp_path / "c.h5",
+              report=tmp_path / "report", c_grid="0.1,1,10", folds=3, progress=False)
+    df = r.table
     acc = dict(zip(df["layer"], df["test_accuracy"]))
     assert acc["stage5"] - acc["stage2"] >= 0.20, acc
-    assert "still rises at the top" in df.attrs["conclusion"][-1]
+    assert "still rises at the top" in r.conclusion[-1]
     assert df.set_index("layer")["logme"]["stage5"] > df.set_index("layer")["logme"]["stage2"]
 
 
@@ -90,11 +91,12 @@ def test_demo_sweeps_digits_and_saves_a_predicting_svm(tmp_path):
     from cnncodes.pipelines.demo import run_demo
     from cnncodes.pipelines.probes.artifacts import load_model
     from cnncodes.pipelines.probes.predict import predict_images
-    df = run_demo(tmp_path / "digits", tmp_path / "report", c_grid="0.1,1", folds=3, progress=False)
-    assert df.attrs["data_written"] == 1797
+    r = run_demo(tmp_path / "digits", tmp_path / "report", c_grid="0.1,1", folds=3, progress=False)
+    df = r.sweep.table
+    assert r.data_written == 1797
     assert set(df["layer"]) == {"stage1", "stage2", "stage3", "stage4", "stage5"} and len(df) == 10
-    saved = load_model(df.attrs["model_file"])
-    assert saved.classifier == "svm" and saved.layer == df.attrs["best"]["layer"]
+    saved = load_model(r.model_file)
+    assert saved.classifier == "svm" and saved.layer == r.sweep.best["layer"]
     rows = predict_images(saved, [tmp_path / "digits" / "test" / "3"])
     assert np.mean([r.label == "3" for r in rows]) >= 0.8
     assert (tmp_path / "report" / "index.html").is_file()

@@ -1,9 +1,8 @@
 """LogME against a direct computation of the evidence on small data."""
 import numpy as np
 import pytest
-from scipy.stats import multivariate_normal
-
 from cnncodes.pipelines.probes.logme import _spectrum, log_evidence, logme, maximise_evidence
+from scipy.stats import multivariate_normal
 
 
 def _direct(F, y, alpha, beta):

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from cnncodes.extractor.errors import SettingsError
 from cnncodes.pipelines.cli import cli
 from cnncodes.pipelines.sweep.runner import COLUMNS, sweep, sweep_layers
 
@@ -19,9 +20,9 @@ def swept(tmp_path_factory, r18_weights):
     from .conftest import write_split_folder
     tmp = tmp_path_factory.mktemp("sweep")
     root = write_split_folder(tmp / "data")
-    df = sweep(root, ["resnet18"], "all-stages", ["svm", "softmax"], weights=str(r18_weights),
-               cache=tmp / "c.h5", report=tmp / "report", **FAST)
-    return df, root, tmp
+    result = sweep(root, ["resnet18"], "all-stages", ["svm", "softmax"], weights=str(r18_weights),
+                   cache=tmp / "c.h5", report=tmp / "report", **FAST)
+    return result, root, tmp
 
 
 def test_all_stages_leaves_out_a_penultimate_that_only_pools_the_last_stage():
@@ -31,7 +32,8 @@ def test_all_stages_leaves_out_a_penultimate_that_only_pools_the_last_stage():
 
 
 def test_sweep_table_covers_every_layer_and_classifier(swept):
-    df, _, _ = swept
+    result, _, _ = swept
+    df = result.table
     assert list(df.columns) == COLUMNS and len(df) == 10
     assert df["fitted"].all() and df["cv_accuracy"].between(0, 1).all() and df["test_accuracy"].notna().all()
     svm = df[df["classifier"] == "svm"]
@@ -39,13 +41,14 @@ def test_sweep_table_covers_every_layer_and_classifier(swept):
     assert list(svm["module"])[1:] == ["layer1", "layer2", "layer3", "layer4"]
     assert svm["relative_depth"].is_monotonic_increasing and 0 < svm["relative_depth"].iloc[0] < 0.2
     assert list(svm["dim"]) == [64, 64, 128, 256, 512] and list(svm["stride"]) == [2, 4, 8, 16, 32]
-    assert df["logme"].notna().all() and df.attrs["best"]["cv_accuracy"] == df["cv_accuracy"].max()
-    assert len(df.attrs["conclusion"]) == 3 and df.attrs["conclusion"][0].startswith("Best: ")
-    assert set(df.attrs["kendall_tau"]) == {"svm", "softmax"}
+    assert df["logme"].notna().all() and result.best["cv_accuracy"] == df["cv_accuracy"].max()
+    assert len(result.conclusion) == 3 and result.conclusion[0].startswith("Best: ")
+    assert set(result.kendall_tau) == {"svm", "softmax"}
+    assert result.report == str(result.settings.report) and set(result.files) >= {"csv", "json", "html"}
 
 
 def test_report_files_parse_back(swept):
-    df, _, tmp = swept
+    result, _, tmp = swept
     report = tmp / "report"
     with open(report / "sweep.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -53,6 +56,7 @@ def test_report_files_parse_back(swept):
     summary = json.loads((report / "sweep.json").read_text())
     assert {"rows", "conclusion", "best", "kendall_tau_logme_vs_cv", "settings", "caches", "versions"} <= set(summary)
     assert summary["settings"]["seed"] == 0 and summary["settings"]["c_grid"] == [0.1, 1.0]
+    assert summary["settings"] == result.settings.as_dict() and summary["best"] == result.best
     assert len(summary["caches"]["resnet18"]["fingerprint"]) == 64 and "torch" in summary["versions"]
     for name, least in (("sweep.png", (900, 550)), ("confusion.png", (450, 450))):
         with Image.open(report / name) as im:
@@ -63,7 +67,7 @@ def test_report_files_parse_back(swept):
 
 
 def test_rerun_redoes_nothing_and_an_interrupted_sweep_resumes(swept, r18_weights):
-    df, root, tmp = swept
+    result, root, tmp = swept
     fits = tmp / "report" / "fits"
     stamps = {p.name: p.stat().st_mtime_ns for p in fits.iterdir()}
     (fits / "resnet18__stage3__svm.json").unlink()  # as if killed before this fit was stored
@@ -73,37 +77,64 @@ def test_rerun_redoes_nothing_and_an_interrupted_sweep_resumes(swept, r18_weight
     stamps[old.name] = old.stat().st_mtime_ns
     again = sweep(root, ["resnet18"], "all-stages", ["svm", "softmax"], weights=str(r18_weights),
                   cache=tmp / "c.h5", report=tmp / "report", **FAST)
-    assert again.attrs["caches"]["resnet18"]["state"] == "up to date"
+    assert again.caches["resnet18"]["state"] == "up to date"
     changed = {p.name for p in fits.iterdir() if stamps.get(p.name) != p.stat().st_mtime_ns}
     assert changed == {f"resnet18__{fit}.{ext}" for fit in ("stage3__svm", "stage4__softmax")
                        for ext in ("json", "joblib", "joblib.sha256")}
     cols = ["layer", "classifier", "cv_accuracy", "test_accuracy", "C"]
-    assert again[cols].equals(df[cols])
+    assert again.table[cols].equals(result.table[cols])
 
 
 def test_prescreen_fits_only_the_best_logme_layers_and_extends_the_cache(swept, r18_weights):
     _, root, tmp = swept
-    df = sweep(root, ["resnet18"], "layer3,layer4,stage3,stage4", ["svm"], weights=str(r18_weights),
-               cache=tmp / "c.h5", report=tmp / "pre", prescreen=3, **FAST)
-    assert df.attrs["caches"]["resnet18"]["state"] == "layers added"  # layer3/layer4 were new names
+    result = sweep(root, ["resnet18"], "layer3,layer4,stage3,stage4", ["svm"], weights=str(r18_weights),
+                   cache=tmp / "c.h5", report=tmp / "pre", prescreen=3, **FAST)
+    df = result.table
+    assert result.caches["resnet18"]["state"] == "layers added"  # layer3/layer4 were new names
     assert df["fitted"].sum() == 3
     best3 = df.sort_values("logme", ascending=False)["layer"].head(3)
     assert set(df[df["fitted"]]["layer"]) == set(best3)
-    assert -1 <= df.attrs["kendall_tau"]["svm"] <= 1
+    assert -1 <= result.kendall_tau["svm"] <= 1
     assert "(pre-screened out)" in (tmp / "pre" / "sweep.md").read_text()
 
 
 def test_two_backbones_each_get_a_cache_and_lines_in_the_report(swept, r18_weights, monkeypatch):
     _, root, tmp = swept
     monkeypatch.chdir(tmp)  # default caches go to ./cache
-    df = sweep(root, ["resnet18", "timm:resnet10t"], "stage3,stage4", ["svm"],
-               weights=[str(r18_weights), "none"], report=tmp / "two", **FAST)
+    result = sweep(root, ["resnet18", "timm:resnet10t"], "stage3,stage4", ["svm"],
+                   weights=[str(r18_weights), "none"], report=tmp / "two", **FAST)
+    df = result.table
     assert list(df["model"]) == ["resnet18", "resnet18", "timm:resnet10t", "timm:resnet10t"]
-    assert {m: c["path"] for m, c in df.attrs["caches"].items()} == {
+    assert {m: c["path"] for m, c in result.caches.items()} == {
         "resnet18": "cache/data-resnet18.h5", "timm:resnet10t": "cache/data-timm-resnet10t.h5"}
     assert df["gflops"].notna().all() and (tmp / "two" / "index.html").is_file()
-    with pytest.raises(ValueError, match="one --weights for every --model"):
+    assert (tmp / "two" / "fits" / "timm-resnet10t__stage3__svm.joblib").is_file()  # slug() of the model
+    with pytest.raises(SettingsError, match="one --weights for every --model"):
         sweep(root, ["resnet18", "alexnet", "vgg11"], weights=["none", "none"], **FAST)
+
+
+def test_fit_key_is_the_recipes_fit_keys_then_module_classifier_and_settings(swept):
+    from cnncodes.pipelines.probes.codes import load_codes
+    from cnncodes.pipelines.sweep.runner import _fit_key
+    _, _, tmp = swept
+    c = load_codes(tmp / "c.h5", "stage3")
+    settings = {"c_grid": [0.1, 1.0], "folds": 2, "seed": 0}
+    key = _fit_key(c.attrs, c.layer_attrs, "svm", settings)
+    want = {"image_fingerprint": c.attrs["image_fingerprint"], "model": c.attrs["model"],
+            "weights_sha256": c.attrs["weights_sha256"], "pooling": c.attrs["pooling"],
+            "module": c.layer_attrs["module"], "classifier": "svm", **settings}
+    assert list(key.items()) == list(want.items()) and len(key["weights_sha256"]) == 64
+
+
+def test_order_table_follows_the_given_backbones_then_depth_then_classifiers():
+    import pandas as pd
+
+    from cnncodes.pipelines.sweep.runner import order_table
+    table = pd.DataFrame({"model": ["b", "a", "b", "a", "b"], "relative_depth": [0.5, 0.9, 0.1, 0.2, 0.5],
+                          "classifier": ["svm", "softmax", "softmax", "svm", "softmax"], "n": range(5)})
+    out = order_table(table, ["b", "a"], ["softmax", "svm"])
+    assert list(out["n"]) == [2, 4, 0, 3, 1] and list(out.columns) == list(table.columns)
+    assert list(out.index) == list(range(5))
 
 
 def test_sweep_command_prints_the_table_and_json(swept, r18_weights):
@@ -157,7 +188,7 @@ def test_a_cache_without_depth_attributes_gets_them_from_a_probe(swept, r18_weig
     import shutil
 
     import h5py
-    df, root, tmp = swept
+    result, root, tmp = swept
     old = tmp / "old.h5"
     shutil.copyfile(tmp / "c.h5", old)
     with h5py.File(old, "r+") as f:  # as written before relative depth was recorded
@@ -165,5 +196,6 @@ def test_a_cache_without_depth_attributes_gets_them_from_a_probe(swept, r18_weig
             del ds.attrs["relative_depth"], ds.attrs["flops"]
     again = sweep(root, ["resnet18"], "stage2,stage4", ["svm"], weights=str(r18_weights), cache=old,
                   report=tmp / "old-report", **FAST)
+    df = result.table
     want = df[df["classifier"] == "svm"].set_index("layer")["relative_depth"]
-    assert list(again["relative_depth"]) == [want["stage2"], want["stage4"]]
+    assert list(again.table["relative_depth"]) == [want["stage2"], want["stage4"]]

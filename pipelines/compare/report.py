@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,35 @@ from cnncodes.pipelines.reports import embed_png, fmt_cell, html_page, html_tabl
 
 HEAD = ["strategy", "what", "test acc", "best val/CV acc", "train time (s)", "s/epoch", "epochs",
         "trainable params"]
+
+
+@dataclass
+class CompareResult:
+    """What :func:`~.strategies.compare` found.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per strategy (columns ``strategies.COLUMNS``, and a strategy's extras such as
+        the fine-tuning runs' ``stages``).
+    conclusion : list of str
+        The reading of the table in sentences (:func:`~.strategies.conclude`).
+    settings : dict
+        The ``settings`` entry of ``compare.json``: data, model, layer, epochs, split sizes...
+    seconds : float
+        Wall time of all strategies (finished ones are read back, not redone).
+    report : str
+        The report folder.
+    files : dict
+        The report's files by kind (``csv``, ``json``, ``markdown``, ``plot``, ``html``).
+    """
+
+    table: pd.DataFrame
+    conclusion: list
+    settings: dict
+    seconds: float
+    report: str
+    files: dict = field(default_factory=dict)
 
 
 def table_rows(df: pd.DataFrame) -> list[list[str]]:
@@ -47,16 +77,17 @@ def plot_compare(df: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_compare_report(df: pd.DataFrame, directory: str | Path) -> dict[str, Path]:
-    out = Path(directory)
+def write_compare_report(result: CompareResult) -> dict[str, Path]:
+    """Write ``compare.csv``, ``compare.json``, ``compare.md``, ``compare.png`` and
+    ``index.html`` into ``result.report``."""
+    df, settings, conclusion = result.table, result.settings, result.conclusion
+    out = Path(result.report)
     files = {"csv": out / "compare.csv", "json": out / "compare.json", "markdown": out / "compare.md",
              "plot": out / "compare.png", "html": out / "index.html"}
-    settings = df.attrs.get("settings", {})
     df[[c for c in df.columns if c != "stages"]].to_csv(files["csv"], index=False)
     plot_compare(df, files["plot"], f"{settings.get('model')} on {Path(str(settings.get('data'))).name}")
-    conclusion = df.attrs.get("conclusion", [])
     summary = {"rows": json.loads(df.to_json(orient="records")), "conclusion": conclusion,
-               "settings": settings, "seconds": df.attrs.get("seconds"), "versions": library_versions()}
+               "settings": settings, "seconds": result.seconds, "versions": library_versions()}
     files["json"].write_text(json.dumps(summary, indent=2) + "\n")
     rows = table_rows(df)
     md = ["# Transfer-learning strategies", "", *[f"- {c}" for c in conclusion], "", markdown_table(HEAD, rows),
@@ -69,5 +100,5 @@ def write_compare_report(df: pd.DataFrame, directory: str | Path) -> dict[str, P
 cross-validated accuracy on train; fine-tuning holds out a stratified share of train for
 validation (seed {settings.get('seed')}). Training time of the probe includes extracting its codes.</p>
 <div id="compare-plot">{embed_png(files['plot'], 'accuracy and training time per strategy')}</div>
-<p class="small">Made by cnncodes in {df.attrs.get('seconds')} s; settings in compare.json.</p>""", left_columns=2))
+<p class="small">Made by cnncodes in {result.seconds} s; settings in compare.json.</p>""", left_columns=2))
     return files

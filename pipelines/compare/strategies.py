@@ -19,13 +19,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cnncodes.extractor.backbones import DEFAULT_MODEL
+from cnncodes.extractor.errors import IncompatibleCacheError
+from cnncodes.extractor.files import slug
 
-from cnncodes.pipelines.finetune.training import FinetuneConfig, finetune, recipe_settings
+from cnncodes.pipelines.compare.report import CompareResult, write_compare_report
 from cnncodes.pipelines.finetune.data import make_splits
 from cnncodes.pipelines.finetune.freezing import FinetuneError
+from cnncodes.pipelines.finetune.training import FinetuneConfig, finetune, recipe_settings
 from cnncodes.pipelines.records import read_record, write_record
 
 log = logging.getLogger(__name__)
@@ -57,10 +61,22 @@ def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress) -> dict:
     from cnncodes.extractor import extract
 
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    from cnncodes.pipelines.probes.codes import load_codes
     t0 = time.perf_counter()
-    ex = extract(data, out / "codes.h5", model=cfg.model, weights=cfg.weights, layers=[layer],
-                 device=cfg.device, batch_size=cfg.batch_size, progress=progress)
-    fit = fit_linear_probe(ex.path, layer, "svm", seed=cfg.seed, solver="auto")
+    try:
+        ex = extract(data, out / "codes.h5", model=cfg.model, weights=cfg.weights, layers=[layer],
+                     device=cfg.device, batch_size=cfg.batch_size, progress=progress)
+    except IncompatibleCacheError as e:
+        raise e.with_remedy(f"Delete {e.path} (compare made it) or choose another --report.") from None
+    codes = load_codes(ex.path, layer)
+    # compare has no --folds: the probe's folds follow the data, 5 at most, as many as the
+    # smallest class allows (at least 2)
+    train_y = codes.y[codes.splits != "test"]
+    smallest = int(np.bincount(train_y, minlength=len(codes.classes)).min()) if len(train_y) else 0
+    if smallest < 2:
+        raise FinetuneError(f"the linear probe needs at least 2 training images in every class; "
+                            f"{data} has a class with {smallest}.")
+    fit = fit_linear_probe(codes, layer, "svm", seed=cfg.seed, solver="auto", folds=min(5, smallest))
     dim = ex.layers[layer]
     return {"strategy": "probe", "what": f"linear SVM on {layer} codes (C={fit.C:g})",
             "test_accuracy": fit.test_accuracy, "best_val_accuracy": fit.cv_accuracy,
@@ -71,26 +87,68 @@ def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress) -> dict:
 
 def _finetune_row(strategy: str, cfg: FinetuneConfig, what: str, progress) -> dict:
     r = finetune(cfg, resume=True, overwrite=True, progress=progress is not False)
-    return {"strategy": strategy, "what": what, "test_accuracy": r["test_accuracy"],
-            "best_val_accuracy": r["best_val_accuracy"], "train_seconds": r["train_seconds"],
-            "seconds_per_epoch": r["seconds_per_epoch"], "epochs": r["epochs_run"],
-            "trainable_params": max(s["trainable_params"] or 0 for s in r["stages"]), "run": cfg.out,
-            "stages": r["stages"]}
+    return {"strategy": strategy, "what": what, "test_accuracy": r.test_accuracy,
+            "best_val_accuracy": r.best_val_accuracy, "train_seconds": r.train_seconds,
+            "seconds_per_epoch": r.seconds_per_epoch, "epochs": r.epochs_run,
+            "trainable_params": max(s["trainable_params"] or 0 for s in r.stages), "run": cfg.out,
+            "stages": r.stages}
+
+
+def default_compare_dir(data, model: str) -> Path:
+    """``reports/compare-<data>-<model>``, made safe as a path component."""
+    return Path("reports") / slug(f"compare-{Path(data).name}-{model}")
+
+
+def _plans(base: FinetuneConfig, top: str, head_epochs: int, epochs: int) -> dict:
+    """The fine-tuning strategies' configs (their ``out`` still unset) and descriptions."""
+    return {
+        "top": (replace(base, stages=f"head:{head_epochs},{top}:{epochs}"), f"fine-tune {top} and the head"),
+        "all": (replace(base, stages=f"head:{head_epochs},all:{epochs}"), "fine-tune everything"),
+        "scratch": (replace(base, stages=f"all:{head_epochs + epochs}", from_scratch=True),
+                    "train from random initialisation"),
+    }
+
+
+def _strategy_row(strategy: str, data, out: Path, base: FinetuneConfig, fingerprint: str, layer: str,
+                  plans: dict, progress) -> dict:
+    """One strategy's row: read back when it was finished under the same settings, else run."""
+    settings = {"data": str(data), "model": base.model, "weights": base.weights, "seed": base.seed,
+                "fingerprint": fingerprint}
+    if strategy == "probe":
+        key = {**settings, "layer": layer}
+    else:
+        cfg, what = plans[strategy]
+        cfg = replace(cfg, out=str(out / "runs" / strategy))
+        key = {**settings, "config": recipe_settings(cfg)}
+    path = out / "strategies" / f"{strategy}.json"
+    record = read_record(path, key)
+    if record is None:
+        log.info("compare: %s", strategy)
+        row = (_probe(data, out, base, layer, progress) if strategy == "probe"
+               else _finetune_row(strategy, cfg, what, progress))
+        record = write_record(path, key, indent=2, row=row)
+    return record["row"]
 
 
 def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer: str | None = None,
             sweep_report=None, out=None, head_epochs: int = 2, epochs: int = 3,
             strategies=STRATEGIES, config: FinetuneConfig | None = None,
-            progress: bool | None = None) -> pd.DataFrame:
-    """Run the strategies and write the report; returns one row per strategy.
+            progress: bool | None = None) -> CompareResult:
+    """Run the strategies and write the report.
 
     ``config`` carries the fine-tuning settings (learning rates, batch size, seed, ...); its
     ``stages`` and ``from_scratch`` are set per strategy.
+
+    Returns
+    -------
+    CompareResult
+        ``table`` has one row per strategy; ``conclusion``, ``settings``, ``seconds``,
+        ``report`` (folder) and ``files`` describe it.
     """
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise FinetuneError(f"unknown strategy {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}.")
-    out = Path(out or Path("reports") / f"compare-{Path(data).name}-{model.replace(':', '-')}")
+    out = Path(out or default_compare_dir(data, model))
     base = replace(config or FinetuneConfig(str(data), ""), data=str(data), model=model, weights=weights)
     splits = make_splits(data, base.val_fraction, base.seed)
     if not len(splits.test):
@@ -98,44 +156,23 @@ def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer
                             f"strategy is scored on the same images.")
     layer = layer or (best_layer_from_sweep(sweep_report, model) if sweep_report else "penultimate")
     top = _top_stage(model)
-    plans = {
-        "top": (replace(base, stages=f"head:{head_epochs},{top}:{epochs}"), f"fine-tune {top} and the head"),
-        "all": (replace(base, stages=f"head:{head_epochs},all:{epochs}"), "fine-tune everything"),
-        "scratch": (replace(base, stages=f"all:{head_epochs + epochs}", from_scratch=True),
-                    "train from random initialisation"),
-    }
+    plans = _plans(base, top, head_epochs, epochs)
     (out / "strategies").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows = []
-    for s in strategies:
-        settings = {"data": str(data), "model": model, "weights": weights, "seed": base.seed,
-                    "fingerprint": splits.table.fingerprint()}
-        if s == "probe":
-            key = {**settings, "layer": layer}
-        else:
-            cfg, what = plans[s]
-            cfg = replace(cfg, out=str(out / "runs" / s))
-            key = {**settings, "config": recipe_settings(cfg)}
-        record = read_record(out / "strategies" / f"{s}.json", key)
-        if record is None:
-            log.info("compare: %s", s)
-            row = _probe(data, out, base, layer, progress) if s == "probe" else _finetune_row(s, cfg, what, progress)
-            record = write_record(out / "strategies" / f"{s}.json", key, indent=2, row=row)
-        rows.append(record["row"])
-    df = pd.DataFrame(rows)
+    fingerprint = splits.table.fingerprint()
+    df = pd.DataFrame([_strategy_row(s, data, out, base, fingerprint, layer, plans, progress)
+                       for s in strategies])
     for c in COLUMNS:
         if c not in df:
             df[c] = None
-    df.attrs.update({"conclusion": conclude(df, splits.sizes(), len(splits.classes), top, layer),
-                     "settings": {"data": str(data), "model": model, "weights": weights, "layer": layer,
-                                  "top_stage": top, "head_epochs": head_epochs, "epochs": epochs,
-                                  "seed": base.seed, "lr": base.lr, "head_lr_mult": base.head_lr_mult,
-                                  "batch_size": base.batch_size, "images": splits.sizes(),
-                                  "classes": len(splits.classes)},
-                     "seconds": round(time.perf_counter() - t0, 1), "report": str(out)})
-    from cnncodes.pipelines.compare.report import write_compare_report
-    df.attrs["files"] = {k: str(v) for k, v in write_compare_report(df, out).items()}
-    return df
+    settings = {"data": str(data), "model": model, "weights": weights, "layer": layer, "top_stage": top,
+                "head_epochs": head_epochs, "epochs": epochs, "seed": base.seed, "lr": base.lr,
+                "head_lr_mult": base.head_lr_mult, "batch_size": base.batch_size, "images": splits.sizes(),
+                "classes": len(splits.classes)}
+    result = CompareResult(table=df, conclusion=conclude(df, splits.sizes(), len(splits.classes), top, layer),
+                           settings=settings, seconds=round(time.perf_counter() - t0, 1), report=str(out))
+    result.files = {k: str(v) for k, v in write_compare_report(result).items()}
+    return result
 
 
 def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str) -> list[str]:
@@ -149,12 +186,13 @@ def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str
              f"images, {(sizes['train'] + sizes['val']) / n_classes:.0f} per class."]
     gap = 0.02
     tuned = max(acc.get("top", 0), acc.get("all", 0))
-    if "probe" in acc and tuned <= acc["probe"] + gap:
+    fine_tuned = "top" in acc or "all" in acc  # nothing to say of fine-tuning when none ran
+    if "probe" in acc and fine_tuned and tuned <= acc["probe"] + gap:
         lines.append(f"Fine-tuning ({tuned:.4f} at best) does not beat the linear probe ({acc['probe']:.4f}) by "
                      f"more than 2 points: the pretrained codes already fit this data (the 'small data' advice: "
                      f"keep the network fixed"
                      + (", read an earlier layer" if layer not in ("penultimate", top) else "") + ").")
-    elif "probe" in acc:
+    elif "probe" in acc and fine_tuned:
         lines.append(f"Fine-tuning beats the linear probe by "
                      f"{100 * (max(acc.get('top', 0), acc.get('all', 0)) - acc['probe']):.1f} points: there is "
                      f"enough data to move the weights (the 'large data' advice).")

@@ -2,6 +2,8 @@
 from cnncodes._lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    **dict.fromkeys(["FinetuneConfig", "finetune", "default_run_dir", "recipe_settings"], ".training"),
+    **dict.fromkeys(["FinetuneConfig", "default_run_dir", "recipe_settings"], ".config"),
+    "finetune": ".training",
+    "FinetuneResult": ".result",
     "FinetuneError": ".freezing",
 })

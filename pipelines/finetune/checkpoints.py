@@ -1,5 +1,6 @@
-"""Fine-tuning checkpoints: written atomically, read with ``weights_only=True``, and checked
-against the recipe of the run that wants to resume from them.
+"""Fine-tuning checkpoints: written atomically and read with ``weights_only=True``; the run that
+wants to resume from one compares its recipe with
+:func:`~cnncodes.extractor.recipe.describe_differences`.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled
 objects), so ``torch.load(..., weights_only=True)`` reads it and ``extract --weights`` accepts
@@ -7,15 +8,39 @@ it: its ``"model"`` entry is the network's state dict.
 """
 from __future__ import annotations
 
-import json
-import os
+import logging
 import random
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cnncodes.extractor.files import atomic_write
+from cnncodes.extractor.recipe import describe_differences
+
 from cnncodes.pipelines.finetune.freezing import FinetuneError
+
+log = logging.getLogger(__name__)
+# Everything a run writes into its folder; a new run removes them first.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "result.json", "curves.png", "confusion.png")
+
+
+@dataclass
+class Progress:
+    """Where a run stands between epochs: what a checkpoint saves and a resume restores."""
+
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "epoch": None})
+    stage_i: int = 0   # the stage to run next
+    stage_ep: int = 0  # epochs of it already done
+    ckpt: dict | None = None  # resumed from; kept until its stage has its optimiser state back
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> Progress:
+        return cls(history=ckpt["history"], best=ckpt["best"], stage_i=ckpt["next_stage"],
+                   stage_ep=ckpt["next_stage_epoch"], ckpt=ckpt)
 
 
 def rng_state() -> dict:
@@ -41,10 +66,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file and rename: a kill leaves the old checkpoint, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write through :func:`~cnncodes.extractor.files.atomic_write`: a kill (or a power cut)
+    leaves the old checkpoint, never half of one."""
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -57,25 +82,58 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def recipe_differences(saved: dict, now: dict) -> list[str]:
-    """Human-readable differences between two recipes, e.g. ``lr: 0.001 in the run, 0.01 now``."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str):
-            continue
-        if key == "classes":
-            gone, new = sorted(set(a or []) - set(b or [])), sorted(set(b or []) - set(a or []))
-            what = "; ".join(filter(None, [f"gone: {', '.join(gone[:5])}" if gone else "",
-                                            f"new: {', '.join(new[:5])}" if new else ""])) or "same names, new order"
-            out.append(f"classes differ ({what})")
-        elif key == "data_fingerprint":
-            out.append("the image list differs (images added, removed, moved or changed)")
-        else:
-            out.append(f"{key}: {_short(a)} in the run, {_short(b)} now")
-    return out
+def publish_best(out: Path) -> None:
+    """Copy ``last.pt`` to ``best.pt`` atomically (the epoch just saved is the best so far)."""
+    with atomic_write(out / "best.pt") as tmp:
+        shutil.copyfile(out / "last.pt", tmp)
 
 
-def _short(v) -> str:
-    s = json.dumps(v, default=str)
-    return s if len(s) <= 60 else s[:57] + "..."
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete what a kill during a save left: :func:`~cnncodes.extractor.files.atomic_write`'s
+    temporary files, which nothing reads."""
+    if out.is_dir():
+        for tmp in out.glob(".*.pt.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bool) -> dict | None:
+    """The checkpoint in ``out`` to continue from, or None when the run starts afresh.
+
+    With ``resume``, a ``last.pt`` made by the same ``recipe`` is continued; one made by another
+    is an error unless ``overwrite`` (then the run starts again). Without ``resume``, an existing
+    run is an error unless ``overwrite``.
+    """
+    last = out / "last.pt"
+    if last.exists() and resume:
+        ckpt = load_checkpoint(last)
+        diffs = describe_differences(ckpt["recipe"], recipe, where=("in the run", "now"))
+        if not diffs:
+            return ckpt
+        if not overwrite:
+            raise FinetuneError(f"cannot resume {out}: it was made by a different recipe: "
+                                f"{'; '.join(diffs)}. Use another --out, or --overwrite to start again.")
+        log.info("%s was made by another recipe (%s): starting again", out, "; ".join(diffs))
+    elif last.exists() and not overwrite:
+        raise FinetuneError(f"{out} already holds a run; pass --resume to continue it or "
+                            f"--overwrite to start again.")
+    elif not overwrite and (present := _contents(out)):
+        # Not this run's last.pt (deleted to save space, or never there): best.pt, result.json
+        # or a user's own files would be replaced by a run nobody asked to replace.
+        raise FinetuneError(f"{out} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}) "
+                            f"and holds no run to resume: choose another --out, or pass --overwrite to "
+                            f"replace the run files in it.")
+    elif resume:
+        log.info("nothing to resume in %s: starting a new run", out)
+    return None
+
+
+def _contents(out: Path) -> list[str]:
+    """What a folder holds (hidden files aside), sorted; empty when it does not exist."""
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+
+
+def clear_run(out: Path) -> None:
+    """Make ``out`` ready for a new run: created, and without a former run's files."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)

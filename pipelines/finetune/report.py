@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnncodes.pipelines.finetune.result import FinetuneResult
 from cnncodes.pipelines.records import write_json
 from cnncodes.pipelines.reports import plot_confusion
 
@@ -34,20 +35,22 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_finetune_report(result: dict, history: list[dict], truth, pred, classes, directory) -> dict:
-    """Add the confusion matrix to ``result`` and write the report files; returns their paths."""
+def write_finetune_report(result: FinetuneResult, history: list[dict], truth, pred, directory) -> dict:
+    """Set ``result.confusion`` (of ``truth`` against ``pred``, on ``result.evaluated_on``) and
+    ``result.files``, and write ``result.json``, ``curves.png`` and ``confusion.png``; returns
+    the files' paths."""
     from sklearn.metrics import confusion_matrix
     out = Path(directory)
     files = {"json": out / "result.json", "curves": out / "curves.png", "confusion": out / "confusion.png"}
+    classes = list(result.classes)
     cm = confusion_matrix(truth, pred, labels=np.arange(len(classes)))
-    result["confusion"] = cm.tolist()
-    result["classes"] = list(classes)
-    what = "from scratch" if result.get("from_scratch") else "fine-tuned"
+    result.confusion = cm.tolist()
+    what = "from scratch" if result.from_scratch else "fine-tuned"
     if history:
-        plot_curves(history, files["curves"], f"{result['model']} {what}: {' -> '.join(s['name'] for s in result['stages'])}")
-    plot_confusion(cm, list(classes), files["confusion"],
-                   f"{result['model']} {what}, {result['evaluated_on']} accuracy "
-                   f"{result[result['evaluated_on'] + '_accuracy']:.4f}")
-    result["files"] = {k: str(v) for k, v in files.items()}
-    write_json(files["json"], result, indent=2)
+        schedule = " -> ".join(s["name"] for s in result.stages)
+        plot_curves(history, files["curves"], f"{result.model} {what}: {schedule}")
+    plot_confusion(cm, classes, files["confusion"],
+                   f"{result.model} {what}, {result.evaluated_on} accuracy {result.accuracy:.4f}")
+    result.files = {k: str(v) for k, v in files.items()}
+    write_json(files["json"], result.as_dict(), indent=2)
     return files

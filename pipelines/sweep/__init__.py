@@ -2,5 +2,7 @@
 from cnncodes._lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    **dict.fromkeys(["sweep", "sweep_layers", "default_report_dir"], ".runner"),
+    **dict.fromkeys(["sweep", "run_sweep", "sweep_layers"], ".runner"),
+    **dict.fromkeys(["SweepSettings", "default_report_dir"], ".settings"),
+    "SweepResult": ".report",
 })

@@ -1,10 +1,11 @@
-"""A sweep's report: the table (CSV, Markdown, JSON), the depth-vs-accuracy plot, the best
-layer's confusion matrix, a conclusion in words, and one self-contained ``index.html``."""
+"""A sweep's result and its report: the table (CSV, Markdown, JSON), the depth-vs-accuracy plot,
+the best layer's confusion matrix, a conclusion in words, and one self-contained ``index.html``."""
 from __future__ import annotations
 
 import html
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,47 @@ import pandas as pd
 
 from cnncodes.extractor.provenance import library_versions
 
-from cnncodes.pipelines.reports import embed_png, fmt_cell, html_page, html_table, markdown_table, plot_confusion
+from cnncodes.pipelines.reports import (embed_png, fmt_cell, html_page, html_table, markdown_table,
+                                        plot_confusion)
+from cnncodes.pipelines.sweep.settings import SweepSettings
+
+
+@dataclass
+class SweepResult:
+    """What :func:`~.runner.sweep` found.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per backbone x layer x classifier (columns ``runner.COLUMNS``).
+    settings : SweepSettings
+        The sweep's settings; ``settings.as_dict()`` is the ``settings`` entry of ``sweep.json``.
+    report : str
+        The report folder.
+    conclusion : list of str
+        The reading of the table in sentences (:func:`conclude`).
+    best : dict or None
+        The best row (None when no layer was cross-validated).
+    kendall_tau : dict
+        Kendall's tau of LogME against CV accuracy, per classifier (:func:`kendall_taus`).
+    caches : dict
+        Per backbone: its cache's path, state, extraction seconds and image fingerprint.
+    seconds : float
+        Wall time of the sweep up to its report.
+    files : dict
+        The report's files by kind (``csv``, ``json``, ``markdown``, ``plot``, ``html``,
+        ``confusion``).
+    """
+
+    table: pd.DataFrame
+    settings: SweepSettings
+    report: str
+    conclusion: list = field(default_factory=list)
+    best: dict | None = None
+    kendall_tau: dict = field(default_factory=dict)
+    caches: dict = field(default_factory=dict)
+    seconds: float | None = None
+    files: dict = field(default_factory=dict)
 
 
 def _fitted(df: pd.DataFrame) -> pd.DataFrame:
@@ -37,12 +78,12 @@ def _name(row) -> str:
     return f"{row['classifier']} on {row['layer']} of {row['model']}"
 
 
-def conclude(df: pd.DataFrame) -> dict:
+def conclude(df: pd.DataFrame) -> tuple[list[str], dict | None]:
     """The best layer, the cheapest within 1 point of it, and whether accuracy still rises at
-    the top, in sentences (``conclusion``) and as the ``best`` row."""
+    the top: ``(sentences, best row)`` of a sweep's table."""
     fitted = _fitted(df)
     if fitted.empty:
-        return {"conclusion": ["No layer was cross-validated."], "best": None}
+        return ["No layer was cross-validated."], None
     order = fitted.assign(_cost=fitted["gflops"].fillna(np.inf))
     best = order.sort_values(["cv_accuracy", "_cost"], ascending=[False, True]).iloc[0]
     test = "" if pd.isna(best["test_accuracy"]) else f", test accuracy {best['test_accuracy']:.3f}"
@@ -74,7 +115,7 @@ def conclude(df: pd.DataFrame) -> dict:
             trend = (f"Accuracy levels off at the top ({below['layer']} {below['cv_accuracy']:.3f}, "
                      f"{top['layer']} {top['cv_accuracy']:.3f}).")
         lines.append(trend)
-    return {"conclusion": lines, "best": _plain(best.drop(labels="_cost").to_dict())}
+    return lines, _plain(best.drop(labels="_cost").to_dict())
 
 
 def _plain(d: dict) -> dict:
@@ -144,40 +185,45 @@ def _markdown(df: pd.DataFrame) -> str:
     return markdown_table(*table_rows(df))
 
 
-def write_sweep_report(df: pd.DataFrame, directory: str | Path, fit_records: dict) -> dict[str, Path]:
+def write_sweep_report(result: SweepResult, fit_records: dict) -> dict[str, Path]:
     """Write ``sweep.csv``, ``sweep.json``, ``sweep.md``, ``sweep.png``, ``confusion.png``
-    (best layer) and ``index.html`` into ``directory``."""
-    out = Path(directory)
+    (best layer) and ``index.html`` into ``result.report``.
+
+    ``fit_records`` maps (model, layer, classifier) to the stored record of each fit; the best
+    one's predictions make the confusion matrix.
+    """
+    df, best = result.table, result.best
+    out = Path(result.report)
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "sweep.csv", "json": out / "sweep.json", "markdown": out / "sweep.md",
              "plot": out / "sweep.png", "html": out / "index.html"}
     df.to_csv(files["csv"], index=False)
     plot_sweep(df, files["plot"])
-    best = df.attrs.get("best")
     if best:
-        record = fit_records[(best["model"], best["layer"], best["classifier"])]
-        classes = record["classes"]
-        from sklearn.metrics import confusion_matrix
-        cm = confusion_matrix(record["truth"], record["pred"], labels=np.arange(len(classes)))
         files["confusion"] = out / "confusion.png"
-        plot_confusion(cm, classes, files["confusion"],
-                       f"{_name(best)}, C={best['C']:g} ({record['evaluated_on']})")
-    tau = df.attrs.get("kendall_tau", {})
-    tau_text = ", ".join(f"{k}: {'-' if v is None else f'{v:+.2f}'}" for k, v in tau.items())
-    summary = {"rows": [_plain(r) for r in df.to_dict("records")], "conclusion": df.attrs.get("conclusion"),
-               "best": best, "kendall_tau_logme_vs_cv": tau, "settings": df.attrs.get("settings"),
-               "caches": df.attrs.get("caches"), "seconds": df.attrs.get("seconds"),
+        _plot_best_confusion(best, fit_records[(best["model"], best["layer"], best["classifier"])],
+                             files["confusion"])
+    tau_text = ", ".join(f"{k}: {'-' if v is None else f'{v:+.2f}'}" for k, v in result.kendall_tau.items())
+    summary = {"rows": [_plain(r) for r in df.to_dict("records")], "conclusion": result.conclusion,
+               "best": best, "kendall_tau_logme_vs_cv": result.kendall_tau,
+               "settings": result.settings.as_dict(), "caches": result.caches, "seconds": result.seconds,
                "versions": library_versions()}
     files["json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    conclusion = df.attrs.get("conclusion", [])
-    md = ["# Layer sweep", "", *[f"- {c}" for c in conclusion], "",
+    md = ["# Layer sweep", "", *[f"- {c}" for c in result.conclusion], "",
           f"LogME vs CV accuracy, Kendall's tau: {tau_text or '-'}", "", _markdown(df), "",
           "![accuracy vs depth](sweep.png)", ""]
     if "confusion" in files:
         md += ["![confusion matrix of the best layer](confusion.png)", ""]
     files["markdown"].write_text("\n".join(md))
-    files["html"].write_text(_html(df, files, conclusion, tau_text, summary))
+    files["html"].write_text(_html(df, files, result.conclusion, tau_text, summary))
     return files
+
+
+def _plot_best_confusion(best: dict, record: dict, path: Path) -> None:
+    from sklearn.metrics import confusion_matrix
+    classes = record["classes"]
+    cm = confusion_matrix(record["truth"], record["pred"], labels=np.arange(len(classes)))
+    plot_confusion(cm, classes, path, f"{_name(best)}, C={best['C']:g} ({record['evaluated_on']})")
 
 
 def _html(df, files, conclusion, tau_text, summary) -> str:

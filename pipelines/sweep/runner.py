@@ -5,26 +5,36 @@ cache gains only the layers it lacks). Every layer is scored with LogME (trainin
 each classifier, cross-validated like ``fit-svm`` / ``fit-softmax``. Each finished fit is stored
 in ``<report>/fits/`` under a key made of the cache's recipe and the fit's settings, so an
 interrupted sweep resumes where it stopped and a rerun redoes nothing.
+
+The steps, each a function of the validated :class:`~.settings.SweepSettings`:
+:func:`_extract_backbone` (one forward pass per backbone), :func:`_logme_scores`,
+:func:`_fit_rows` (one cross-validated fit per layer and classifier), :func:`order_table`, and
+the report (:func:`~.report.write_sweep_report`).
 """
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from cnncodes.extractor import DEFAULT_MODEL, extract, list_layers
 from cnncodes.extractor.engine import default_cache_path
+from cnncodes.extractor.errors import IncompatibleCacheError, SettingsError
+from cnncodes.extractor.files import slug
+from cnncodes.extractor.recipe import Recipe
 
 from cnncodes.pipelines.probes.artifacts import save_model
-from cnncodes.pipelines.probes.classifiers import CLASSIFIERS, cache_summary, fit_linear_probe, parse_c_grid, split_rows
+from cnncodes.pipelines.probes.classifiers import cache_summary, fit_linear_probe, split_rows
 from cnncodes.pipelines.probes.codes import load_codes
 from cnncodes.pipelines.probes.logme import logme
 from cnncodes.pipelines.records import read_record, write_record
+from cnncodes.pipelines.sweep.report import SweepResult, conclude, kendall_taus, write_sweep_report
+from cnncodes.pipelines.sweep.settings import SweepSettings, default_report_dir
+
+__all__ = ["COLUMNS", "STAGES", "SweepResult", "SweepSettings", "default_report_dir", "order_table",
+           "run_sweep", "sweep", "sweep_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +42,10 @@ STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
 COLUMNS = ["model", "layer", "module", "classifier", "dim", "stride", "relative_depth", "gflops", "logme",
            "fitted", "C", "cv_accuracy", "cv_std", "test_accuracy", "balanced_accuracy", "macro_f1",
            "fit_seconds", "n_train", "n_test", "model_file"]
+# The columns a fit's metrics fill, and where in its record each comes from.
+_METRIC_COLUMNS = {"C": "C", "cv_accuracy": "cv_accuracy", "cv_std": "cv_std",
+                   "test_accuracy": "test_accuracy", "balanced_accuracy": "balanced_accuracy",
+                   "macro_f1": "macro_f1", "fit_seconds": "seconds", "n_train": "n_train", "n_test": "n_test"}
 
 
 def sweep_layers(model: str, spec="all-stages") -> list[str]:
@@ -45,7 +59,7 @@ def sweep_layers(model: str, spec="all-stages") -> list[str]:
         spec = [s.strip() for s in spec.split(",") if s.strip()]
     if spec != "all-stages":
         if not spec:
-            raise ValueError("--layers must name at least one layer, or be all-stages.")
+            raise SettingsError("--layers must name at least one layer, or be all-stages.")
         return list(dict.fromkeys(spec))
     _, aliases = list_layers(model)
     names = [s for s in STAGES if s in aliases]
@@ -56,21 +70,11 @@ def sweep_layers(model: str, spec="all-stages") -> list[str]:
     return names
 
 
-def _fit_key(attrs: dict, layer_attrs: dict, classifier: str, settings: dict) -> dict:
-    return {"image_fingerprint": attrs.get("image_fingerprint"), "model": attrs.get("model"),
-            "weights_sha256": attrs.get("weights_sha256"), "pooling": attrs.get("pooling"),
-            "module": layer_attrs.get("module"), "classifier": classifier, **settings}
-
-
-def default_report_dir(data, models) -> Path:
-    return Path("reports") / f"{Path(data).resolve().name}-{'+'.join(m.replace(':', '_') for m in models)}"
-
-
 def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm", "softmax"), *,
           weights="DEFAULT", cache=None, report=None, c_grid=None, folds: int = 5,
           seed: int = 0, norm: str = "standard", solver: str = "auto", holdout: float | None = None,
           prescreen: int | None = None, pool: str = "avg", batch_size: int = 32, device: str = "auto",
-          progress: bool | None = None) -> pd.DataFrame:
+          progress: bool | None = None) -> SweepResult:
     """Extract, score and cross-validate every layer of every backbone; write the report.
 
     Parameters
@@ -95,119 +99,142 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
 
     Returns
     -------
-    pandas.DataFrame
-        One row per backbone x layer x classifier (columns ``COLUMNS``; ``model_file`` is the
-        fitted classifier, saved for ``cnncodes predict``); ``df.attrs`` holds
-        ``report`` (folder), ``files``, ``conclusion`` (sentences), ``best`` (row as a dict),
-        ``kendall_tau`` (per classifier) and ``settings``.
+    SweepResult
+        ``table`` has one row per backbone x layer x classifier (columns ``COLUMNS``;
+        ``model_file`` is the fitted classifier, saved for ``cnncodes predict``); ``report``
+        (folder), ``files``, ``conclusion`` (sentences), ``best`` (row as a dict),
+        ``kendall_tau`` (per classifier), ``settings`` and ``caches`` describe it.
 
     Examples
     --------
-    >>> df = sweep("data/digits", layers="stage3,stage4,stage5", classifiers=["svm"])  # doctest: +SKIP
-    >>> df[["layer", "relative_depth", "cv_accuracy", "logme"]]                           # doctest: +SKIP
+    >>> r = sweep("data/digits", layers="stage3,stage4,stage5", classifiers=["svm"])  # doctest: +SKIP
+    >>> r.table[["layer", "relative_depth", "cv_accuracy", "logme"]]                   # doctest: +SKIP
     """
-    from cnncodes.pipelines.sweep.report import conclude, kendall_taus, write_sweep_report
-
     t0 = time.perf_counter()
-    models = list(dict.fromkeys(models)) or [DEFAULT_MODEL]
-    classifiers = list(dict.fromkeys(classifiers))
-    bad = [c for c in classifiers if c not in CLASSIFIERS]
-    if bad or not classifiers:
-        raise ValueError(f"--classifier takes {' and/or '.join(CLASSIFIERS)} (comma-separated), got {bad or 'none'}.")
-    if cache is not None and len(models) > 1:
-        raise ValueError("--cache names one cache, so it works with one --model; drop it to give "
-                         "each backbone its default cache.")
-    if prescreen is not None and prescreen < 1:
-        raise ValueError(f"--prescreen must be >= 1, got {prescreen}.")
-    per_model = [weights] * len(models) if weights is None or isinstance(weights, (str, os.PathLike)) else list(weights)
-    if len(per_model) == 1:
-        per_model *= len(models)
-    if len(per_model) != len(models):
-        raise ValueError(f"give one --weights for every --model, or one for all: got {len(per_model)} "
-                         f"for {len(models)} models.")
-    grid = parse_c_grid(c_grid) if not isinstance(c_grid, (list, tuple)) else tuple(sorted(c_grid))
-    settings = {"c_grid": list(grid), "folds": folds, "seed": seed, "norm": norm, "solver": solver,
-                "holdout": holdout}
-    report = Path(report) if report else default_report_dir(data, models)
-    fits_dir = report / "fits"
-    show = progress if progress is not None else sys.stderr.isatty()
+    settings = SweepSettings.from_arguments(
+        data, models, layers, classifiers, weights=weights, cache=cache, report=report, c_grid=c_grid,
+        progress=progress, folds=folds, seed=seed, norm=norm, solver=solver, holdout=holdout,
+        prescreen=prescreen, pool=pool, batch_size=batch_size, device=device)
+    return run_sweep(settings, t0)
 
+
+def run_sweep(settings: SweepSettings, started: float | None = None) -> SweepResult:
+    """:func:`sweep` with its settings already checked; ``started`` is when the clock of the
+    result's ``seconds`` began (default: now)."""
+    t0 = time.perf_counter() if started is None else started
     rows, fit_records, caches = [], {}, {}
-    for model, model_weights in zip(models, per_model):
-        names = sweep_layers(model, layers)
-        path = Path(cache) if cache else default_cache_path(data, model)
-        log.info("extracting %s of %s into %s", ", ".join(names), model, path)
-        ext = extract(data, path, model=model, weights=model_weights, layers=names, pool=pool,
-                      batch_size=batch_size, device=device, progress=show)
-        caches[model] = {"path": str(path), "state": ext.state, "extract_seconds": round(ext.seconds, 2)}
-        codes = {name: load_codes(path, name) for name in names}
-        depth = {n: (c.layer_attrs.get("relative_depth"), c.layer_attrs.get("flops")) for n, c in codes.items()}
-        if any(d is None for pair in depth.values() for d in pair):  # a cache older than these attributes
-            layers_, aliases = list_layers(model)
-            known = {**{l.name: l for l in layers_}, **aliases}
-            depth = {n: (known[n].relative_depth, known[n].flops) if n in known else (None, None) for n in names}
-        caches[model]["fingerprint"] = codes[names[0]].attrs.get("image_fingerprint")
-        scores = {}
-        for name, c in codes.items():
-            key = _fit_key(c.attrs, c.layer_attrs, "logme", {"seed": seed, "holdout": holdout})
-            record_path = fits_dir / f"{_safe(model)}__{_safe(name)}__logme.json"
-            record = read_record(record_path, key)
-            if record is None:
-                train, _ = split_rows(c, holdout, seed)
-                record = write_record(record_path, key, logme=logme(c.X[train], c.y[train]))
-            scores[name] = record["logme"]
-        chosen = names
-        if prescreen is not None:
-            chosen = sorted(names, key=lambda n: -scores[n])[:prescreen]
-        todo = [(name, clf) for name in names for clf in classifiers]
-        bar = tqdm(total=sum(1 for n, _ in todo if n in chosen), desc=f"fits {model}", unit="fit",
-                   disable=not show, leave=False)
-        for name, clf in todo:
-            c = codes[name]
-            la = c.layer_attrs
-            stride = la.get("stride")
-            row = {"model": model, "layer": name, "module": la.get("module"), "classifier": clf,
-                   "dim": int(c.X.shape[1]), "stride": None if stride in (None, -1) else int(stride),
-                   "relative_depth": depth[name][0],
-                   "gflops": round(depth[name][1] / 1e9, 4) if depth[name][1] is not None else None,
-                   "logme": round(scores[name], 6), "fitted": name in chosen}
-            if name in chosen:
-                bar.set_postfix_str(f"{clf} on {name}")
-                record = _fit(c, name, clf, model, settings, grid, fits_dir)
-                fit_records[(model, name, clf)] = record
-                m = record["metrics"]
-                row.update({"C": m["C"], "cv_accuracy": m["cv_accuracy"], "cv_std": m["cv_std"],
-                            "test_accuracy": m["test_accuracy"], "balanced_accuracy": m["balanced_accuracy"],
-                            "macro_f1": m["macro_f1"], "fit_seconds": m["seconds"], "n_train": m["n_train"],
-                            "n_test": m["n_test"], "model_file": record["model_file"]})
-                bar.update()
-            rows.append(row)
-        bar.close()
-    df = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    # Shallow to deep within each backbone, backbones and classifiers in the order given.
-    df = df.sort_values(["model", "relative_depth", "classifier"], kind="stable",
-                        key=lambda col: col.map({m: i for i, m in enumerate(models)}) if col.name == "model"
-                        else col.map({c: i for i, c in enumerate(classifiers)}) if col.name == "classifier"
-                        else col).reset_index(drop=True)
-    df.attrs.update({"report": str(report), "settings": {**settings, "classifiers": classifiers,
-                                                         "prescreen": prescreen, "pool": pool,
-                                                         "models": models, "data": str(data)},
-                     "caches": caches, "kendall_tau": kendall_taus(df)})
-    df.attrs.update(conclude(df))
-    df.attrs["seconds"] = round(time.perf_counter() - t0, 2)
-    df.attrs["files"] = {k: str(v) for k, v in write_sweep_report(df, report, fit_records).items()}
-    return df
+    for model, model_weights in zip(settings.models, settings.weights):
+        codes, depth, caches[model] = _extract_backbone(settings, model, model_weights)
+        scores = _logme_scores(settings, model, codes)
+        rows += _fit_rows(settings, model, codes, depth, scores, fit_records)
+    table = order_table(pd.DataFrame(rows).reindex(columns=COLUMNS), settings.models, settings.classifiers)
+    conclusion, best = conclude(table)
+    result = SweepResult(table=table, report=str(settings.report), settings=settings, caches=caches,
+                         kendall_tau=kendall_taus(table), conclusion=conclusion, best=best,
+                         seconds=round(time.perf_counter() - t0, 2))
+    result.files = {k: str(v) for k, v in write_sweep_report(result, fit_records).items()}
+    return result
 
 
-def _fit(codes, name, clf, model, settings, grid, fits_dir: Path) -> dict:
+def _extract_backbone(settings: SweepSettings, model: str, weights) -> tuple[dict, dict, dict]:
+    """One forward pass of ``model`` for all its sweep layers into its cache.
+
+    Returns the codes per layer, (relative depth, FLOPs) per layer, and the cache's entry of
+    ``sweep.json`` (path, state, seconds, image fingerprint).
+    """
+    names = sweep_layers(model, settings.layers)
+    path = settings.cache or default_cache_path(settings.data, model)
+    log.info("extracting %s of %s into %s", ", ".join(names), model, path)
+    try:
+        ext = extract(settings.data, path, model=model, weights=weights, layers=names, pool=settings.pool,
+                      batch_size=settings.batch_size, device=settings.device, progress=settings.progress)
+    except IncompatibleCacheError as e:  # sweep has no --overwrite or --out: name what it has
+        raise e.with_remedy(f"Give sweep another --cache, or delete {e.path}.") from None
+    codes = {name: load_codes(path, name) for name in names}
+    cache = {"path": str(path), "state": ext.state, "extract_seconds": round(ext.seconds, 2),
+             "fingerprint": codes[names[0]].attrs.get("image_fingerprint")}
+    return codes, _depths(model, codes), cache
+
+
+def _depths(model: str, codes: dict) -> dict:
+    """(relative depth, FLOPs) of each layer, from the cache or, for a cache older than these
+    attributes, from a probe of the network."""
+    depth = {n: (c.layer_attrs.get("relative_depth"), c.layer_attrs.get("flops")) for n, c in codes.items()}
+    if all(d is not None for pair in depth.values() for d in pair):
+        return depth
+    layers, aliases = list_layers(model)
+    known = {**{l.name: l for l in layers}, **aliases}
+    return {n: (known[n].relative_depth, known[n].flops) if n in known else (None, None) for n in codes}
+
+
+def _fit_key(attrs: dict, layer_attrs: dict, classifier: str, settings: dict) -> dict:
+    """What a stored fit (or LogME score) was made from: the cache's recipe, the layer's
+    module, the classifier and the fit's settings."""
+    return {**Recipe.from_attrs(attrs).key(Recipe.FIT_KEYS), "module": layer_attrs.get("module"),
+            "classifier": classifier, **settings}
+
+
+def _logme_scores(settings: SweepSettings, model: str, codes: dict) -> dict[str, float]:
+    """LogME of every layer on its training rows, each read back when stored before."""
+    scores = {}
+    for name, c in codes.items():
+        key = _fit_key(c.attrs, c.layer_attrs, "logme", {"seed": settings.seed, "holdout": settings.holdout})
+        record_path = settings.fits_dir / f"{slug(model)}__{slug(name)}__logme.json"
+        record = read_record(record_path, key)
+        if record is None:
+            train, _ = split_rows(c, settings.holdout, settings.seed)
+            record = write_record(record_path, key, logme=logme(c.X[train], c.y[train]))
+        scores[name] = record["logme"]
+    return scores
+
+
+def _fit_rows(settings: SweepSettings, model: str, codes: dict, depth: dict, scores: dict,
+              fit_records: dict) -> list[dict]:
+    """The table rows of one backbone: every layer x classifier, cross-validated unless
+    pre-screened out. Each fit's record goes into ``fit_records`` under (model, layer, clf)."""
+    names = list(codes)
+    chosen = names
+    if settings.prescreen is not None:
+        chosen = sorted(names, key=lambda n: -scores[n])[:settings.prescreen]
+    todo = [(name, clf) for name in names for clf in settings.classifiers]
+    bar = tqdm(total=sum(1 for n, _ in todo if n in chosen), desc=f"fits {model}", unit="fit",
+               disable=not settings.progress, leave=False)
+    rows = []
+    for name, clf in todo:
+        row = _layer_row(model, name, clf, codes[name], depth[name], scores[name], fitted=name in chosen)
+        if name in chosen:
+            bar.set_postfix_str(f"{clf} on {name}")
+            record = _fit(settings, codes[name], name, clf, model)
+            fit_records[(model, name, clf)] = record
+            row.update({col: record["metrics"][key] for col, key in _METRIC_COLUMNS.items()})
+            row["model_file"] = record["model_file"]
+            bar.update()
+        rows.append(row)
+    bar.close()
+    return rows
+
+
+def _layer_row(model: str, name: str, clf: str, codes, depth: tuple, score: float, fitted: bool) -> dict:
+    """The columns of a row that do not need a fit."""
+    la = codes.layer_attrs
+    stride = la.get("stride")
+    relative_depth, flops = depth
+    return {"model": model, "layer": name, "module": la.get("module"), "classifier": clf,
+            "dim": int(codes.X.shape[1]), "stride": None if stride in (None, -1) else int(stride),
+            "relative_depth": relative_depth, "gflops": round(flops / 1e9, 4) if flops is not None else None,
+            "logme": round(score, 6), "fitted": fitted}
+
+
+def _fit(settings: SweepSettings, codes, name: str, clf: str, model: str) -> dict:
     """One cross-validated fit, or its stored record when the same one was done before."""
-    key = _fit_key(codes.attrs, codes.layer_attrs, clf, settings)
-    stem = fits_dir / f"{_safe(model)}__{_safe(name)}__{clf}"
+    fit_settings = settings.fit_settings()
+    key = _fit_key(codes.attrs, codes.layer_attrs, clf, fit_settings)
+    stem = settings.fits_dir / f"{slug(model)}__{slug(name)}__{clf}"
     record = read_record(stem.with_suffix(".json"), key)
     if record is not None and stem.with_suffix(".joblib").exists():
         return record
-    r = fit_linear_probe(codes, name, clf, c_grid=grid, folds=settings["folds"], seed=settings["seed"],
-                         norm=settings["norm"], holdout=settings["holdout"], solver=settings["solver"])
+    r = fit_linear_probe(codes, name, clf, c_grid=settings.c_grid, folds=settings.folds, seed=settings.seed,
+                         norm=settings.norm, holdout=settings.holdout, solver=settings.solver)
     what, truth, pred = r.evaluated()
     save_model(r, stem.with_suffix(".joblib"), overwrite=True)
     # written last: its presence means the fit is whole
@@ -216,5 +243,11 @@ def _fit(codes, name, clf, model, settings, grid, fits_dir: Path) -> dict:
                         model_file=str(stem.with_suffix(".joblib")), recipe=cache_summary(codes))
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+def order_table(table: pd.DataFrame, models: list[str], classifiers: list[str]) -> pd.DataFrame:
+    """Shallow to deep within each backbone, backbones and classifiers in the order given."""
+    model_rank = {m: i for i, m in enumerate(models)}
+    classifier_rank = {c: i for i, c in enumerate(classifiers)}
+    ranked = table.assign(_model_rank=table["model"].map(model_rank),
+                          _classifier_rank=table["classifier"].map(classifier_rank))
+    ranked = ranked.sort_values(["_model_rank", "relative_depth", "_classifier_rank"], kind="stable")
+    return ranked.drop(columns=["_model_rank", "_classifier_rank"]).reset_index(drop=True)

@@ -1,0 +1,97 @@
+"""The settings of a fine-tuning run, where it is written, and how its optimiser is built.
+
+:class:`FinetuneConfig` holds every setting; :func:`recipe_settings` picks those a resumed run
+must share with the one it continues; :func:`make_optimizer` and :func:`warmup_cosine` turn
+them into the two learning rates (backbone, head) and their schedule within a stage.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnncodes.extractor.backbones import DEFAULT_MODEL
+from cnncodes.extractor.files import slug
+
+from cnncodes.pipelines.finetune.freezing import FinetuneError
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run; all but ``out``, ``device`` and ``workers`` are part
+    of the recipe a resume must match."""
+
+    data: str
+    out: str
+    model: str = DEFAULT_MODEL
+    weights: str = "DEFAULT"
+    stages: str = "head:2,all:3"
+    lr: float = 5e-3
+    head_lr_mult: float = 10.0
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    batch_size: int = 32
+    accumulate: int = 1
+    val_fraction: float = 0.1
+    patience: int = 3
+    bn: str = "frozen"
+    from_scratch: bool = False
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    workers: int | None = None
+
+
+_NOT_RECIPE = {"data", "out", "device", "workers"}
+
+
+def recipe_settings(cfg: FinetuneConfig) -> dict:
+    """The settings that decide a run's result (all but where it reads and writes, and which
+    device and how many decoding workers it uses)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_RECIPE}
+
+
+def default_run_dir(data, model: str, from_scratch: bool = False) -> Path:
+    """``runs/<data>-<model>``, with ``-scratch`` for a from-scratch run, made safe as a path
+    component (``timm:resnet18`` -> ``timm-resnet18``)."""
+    return Path("runs") / slug(f"{Path(data).name}-{model}" + ("-scratch" if from_scratch else ""))
+
+
+def warmup_cosine(total: int, warmup: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return factor
+
+
+def make_optimizer(model: nn.Module, head: str, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """Two parameter groups: the trainable backbone at ``lr`` and the head at ``lr *
+    head_lr_mult``. From scratch every parameter is new, so all train at the head's rate (as
+    d2l's scratch baseline does: 10x the fine-tuned backbone's rate)."""
+    head_lr = cfg.lr * cfg.head_lr_mult
+    body_lr = head_lr if cfg.from_scratch else cfg.lr
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(head + ".")]
+    groups = [{"params": body, "lr": body_lr, "name": "backbone"}] if body else []
+    groups.append({"params": list(model.get_submodule(head).parameters()), "lr": head_lr, "name": "head"})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=head_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=head_lr, weight_decay=cfg.weight_decay)
+    raise FinetuneError(f"--optimizer must be sgd or adamw, not '{cfg.optimizer}'.")
+
+
+def make_scheduler(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, cfg: FinetuneConfig):
+    """A stage's schedule: ``warmup_epochs`` of linear warm-up (at most half the stage), then
+    cosine decay to 0 at the stage's last step."""
+    total = steps_per_epoch * epochs
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(total, min(round(cfg.warmup_epochs * steps_per_epoch), total // 2)))

@@ -1,0 +1,199 @@
+"""One pass over a split: a training epoch or an evaluation, on one process or one DDP rank.
+
+Under ``torchrun`` every rank sees its share of each split; the sums of loss, hits and images
+are all-reduced, and evaluations gather every rank's predictions, so each rank ends a pass with
+the same figures.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cnncodes.extractor.devices import autocast
+
+from cnncodes.pipelines.finetune.freezing import FinetuneError, set_train_mode
+
+
+@dataclass
+class Dist:
+    """This process's place in a DDP run (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; gloo on CPU, NCCL on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+        # NCCL for the CUDA tensors (gradients, buffers), gloo for the small CPU ones (sums,
+        # flags, objects): NCCL alone refuses CPU tensors.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer, to show DDP ranks agree bit for bit."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def rank_digests(model: nn.Module, ctx: Dist) -> list[str]:
+    """The :func:`state_digest` of every rank's ``model``, gathered on every rank."""
+    digest = state_digest(model)
+    if ctx.world == 1:
+        return [digest]
+    digests = [None] * ctx.world
+    torch.distributed.all_gather_object(digests, digest)
+    return digests
+
+
+def epoch_line(h: dict, stage, tr: dict, va: dict, improved: bool) -> str:
+    """The line a finished epoch logs: its history entry ``h``, training and val figures."""
+    return (f"epoch {h['epoch'] + 1} ({stage.name} {h['stage_epoch']}/{stage.epochs}): train loss "
+            f"{tr['loss']:.4f} acc {tr['accuracy']:.4f}, val loss {va['loss']:.4f} acc "
+            f"{va['accuracy']:.4f}{' (best)' if improved else ''}, {h['seconds']:.1f} s"
+            f"{', stage ends early' if h['early_stop'] else ''}")
+
+
+def _logits(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return getattr(out, "logits", None) if not isinstance(out, (tuple, list)) else out[0]
+
+
+class Passes:
+    """Training and evaluation passes of ``self.model``.
+
+    A base of the run (``training._Run``), which sets ``cfg``, ``ctx`` (:class:`Dist`), ``dev``,
+    ``prec`` (a resolved precision), ``model`` and ``progress`` before the first pass.
+    """
+
+    @property
+    def _memory_format(self):
+        return torch.channels_last if self.dev.type == "cuda" else torch.contiguous_format
+
+    def _autocast(self):
+        return autocast(self.prec)
+
+    def _to_device(self, x, y):
+        return (x.to(self.dev, non_blocking=True, memory_format=self._memory_format),
+                y.to(self.dev, non_blocking=True))
+
+    def _sum_over_ranks(self, loss_sum: float, correct: int, n: int) -> tuple[float, float, float]:
+        totals = torch.tensor([loss_sum, correct, n], dtype=torch.float64)
+        if self.ctx.world > 1:
+            torch.distributed.all_reduce(totals)
+        return tuple(totals.tolist())
+
+    def evaluate(self, loader, keep: bool = False) -> dict:
+        """Loss and accuracy over a split, summed over the ranks' shares; with ``keep``, the
+        table rows and predictions of every image (gathered from all ranks).
+
+        The plain model, not the DDP wrapper, runs here: DDP's forward broadcasts buffers, a
+        collective the ranks would have to call equally often, and their shares may differ by
+        a batch."""
+        self.model.eval()
+        loss_sum, correct, n, rows, preds, failed = 0.0, 0, 0, [], [], []
+        crit = nn.CrossEntropyLoss(reduction="sum")
+        with torch.inference_mode():
+            for x, y, batch_rows, bad in loader:
+                failed += bad
+                if x is None:
+                    continue
+                x, y = self._to_device(x, y)
+                with self._autocast():
+                    logits = _logits(self.model(x)).float()
+                loss_sum += float(crit(logits, y))
+                p = logits.argmax(1)
+                correct += int((p == y).sum())
+                n += len(y)
+                if keep:
+                    rows += batch_rows
+                    preds += p.cpu().tolist()
+        loss_sum, correct, n = self._sum_over_ranks(loss_sum, correct, n)
+        if self.ctx.world > 1:
+            gathered = [None] * self.ctx.world
+            torch.distributed.all_gather_object(gathered, (rows, preds, failed))
+            rows, preds, failed = ([x for g in gathered for x in g[k]] for k in range(3))
+        return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n),
+                "rows": rows, "preds": preds, "failed": failed}
+
+    def _all_skip(self, empty: bool) -> bool:
+        """Whether this training batch is skipped: on every rank as soon as one has nothing in
+        it (every image failed to decode), since DDP's backward is a collective that all ranks
+        must join. Gradients kept without a step carry over to the next step, on all ranks."""
+        if self.ctx.world == 1:
+            return empty
+        flag = torch.tensor([1.0 if empty else 0.0])
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item())
+
+    def _backward(self, net, x, y, crit, scaler, sync):
+        """Forward and backward of one batch (gradients scaled for accumulation); an out-of-memory
+        error becomes advice on the batch size."""
+        cfg = self.cfg
+        try:
+            with sync:
+                with self._autocast():
+                    logits = _logits(net(x))
+                    loss = crit(logits.float(), y)
+                scaler.scale(loss / cfg.accumulate).backward()
+        except torch.cuda.OutOfMemoryError:
+            raise FinetuneError(
+                f"{self.dev} ran out of memory at --batch-size {cfg.batch_size}: try --batch-size "
+                f"{max(1, cfg.batch_size // 2)} --accumulate {cfg.accumulate * 2} (the same effective "
+                f"batch){', or --precision bf16' if self.prec == 'fp32' else ''}.") from None
+        return logits, loss
+
+    def train_epoch(self, net, loader, opt, sched, scaler, frozen, epoch_label: str) -> dict:
+        """One epoch over ``loader``: a step every ``accumulate`` batches (and at the end)."""
+        cfg = self.cfg
+        set_train_mode(self.model, frozen, cfg.bn)
+        crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        loss_sum, correct, n, failed = 0.0, 0, 0, []
+        batches = tqdm(loader, desc=epoch_label, unit="batch", leave=False,
+                       disable=None if self.progress and self.ctx.main else True)
+        opt.zero_grad(set_to_none=True)
+        for i, (x, y, _, bad) in enumerate(batches):
+            failed += bad
+            if self._all_skip(x is None):
+                continue
+            x, y = self._to_device(x, y)
+            step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader)
+            sync = net.no_sync() if self.ctx.world > 1 and not step_now else contextlib.nullcontext()
+            logits, loss = self._backward(net, x, y, crit, scaler, sync)
+            if step_now:
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+            batches.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
+        loss_sum, correct, n = self._sum_over_ranks(loss_sum, correct, n)
+        if self.ctx.world > 1:
+            # DDP averages gradients, not batch-norm statistics: take rank 0's so every rank
+            # evaluates and saves the same network.
+            for b in self.model.buffers():
+                torch.distributed.broadcast(b, 0)
+        return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "failed": failed}
