@@ -68,6 +68,7 @@ def peer_npz(cache: Path) -> Path:
 
 def big_matrix(cache: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, Path]:
     from cnncodes.extractor.cache import DONE, CacheWriter, LayerSpec, create_cache
+
     from cnncodes.pipelines.probes.codes import load_codes
     c = load_codes(cache, "penultimate")
     tr = c.splits != "test"

@@ -97,6 +97,7 @@ def ceiling(manifest: Path, device: str, batch_size: int) -> dict:
     faster, so it is what cnncodes would reach if decoding and writing were free, at the least.
     """
     import torch
+
     from cnncodes.extractor.batching import _torch_threads, micro_batch_size
     from cnncodes.extractor.engine import prepare_model
     from cnncodes.extractor.layers import Probe, Tapper

@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fresh", action="store_true", help="Delete the kept runs first.")
     ap.add_argument("--update-readme", action="store_true")
-    ap.add_argument("--readme-only", action="store_true", help="Rewrite the README table from the saved JSON.")
+    ap.add_argument("--readme-only", action="store_true",
+                    help="Rewrite the README table from the saved JSON.")
     args = ap.parse_args()
     if args.readme_only:
         for path in sorted((HERE / "results").glob("finetune-*.json")):
@@ -60,9 +61,11 @@ def main() -> None:
     from cnncodes.extractor.provenance import library_versions
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     result = {"benchmark": "finetune", "device": device,
-              "device_name": torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()}-thread CPU",
+              "device_name": torch.cuda.get_device_name() if device == "cuda"
+                             else f"{torch.get_num_threads()}-thread CPU",
               "date": time.strftime("%Y-%m-%d"), "head_epochs": args.head_epochs, "epochs": args.epochs,
-              "rows": out["rows"], "conclusion": out["conclusion"], "wall_seconds": round(time.perf_counter() - t0, 1),
+              "rows": out["rows"], "conclusion": out["conclusion"],
+              "wall_seconds": round(time.perf_counter() - t0, 1),
               "command": " ".join(cmd[1:]), "versions": library_versions()}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"finetune-{device}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -78,7 +81,8 @@ def per_stage(row: dict) -> str:
 
 
 def markdown(r: dict) -> str:
-    rows = ["| Caltech-101 mini, Lite0 | test acc | best val (CV for the probe) | epochs | s/epoch per stage | training s | trainable params |",
+    rows = ["| Caltech-101 mini, Lite0 | test acc | best val (CV for the probe) | epochs | s/epoch per stage "
+            "| training s | trainable params |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     f = fmt_cell
     for row in r["rows"]:

@@ -189,8 +189,10 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
 
 @cli.command("extract")
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Cache file [default: cache/<data>-<model>.h5].")
-@click.option("--model", "-m", default="efficientnet_lite0", show_default=True, help="Backbone (see list-models).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="Cache file [default: cache/<data>-<model>.h5].")
+@click.option("--model", "-m", default="efficientnet_lite0", show_default=True,
+              help="Backbone (see list-models).")
 @click.option("--weights", "-w", default="DEFAULT", show_default=True,
               help="DEFAULT, a torchvision enum name (IMAGENET1K_V2), a file, or none.")
 @click.option("--layer", "-l", "layers", multiple=True, default=["penultimate"], show_default=True,
@@ -208,7 +210,8 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
                    "batch, then computes it), one per core (at most 8) on CUDA/MPS].")
 @click.option("--strict", is_flag=True, help="Stop at the first image that fails to decode.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made by another recipe.")
-@click.option("--allow-overlap", is_flag=True, help="Accept a manifest listing an image in two splits (a leak).")
+@click.option("--allow-overlap", is_flag=True,
+              help="Accept a manifest listing an image in two splits (a leak).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
@@ -279,11 +282,13 @@ def info_cmd(cache: str, as_json: bool) -> None:
     click.echo(f"  preprocessing resize {pre['resize']} {pre['interpolation']}, crop {pre['crop']}, "
                f"mean {pre['mean']}, std {pre['std']}")
     click.echo(f"  pooling       {s['pooling']}, {s['dtype']}, precision {s['precision']}")
-    click.echo(f"  images        {s['images']}: {s['done']} done, {s['failed']} failed, {s['pending']} pending; "
+    click.echo(f"  images        {s['images']}: {s['done']} done, {s['failed']} failed, "
+               f"{s['pending']} pending; "
                f"{s['classes']} classes; splits " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
     for name, l in s["layers"].items():
         click.echo(f"  layer {name:<12} {l['dim']:>6}-d  module {l['module']}, "
-                   f"unpooled {'x'.join(map(str, l['unpooled_shape']))}, stride {l['stride'] if l['stride'] > 0 else '-'}")
+                   f"unpooled {'x'.join(map(str, l['unpooled_shape']))}, "
+                   f"stride {l['stride'] if l['stride'] > 0 else '-'}")
     state = "complete" if s["complete"] else "INCOMPLETE"
     extra = (f"; {s['unmerged_rows']} rows of an interrupted run await the next `extract`"
              if s["unmerged_rows"] else "")
@@ -316,7 +321,8 @@ def _fit_options(fn):
                      help="Number of PCA components, or 'whiten' (fitted inside each fold)."),
         click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Without a test split in the cache: keep this stratified share as the test."),
-        click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache."),
+        click.option("--allow-incomplete", is_flag=True,
+                     help="Use the finished rows of an incomplete cache."),
         click.option("--solver", type=click.Choice(["auto", "sklearn", "torch"]), default="auto",
                      show_default=True, help="torch: every fold x C fitted at once as one batched "
                      "problem (GPU when present); auto: torch for codes of >= 256 dimensions without --pca."),
@@ -337,6 +343,7 @@ def _fit_options(fn):
 def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allow_incomplete, solver,
          n_jobs, report_dir, out, overwrite, as_json) -> None:
     from cnncodes.extractor.files import check_writable
+
     from cnncodes.pipelines.probes.artifacts import save_model
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
     from cnncodes.pipelines.reports import write_fit_report
@@ -357,7 +364,8 @@ def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allo
         _echo_json(summary)
         return
     click.echo(f"{classifier} on {r.layer} of {cache}: {r.n_train} training rows, {r.n_test} test rows"
-               + (f" ({', '.join(f'{v} {k}' for k, v in r.excluded.items())} excluded)" if r.excluded else ""))
+               + (f" ({', '.join(f'{v} {k}' for k, v in r.excluded.items())} excluded)"
+                  if r.excluded else ""))
     click.echo(f"{'C':>10}  {'CV accuracy':>18}")
     for g in r.grid:
         mark = "  <- chosen" if g["C"] == r.C else ""
@@ -508,7 +516,8 @@ def demo(data, report_dir, c_grid, folds, seed, norm, solver, device, batch_size
 
     \b
     Example:
-      cnncodes demo && cnncodes predict --model reports/digits-efficientnet_lite0/best-svm.joblib data/digits/test/3
+      cnncodes demo && cnncodes predict --model reports/digits-efficientnet_lite0/best-svm.joblib \
+data/digits/test/3
     """
     from cnncodes.pipelines.demo import run_demo
     r = run_demo(data, report_dir, c_grid=c_grid, folds=folds, seed=seed, norm=norm, solver=solver,
@@ -522,7 +531,8 @@ def demo(data, report_dir, c_grid, folds, seed, norm, solver, device, batch_size
 # Fine-tuning settings: shared by finetune and compare.
 def _train_options(fn):
     options = [
-        click.option("--model", "-m", default="efficientnet_lite0", show_default=True, help="Backbone (see list-models)."),
+        click.option("--model", "-m", default="efficientnet_lite0", show_default=True,
+                     help="Backbone (see list-models)."),
         click.option("--weights", "-w", default="DEFAULT", show_default=True,
                      help="As for extract; a fine-tuning checkpoint (best.pt) works too."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-3, show_default=True,
@@ -536,16 +546,19 @@ def _train_options(fn):
         click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True),
         click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.5, show_default=True,
                      help="Linear warm-up at the start of every stage, then cosine decay."),
-        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True),
+        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                     show_default=True),
         click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True),
         click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Sum gradients over N batches per step (an N times larger batch on a small GPU)."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
-                     show_default=True, help="Without a val split: this stratified share of train validates."),
+                     show_default=True,
+                     help="Without a val split: this stratified share of train validates."),
         click.option("--patience", type=click.IntRange(min=0), default=3, show_default=True,
                      help="End a stage after N epochs without a new best val accuracy (0: never)."),
         click.option("--bn", type=click.Choice(["frozen", "train"]), default="frozen", show_default=True,
-                     help="Batch norm in frozen parts: frozen = eval mode, statistics kept; train = re-estimated."),
+                     help="Batch norm in frozen parts: frozen = eval mode, statistics kept; "
+                          "train = re-estimated."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
@@ -571,8 +584,10 @@ def _config(data, out, **kw):
               help="Run folder [default: runs/<data>-<model>, -scratch with --from-scratch].")
 @click.option("--stages", help="START:EPOCHS,... with START = head, a layer or alias, or all "
                                "[default: head:2,all:3].")
-@click.option("--freeze-until", help="One stage: freeze everything before LAYER, train the rest for --epochs.")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="With --freeze-until.")
+@click.option("--freeze-until",
+              help="One stage: freeze everything before LAYER, train the rest for --epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="With --freeze-until.")
 @click.option("--from-scratch", is_flag=True, help="The same schedule from random initialisation.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--overwrite", is_flag=True, help="Start again, replacing the run in --out.")
@@ -612,7 +627,8 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
     for s in r.stages:
         click.echo(f"  {s['name']:<10} {s['epochs_run']}/{s['epochs']} epochs, "
                    f"{s['trainable_params'] or 0:>11,} trainable, {s['seconds_per_epoch'] or 0:.1f} s/epoch, "
-                   f"best val {s['best_val_accuracy'] if s['best_val_accuracy'] is not None else float('nan'):.4f}")
+                   f"best val "
+                   f"{s['best_val_accuracy'] if s['best_val_accuracy'] is not None else float('nan'):.4f}")
     for path in r.failed_images[:10]:
         click.echo(f"failed: {path}", err=True)
     click.echo(f"{r.run_dir}: {r.status}; {r.evaluated_on} accuracy {r.accuracy:.4f} with the best epoch "
@@ -622,8 +638,10 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
 
 @cli.command("compare")
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--layer", "-l", help="The linear probe's layer [default: best of --sweep-report, else penultimate].")
-@click.option("--sweep-report", type=click.Path(exists=True), help="A sweep report folder to take the best layer from.")
+@click.option("--layer", "-l",
+              help="The linear probe's layer [default: best of --sweep-report, else penultimate].")
+@click.option("--sweep-report", type=click.Path(exists=True),
+              help="A sweep report folder to take the best layer from.")
 @click.option("--strategies", default="probe,top,all,scratch", show_default=True,
               help="Which of probe, top, all, scratch to run.")
 @click.option("--head-epochs", type=click.IntRange(min=1), default=2, show_default=True,
@@ -713,8 +731,9 @@ def predict_cmd(model_file, paths, out, overwrite, device, batch_size) -> None:
     """
     import csv
 
-    from cnncodes.pipelines.probes.predict import predict_images
     from cnncodes.extractor.files import atomic_write, check_writable
+
+    from cnncodes.pipelines.probes.predict import predict_images
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
     if out:

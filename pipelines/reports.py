@@ -10,9 +10,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import precision_recall_fscore_support
+
 from cnncodes.extractor.files import write_text_atomic
 from cnncodes.extractor.provenance import library_versions
-from sklearn.metrics import precision_recall_fscore_support
 
 
 def write_fit_report(result, directory: str | Path) -> dict[str, Path]:

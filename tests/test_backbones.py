@@ -3,6 +3,7 @@ import time
 import pytest
 import torch
 import torchvision
+
 from cnncodes.extractor.backbones import hub_checkpoint, list_models, load_backbone
 from cnncodes.extractor.errors import ModelNotFoundError, WeightsNotFoundError
 from cnncodes.extractor.images import load_rgb

@@ -3,6 +3,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+
 from cnncodes.extractor.cache import (
     DONE,
     FAILED,

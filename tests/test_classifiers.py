@@ -5,13 +5,15 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from sklearn.preprocessing import StandardScaler
+
 from cnncodes.extractor.cache import DONE, FAILED, CacheWriter, LayerSpec, create_cache
+
 from cnncodes.pipelines.cli import cli
 from cnncodes.pipelines.probes.artifacts import ModelFileError, load_model, save_model, sidecar
 from cnncodes.pipelines.probes.classifiers import fit_linear_probe, parse_c_grid
 from cnncodes.pipelines.probes.codes import CodesError, load_codes
 from cnncodes.pipelines.probes.predict import evaluate_model
-from sklearn.preprocessing import StandardScaler
 
 RECIPE = {"model": "resnet18", "weights": {"name": "none", "file": None, "sha256": None},
           "weights_sha256": "none", "preprocessing": {"crop": 224}, "pooling": "avg",

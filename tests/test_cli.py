@@ -43,7 +43,8 @@ def test_extract_info_and_rerun(run, image_folder, tmp_path, r18_weights):
     (["--precision", "bf16"], "needs a CUDA device"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_1(run, image_folder, tmp_path, r18_weights, extra, message):
-    r = run("extract", image_folder, "--out", tmp_path / "c.h5", "-m", "resnet18", "-w", r18_weights, "-q", *extra)
+    r = run("extract", image_folder, "--out", tmp_path / "c.h5", "-m", "resnet18", "-w", r18_weights,
+            "-q", *extra)
     assert r.exit_code == 1 and message in r.output
     assert r.output.count("\n") == 1 and "Traceback" not in r.output
 
@@ -51,7 +52,8 @@ def test_bad_input_is_one_clear_line_and_exit_1(run, image_folder, tmp_path, r18
 def test_a_bad_single_value_is_a_usage_error_naming_its_option(run, image_folder, tmp_path):
     # click's BadParameter: exit status 2, with the usage line and the option named
     r = run("extract", image_folder, "--out", tmp_path / "c.h5", "--pool", "mean")
-    assert r.exit_code == 2 and "Invalid value for '--pool'" in r.output and "'mean' is not a pooling" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--pool'" in r.output and \
+        "'mean' is not a pooling" in r.output
     assert "Traceback" not in r.output
 
 

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
 from cnncodes.extractor.cache import CacheWriter, Journal
 from cnncodes.extractor.errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
 

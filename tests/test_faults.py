@@ -10,8 +10,9 @@ import os
 import h5py
 import numpy as np
 from click.testing import CliRunner
-from cnncodes.pipelines.cli import cli
 from PIL import Image
+
+from cnncodes.pipelines.cli import cli
 
 from cnncodes import extractor
 
@@ -421,6 +422,7 @@ def test_a_model_file_with_a_self_made_sidecar_is_refused_in_words(tmp_path):
 
 def test_stage_specs_get_messages_that_help():
     import pytest
+
     from cnncodes.pipelines.finetune.freezing import FinetuneError, parse_stages
     with pytest.raises(FinetuneError, match="is not START:EPOCHS"):
         parse_stages("head:²")
@@ -525,7 +527,8 @@ def test_finetune_never_replaces_a_folder_that_is_not_this_resumable_run(tmp_pat
     own = tmp_path / "mine"
     own.mkdir()
     (own / "best.pt").write_bytes(b"my own weights")
-    one_line_error(CliRunner().invoke(cli, ["finetune", str(data), "--stages", "head:1", *TINY, "--out", str(own)]),
+    one_line_error(CliRunner().invoke(cli, ["finetune", str(data), "--stages", "head:1", *TINY, "--out",
+                                            str(own)]),
                    "is not empty")
     assert (own / "best.pt").read_bytes() == b"my own weights"
     assert CliRunner().invoke(cli, [*args, "--lr", "0.1", "--overwrite"]).exit_code == 0
@@ -551,7 +554,8 @@ def test_sweep_and_compare_name_their_own_options_after_a_cache_mismatch(image_f
 
 def test_a_sweep_killed_at_random_points_ends_with_the_same_table(image_folder, tmp_path, r18_weights):
     import json
-    args = ["sweep", image_folder, "--model", "resnet18", "--weights", r18_weights, "--layers", "layer2,layer3",
+    args = ["sweep", image_folder, "--model", "resnet18", "--weights", r18_weights,
+            "--layers", "layer2,layer3",
             "--classifier", "svm", "--c-grid", "0.1,1", "--folds", "2", "--cache", tmp_path / "c.h5", "-q"]
     _kill_at_random_points([*args, "--report", tmp_path / "killed"], seed=3, kills=2, spread=(1.0, 8.0))
     _popen(*args, "--report", tmp_path / "whole").communicate(timeout=300)

@@ -17,11 +17,18 @@ from click.testing import CliRunner
 from cnncodes.extractor import load_backbone
 from cnncodes.extractor.errors import LayerNotFoundError
 from cnncodes.extractor.layers import Probe
-from cnncodes.pipelines.finetune.checkpoints import load_checkpoint
+
 from cnncodes.pipelines.cli import cli
+from cnncodes.pipelines.finetune.checkpoints import load_checkpoint
+from cnncodes.pipelines.finetune.freezing import (
+    FinetuneError,
+    apply_stage,
+    frozen_modules,
+    parse_stages,
+    replace_head,
+    resolve_stages,
+)
 from cnncodes.pipelines.finetune.training import FinetuneConfig, finetune, make_optimizer
-from cnncodes.pipelines.finetune.freezing import (FinetuneError, apply_stage, frozen_modules, parse_stages, replace_head,
-                                resolve_stages)
 
 from .conftest import write_image
 
@@ -89,7 +96,8 @@ def test_stages_out_of_order_and_unknown_names_are_refused(resnet):
         resolve_stages(probe, parse_stages("head:1,layer3:1,layer4:1"))
     with pytest.raises(FinetuneError, match="out of network order"):
         resolve_stages(probe, parse_stages("all:1,head:1"))
-    with pytest.raises(LayerNotFoundError, match="'layr4' is not a layer.*'layer4'.*Valid starts: head, all, stage1"):
+    with pytest.raises(LayerNotFoundError,
+                       match="'layr4' is not a layer.*'layer4'.*Valid starts: head, all, stage1"):
         resolve_stages(probe, parse_stages("head:1,layr4:1"))
 
 
@@ -125,7 +133,8 @@ def test_run_writes_metrics_curves_and_checkpoints(tmp_path, data):
                                                "curves.png", "confusion.png"}
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["stage"] for l in lines] == ["head", "head", "stage5"]
-    assert set(lines[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "trainable_params"}
+    assert set(lines[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                             "trainable_params"}
     assert set(lines[0]["lr"]) == {"head"} and set(lines[2]["lr"]) == {"backbone", "head"}
     assert lines[0]["trainable_params"] < lines[2]["trainable_params"]
     saved = json.loads((out / "result.json").read_text())
@@ -352,8 +361,10 @@ def test_accumulate_steps_once_per_n_batches(tmp_path, data):
 
 def test_compare_takes_the_best_layer_of_a_sweep_report(tmp_path):
     from cnncodes.pipelines.compare.strategies import best_layer_from_sweep
-    rows = [{"model": "m", "layer": "stage3", "cv_accuracy": 0.8}, {"model": "m", "layer": "stage4", "cv_accuracy": 0.9},
-            {"model": "other", "layer": "stage5", "cv_accuracy": 0.99}, {"model": "m", "layer": "stage5", "cv_accuracy": None}]
+    rows = [{"model": "m", "layer": "stage3", "cv_accuracy": 0.8},
+            {"model": "m", "layer": "stage4", "cv_accuracy": 0.9},
+            {"model": "other", "layer": "stage5", "cv_accuracy": 0.99},
+            {"model": "m", "layer": "stage5", "cv_accuracy": None}]
     (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows}))
     assert best_layer_from_sweep(tmp_path, "m") == "stage4"
     with pytest.raises(FinetuneError, match="no fitted layer of nope"):

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from cnncodes.extractor.cache import DONE, CacheWriter, LayerSpec, create_cache
 from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.errors import CacheError, CnnCodesError, IncompatibleCacheError, SettingsError
 from cnncodes.extractor.files import atomic_write, slug
 from cnncodes.extractor.plan import ADD_LAYERS, CREATE, RESUME, UP_TO_DATE, plan_extraction
 from cnncodes.extractor.recipe import Recipe, describe_differences
+
 from cnncodes.pipelines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,9 +1,10 @@
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from cnncodes.extractor.errors import ImageSourceError
 from cnncodes.extractor.images import find_images, load_rgb, to_rgb
-from PIL import Image
 
 from .conftest import write_image
 

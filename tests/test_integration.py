@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from cnncodes.extractor.images import load_rgb
 
 from cnncodes import extractor
@@ -46,6 +47,7 @@ def test_extract_real_photos_matches_a_plain_forward(tmp_path):
 
 def test_fit_save_load_predict_round_trip_on_real_photos(tmp_path):
     from click.testing import CliRunner
+
     from cnncodes.pipelines.cli import cli
     classes = sorted(p.name for p in (CALTECH / "train").iterdir())[:6]
     lines = ["path,label,split"]

@@ -1,10 +1,11 @@
 """Layer naming, aliases and truncation, pinned on tiny toy modules and torchvision resnet18."""
 import pytest
 import torch
+from torch import nn
+
 from cnncodes.extractor.errors import LayerNotFoundError
 from cnncodes.extractor.layers import Probe, Tapper
 from cnncodes.extractor.pooling import parse_pooling
-from torch import nn
 
 
 class Counter(nn.Module):

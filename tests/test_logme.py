@@ -1,8 +1,9 @@
 """LogME against a direct computation of the evidence on small data."""
 import numpy as np
 import pytest
-from cnncodes.pipelines.probes.logme import _spectrum, log_evidence, logme, maximise_evidence
 from scipy.stats import multivariate_normal
+
+from cnncodes.pipelines.probes.logme import _spectrum, log_evidence, logme, maximise_evidence
 
 
 def _direct(F, y, alpha, beta):

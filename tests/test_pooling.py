@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from cnncodes.extractor.errors import PoolingError
 from cnncodes.extractor.pooling import parse_pooling
 

@@ -1,12 +1,13 @@
 """extractor.resize: the crop-aware resize must be bitwise torchvision's resize + centre crop."""
 import numpy as np
 import pytest
-from cnncodes.extractor.backbones import load_backbone
-from cnncodes.extractor.images import load_rgb
-from cnncodes.extractor.resize import pass_order, resize_center_crop
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
+
+from cnncodes.extractor.backbones import load_backbone
+from cnncodes.extractor.images import load_rgb
+from cnncodes.extractor.resize import pass_order, resize_center_crop
 
 from .conftest import CALTECH, IMAGENET_CHECK, needs_shared
 

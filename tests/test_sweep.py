@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cnncodes.extractor.errors import SettingsError
+
 from cnncodes.pipelines.cli import cli
 from cnncodes.pipelines.sweep.runner import COLUMNS, sweep, sweep_layers
 
@@ -54,7 +55,8 @@ def test_report_files_parse_back(swept):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 10 and set(COLUMNS) <= set(rows[0])
     summary = json.loads((report / "sweep.json").read_text())
-    assert {"rows", "conclusion", "best", "kendall_tau_logme_vs_cv", "settings", "caches", "versions"} <= set(summary)
+    assert {"rows", "conclusion", "best", "kendall_tau_logme_vs_cv", "settings", "caches",
+            "versions"} <= set(summary)
     assert summary["settings"]["seed"] == 0 and summary["settings"]["c_grid"] == [0.1, 1.0]
     assert summary["settings"] == result.settings.as_dict() and summary["best"] == result.best
     assert len(summary["caches"]["resnet18"]["fingerprint"]) == 64 and "torch" in summary["versions"]
@@ -62,7 +64,8 @@ def test_report_files_parse_back(swept):
         with Image.open(report / name) as im:
             assert im.format == "PNG" and im.width >= least[0] and im.height >= least[1]
     html = (report / "index.html").read_text()
-    assert 'id="sweep-table"' in html and html.count("data:image/png;base64,") == 2 and "src=\"http" not in html
+    assert 'id="sweep-table"' in html and html.count("data:image/png;base64,") == 2 and \
+        "src=\"http" not in html
     assert "| stage3 |" in (report / "sweep.md").read_text().replace("  ", " ")
 
 
@@ -156,7 +159,8 @@ def test_sweep_command_prints_the_table_and_json(swept, r18_weights):
 
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium") and not os.environ.get("CI"),
-                    reason="Debian's chromium is not installed (.ci/run installs it; in CI this test never skips)")
+                    reason="Debian's chromium is not installed (.ci/run installs it; "
+                           "in CI this test never skips)")
 def test_html_report_renders_in_headless_chromium(swept, tmp_path):
     from playwright.sync_api import sync_playwright
     _, _, tmp = swept
@@ -181,7 +185,8 @@ def test_html_report_renders_in_headless_chromium(swept, tmp_path):
         finally:
             browser.close()
     with Image.open(shot) as im:
-        assert im.width == 1280 and im.height > 900 and len(im.convert("L").getcolors(maxcolors=256) or []) > 20
+        assert im.width == 1280 and im.height > 900 and \
+            len(im.convert("L").getcolors(maxcolors=256) or []) > 20
 
 
 def test_a_cache_without_depth_attributes_gets_them_from_a_probe(swept, r18_weights):

@@ -90,10 +90,13 @@ def write_compare_report(result: CompareResult) -> dict[str, Path]:
                "settings": settings, "seconds": result.seconds, "versions": library_versions()}
     files["json"].write_text(json.dumps(summary, indent=2) + "\n")
     rows = table_rows(df)
-    md = ["# Transfer-learning strategies", "", *[f"- {c}" for c in conclusion], "", markdown_table(HEAD, rows),
+    md = ["# Transfer-learning strategies", "", *[f"- {c}" for c in conclusion], "",
+          markdown_table(HEAD, rows),
           "", "![accuracy and training time](compare.png)", ""]
     files["markdown"].write_text("\n".join(md))
-    files["html"].write_text(html_page("cnncodes compare", f"""<h1>Transfer-learning strategies: {html.escape(str(settings.get('model')))} on {html.escape(str(settings.get('data')))}</h1>
+    files["html"].write_text(html_page("cnncodes compare", f"<h1>Transfer-learning strategies: "
+                                       f"{html.escape(str(settings.get('model')))} on "
+                                       f"""{html.escape(str(settings.get('data')))}</h1>
 <ul id="conclusion">{''.join(f'<li>{html.escape(c)}</li>' for c in conclusion)}</ul>
 {html_table("compare-table", HEAD, rows)}
 <p class="small">Every strategy is scored on the same test split. The probe's "val" column is its

@@ -45,7 +45,8 @@ def best_layer_from_sweep(report: str | Path, model: str) -> str:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise FinetuneError(f"cannot read the sweep report {path}: {e}") from None
-    rows = [r for r in summary.get("rows", []) if r.get("model") == model and r.get("cv_accuracy") is not None]
+    rows = [r for r in summary.get("rows", [])
+            if r.get("model") == model and r.get("cv_accuracy") is not None]
     if not rows:
         raise FinetuneError(f"the sweep report {path} has no fitted layer of {model}.")
     return max(rows, key=lambda r: r["cv_accuracy"])["layer"]
@@ -188,14 +189,14 @@ def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str
     tuned = max(acc.get("top", 0), acc.get("all", 0))
     fine_tuned = "top" in acc or "all" in acc  # nothing to say of fine-tuning when none ran
     if "probe" in acc and fine_tuned and tuned <= acc["probe"] + gap:
-        lines.append(f"Fine-tuning ({tuned:.4f} at best) does not beat the linear probe ({acc['probe']:.4f}) by "
-                     f"more than 2 points: the pretrained codes already fit this data (the 'small data' advice: "
-                     f"keep the network fixed"
+        lines.append(f"Fine-tuning ({tuned:.4f} at best) does not beat the linear probe ({acc['probe']:.4f}) "
+                     f"by more than 2 points: the pretrained codes already fit this data (the 'small data' "
+                     f"advice: keep the network fixed"
                      + (", read an earlier layer" if layer not in ("penultimate", top) else "") + ").")
     elif "probe" in acc and fine_tuned:
         lines.append(f"Fine-tuning beats the linear probe by "
-                     f"{100 * (max(acc.get('top', 0), acc.get('all', 0)) - acc['probe']):.1f} points: there is "
-                     f"enough data to move the weights (the 'large data' advice).")
+                     f"{100 * (max(acc.get('top', 0), acc.get('all', 0)) - acc['probe']):.1f} points: "
+                     f"there is enough data to move the weights (the 'large data' advice).")
     if "top" in acc and "all" in acc:
         if acc["all"] > acc["top"] + gap:
             lines.append(f"Unfreezing everything beats tuning only {top}: the data differs from ImageNet "
@@ -205,8 +206,8 @@ def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str
                          f"({acc['all']:.4f}): ImageNet's early features transfer ('similar').")
     if "scratch" in acc:
         pre = max(v for k, v in acc.items() if k != "scratch")
-        lines.append(f"Training from scratch reaches {acc['scratch']:.4f}, {100 * (pre - acc['scratch']):.1f} points "
-                     f"below the best pretrained strategy: "
+        lines.append(f"Training from scratch reaches {acc['scratch']:.4f}, "
+                     f"{100 * (pre - acc['scratch']):.1f} points below the best pretrained strategy: "
                      + ("pretraining is what makes this data set learnable." if pre - acc["scratch"] > gap
                         else "this data set is large enough to learn without pretraining."))
     return lines

@@ -60,7 +60,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -76,7 +77,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FinetuneError(f"{path} is not a readable checkpoint ({e}); start again with --overwrite.") from e
+        raise FinetuneError(f"{path} is not a readable checkpoint ({e}); "
+                            f"start again with --overwrite.") from e
     if not isinstance(ckpt, dict) or "recipe" not in ckpt or "model" not in ckpt:
         raise FinetuneError(f"{path} is not a cnncodes fine-tuning checkpoint.")
     return ckpt
@@ -119,7 +121,8 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
     elif not overwrite and (present := _contents(out)):
         # Not this run's last.pt (deleted to save space, or never there): best.pt, result.json
         # or a user's own files would be replaced by a run nobody asked to replace.
-        raise FinetuneError(f"{out} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}) "
+        raise FinetuneError(f"{out} is not empty ({', '.join(present[:4])}"
+                            f"{', ...' if len(present) > 4 else ''}) "
                             f"and holds no run to resume: choose another --out, or pass --overwrite to "
                             f"replace the run files in it.")
     elif resume:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from cnncodes.extractor.images import ImageTable, find_images, load_rgb
+
 from cnncodes.pipelines.finetune.freezing import FinetuneError
 
 log = logging.getLogger(__name__)

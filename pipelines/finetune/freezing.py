@@ -25,9 +25,10 @@ import math
 import re
 from dataclasses import dataclass
 
+from torch import nn
+
 from cnncodes.extractor.errors import CnnCodesError, LayerNotFoundError
 from cnncodes.extractor.layers import ALIASES, Probe
-from torch import nn
 
 
 class FinetuneError(CnnCodesError, ValueError):

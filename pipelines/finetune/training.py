@@ -37,16 +37,44 @@ from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.layers import Probe
 from cnncodes.extractor.provenance import library_versions
 
-from cnncodes.pipelines.finetune.checkpoints import (RUN_FILES, Progress, checkpoint_to_resume, clear_run,
-                                                     load_checkpoint, publish_best, remove_stale_temporaries,
-                                                     rng_state, save_checkpoint, set_rng_state)
-from cnncodes.pipelines.finetune.config import (FinetuneConfig, default_run_dir, make_optimizer,
-                                                make_scheduler, recipe_settings, warmup_cosine)
+from cnncodes.pipelines.finetune.checkpoints import (
+    RUN_FILES,
+    Progress,
+    checkpoint_to_resume,
+    clear_run,
+    load_checkpoint,
+    publish_best,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from cnncodes.pipelines.finetune.config import (
+    FinetuneConfig,
+    default_run_dir,
+    make_optimizer,
+    make_scheduler,
+    recipe_settings,
+    warmup_cosine,
+)
 from cnncodes.pipelines.finetune.data import ImageDataset, make_loader, make_splits, train_transform
-from cnncodes.pipelines.finetune.epochs import (Dist, Passes, epoch_line, init_distributed, rank_digests,
-                                                state_digest)
-from cnncodes.pipelines.finetune.freezing import (FinetuneError, Stage, apply_stage, frozen_modules,
-                                                  parse_stages, replace_head, resolve_stages)
+from cnncodes.pipelines.finetune.epochs import (
+    Dist,
+    Passes,
+    epoch_line,
+    init_distributed,
+    rank_digests,
+    state_digest,
+)
+from cnncodes.pipelines.finetune.freezing import (
+    FinetuneError,
+    Stage,
+    apply_stage,
+    frozen_modules,
+    parse_stages,
+    replace_head,
+    resolve_stages,
+)
 from cnncodes.pipelines.finetune.report import write_finetune_report
 from cnncodes.pipelines.finetune.result import FinetuneResult, stage_summary
 

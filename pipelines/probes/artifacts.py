@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
+
 from cnncodes.extractor.errors import CnnCodesError
 from cnncodes.extractor.files import atomic_write, write_text_atomic
 from cnncodes.extractor.provenance import library_versions, sha256_of
+
 from cnncodes.pipelines.probes import model_arrays
 
 MODEL_FORMAT = "cnncodes-model"

@@ -11,9 +11,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from cnncodes.extractor.errors import SettingsError
-from cnncodes.extractor.recipe import Recipe
-from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -22,6 +19,11 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
+
+from cnncodes.extractor.errors import SettingsError
+from cnncodes.extractor.recipe import Recipe
+
+from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
 
 CLASSIFIERS = ("svm", "softmax")
 NORMS = ("standard", "l2", "power", "none")

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from cnncodes.extractor.cache import DONE, FAILED, open_cache
 from cnncodes.extractor.errors import CacheError
 

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
 from cnncodes.extractor.errors import ImageSourceError, IncompatibleCacheError
 from cnncodes.extractor.recipe import Recipe, describe_differences
+
 from cnncodes.pipelines.probes.artifacts import SavedModel, load_model
 from cnncodes.pipelines.probes.codes import load_codes
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 
 def recipe_mismatches(saved: dict, attrs: dict, layer_attrs: dict | None = None) -> list[str]:

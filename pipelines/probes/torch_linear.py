@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from cnncodes.extractor.devices import resolve_device
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+
+from cnncodes.extractor.devices import resolve_device
 
 LOSSES = ("squared_hinge", "log_loss")
 

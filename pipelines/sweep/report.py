@@ -13,8 +13,14 @@ import pandas as pd
 
 from cnncodes.extractor.provenance import library_versions
 
-from cnncodes.pipelines.reports import (embed_png, fmt_cell, html_page, html_table, markdown_table,
-                                        plot_confusion)
+from cnncodes.pipelines.reports import (
+    embed_png,
+    fmt_cell,
+    html_page,
+    html_table,
+    markdown_table,
+    plot_confusion,
+)
 from cnncodes.pipelines.sweep.settings import SweepSettings
 
 
@@ -230,19 +236,25 @@ def _html(df, files, conclusion, tau_text, summary) -> str:
     head, rows = table_rows(df)
     best = summary.get("best") or {}
     marks = ["best" if (r["model"], r["layer"], r["classifier"]) ==
-             (best.get("model"), best.get("layer"), best.get("classifier")) else None for _, r in df.iterrows()]
+             (best.get("model"), best.get("layer"), best.get("classifier")) else None
+             for _, r in df.iterrows()]
     settings = summary.get("settings") or {}
-    confusion = embed_png(files["confusion"], "confusion matrix of the best layer") if "confusion" in files else ""
-    return html_page("cnncodes layer sweep", f"""<h1>Layer sweep: {html.escape(str(settings.get('data', '')))}</h1>
+    confusion = embed_png(files["confusion"],
+                          "confusion matrix of the best layer") if "confusion" in files else ""
+    return html_page("cnncodes layer sweep",
+                     f"""<h1>Layer sweep: {html.escape(str(settings.get('data', '')))}</h1>
 <ul id="conclusion">{''.join(f'<li>{html.escape(c)}</li>' for c in conclusion)}</ul>
 <p>LogME vs CV accuracy, Kendall's tau: {html.escape(tau_text or '-')}</p>
 {html_table("sweep-table", head, rows, marks)}
-<p class="small">CV: {settings.get('folds')}-fold stratified cross-validation (seed {settings.get('seed')}) over
-C = {html.escape(', '.join(f'{c:g}' for c in settings.get('c_grid', [])))}, norm {html.escape(str(settings.get('norm')))};
+<p class="small">CV: {settings.get('folds')}-fold stratified cross-validation \
+(seed {settings.get('seed')}) over
+C = {html.escape(', '.join(f'{c:g}' for c in settings.get('c_grid', [])))}, \
+norm {html.escape(str(settings.get('norm')))};
 depth: share of the forward pass's FLOPs spent up to the layer; the best row is highlighted.</p>
 <h2>Accuracy vs depth</h2>
 <div id="sweep-plot">{embed_png(files['plot'], 'accuracy vs relative depth')}</div>
 <h2>Best layer: confusion matrix</h2>
 {confusion}
-<p class="small">Made by cnncodes in {summary.get('seconds')} s; every figure with its settings is in sweep.json.</p>""",
+<p class="small">Made by cnncodes in {summary.get('seconds')} s; every figure with its settings is in \
+sweep.json.</p>""",
                      left_columns=3)
