@@ -234,7 +234,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     data = Path(data)
     out = Path(out) if out else default_cache_path(data, model)
     # Never scan the output folder as data (`extract .` from the data root writes cache/ there).
-    table = find_images(data, exclude=out.parent, allow_overlap=allow_overlap)
+    table = find_images(data, exclude=out, allow_overlap=allow_overlap)
     if table.skipped:
         log.warning("input: %s", table.summary_of_skipped())
     out.parent.mkdir(parents=True, exist_ok=True)

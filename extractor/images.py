@@ -120,11 +120,23 @@ def _kind(entry: os.DirEntry) -> str:
 
 
 class _Scan:
-    """Entries of a folder scan, with what was passed over and why (for the summary)."""
+    """Entries of a folder scan, with what was passed over and why (for the summary).
+
+    ``exclude`` is the output file: its folder is never a class, and nothing named after it
+    (the cache, its journal, working copy and companion) is ever an image or a class.
+    """
 
     def __init__(self, root: Path, exclude: Path | None):
         self.root, self.exclude = root, exclude
         self.skipped: dict[str, list[str]] = {}
+
+    def _is_output(self, entry: os.DirEntry) -> bool:
+        if self.exclude is None:
+            return False
+        name = self.exclude.name
+        if entry.name.startswith(name) or entry.name.startswith(f".{name}.tmp-"):
+            return True
+        return _kind(entry) == "dir" and _same_path(Path(entry.path), self.exclude.parent)
 
     def skip(self, reason: str, path: Path) -> None:
         self.skipped.setdefault(reason, []).append(_relative(path, self.root))
@@ -139,18 +151,19 @@ class _Scan:
     def folders(self, folder: Path) -> list[str]:
         out = []
         for e in self.entries(folder):
-            if _kind(e) == "dir":
-                if self.exclude is not None and _same_path(Path(e.path), self.exclude):
-                    self.skip("the output folder", Path(e.path))
-                else:
-                    out.append(e.name)
+            if self._is_output(e):
+                self.skip("the output", Path(e.path))
+            elif _kind(e) == "dir":
+                out.append(e.name)
         return out
 
     def files(self, folder: Path) -> list[str]:
         out = []
         for e in self.entries(folder):
             kind = _kind(e)
-            if kind == "file":
+            if self._is_output(e):
+                self.skip("the output", Path(e.path))
+            elif kind == "file":
                 out.append(e.name)
             elif kind == "dir":
                 self.skip("a folder inside a class folder", Path(e.path))
@@ -184,7 +197,7 @@ def find_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None 
         folders named ``train``, ``val`` (or ``validation``, ``valid``, ``dev``) and ``test``)
         or a ``.csv``.
     exclude : path, optional
-        A folder never scanned as data (where the output goes, when it lies inside ``source``).
+        The output file, when it lies inside ``source``: neither it nor its folder is data.
     allow_overlap : bool
         Accept an image listed in more than one split (a train/test leak); refused by default.
 

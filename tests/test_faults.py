@@ -17,15 +17,8 @@ from cnncodes.pipelines.cli import cli
 from cnncodes import extractor
 
 from .conftest import write_image
-
-LAYERS = ["layer2", "penultimate"]
-
-
-def _extract(data, out, weights, **kw):
-    kw.setdefault("layers", LAYERS)
-    kw.setdefault("batch_size", 4)
-    kw.setdefault("progress", False)
-    return extractor.extract(data, out, model="resnet18", weights=str(weights), **kw)
+from .test_extract import LAYERS, _extract
+from .test_finetune import write_many
 
 
 def _codes(path, layer="penultimate"):
@@ -255,6 +248,11 @@ def test_the_output_folder_is_never_scanned_as_data(image_folder, tmp_path, r18_
     assert first.exit_code == 0, first.output
     assert (image_folder / "cache").is_dir()
     again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and '"state": "up to date"' in again.output, again.output
+    inside = [*args, "--out", "c.h5"]  # the cache, its journal and working copy in the data root
+    assert CliRunner().invoke(cli, inside).exit_code == 0
+    (image_folder / "c.h5.journal").mkdir()  # as an interrupted run leaves it
+    again = CliRunner().invoke(cli, inside)
     assert again.exit_code == 0 and '"state": "up to date"' in again.output, again.output
 
 
@@ -500,21 +498,12 @@ def test_a_layer_addition_killed_at_random_points_ends_equal(tmp_path, r18_weigh
 
 # --- fine-tuning, compare and sweep --------------------------------------------------------------
 
-def _tiny_data(root, per_class=4, classes=("a", "b", "c")):
-    for c, cls in enumerate(classes):
-        for i in range(per_class):
-            write_image(root / "train" / cls / f"{i}.png", seed=1000 + 50 * c + i, size=(48, 40))
-        for i in range(2):
-            write_image(root / "test" / cls / f"{i}.png", seed=3000 + 50 * c + i, size=(48, 40))
-    return root
-
-
 TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "-b", "4", "--val-fraction", "0.3",
         "-j", "0", "--patience", "0", "-q"]
 
 
 def test_finetune_never_replaces_a_folder_that_is_not_this_resumable_run(tmp_path):
-    data = _tiny_data(tmp_path / "data")
+    data = write_many(tmp_path / "data", per_class=4)
     run = tmp_path / "run"
     args = ["finetune", str(data), "--stages", "head:1", *TINY, "--out", str(run)]
     assert CliRunner().invoke(cli, args).exit_code == 0
@@ -535,7 +524,7 @@ def test_finetune_never_replaces_a_folder_that_is_not_this_resumable_run(tmp_pat
 
 
 def test_compare_adapts_its_folds_and_a_probe_alone_says_nothing_of_fine_tuning(tmp_path):
-    data = _tiny_data(tmp_path / "data", per_class=3)  # 3 training images per class, fewer than 5 folds
+    data = write_many(tmp_path / "data", per_class=3)  # 3 training images per class, fewer than 5 folds
     result = CliRunner().invoke(cli, ["compare", str(data), "--strategies", "probe", "--report",
                                       str(tmp_path / "cmp"), *TINY, "--json"])
     assert result.exit_code == 0, result.output
