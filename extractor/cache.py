@@ -481,15 +481,24 @@ class CacheWriter:
         stale = rows[now != content["sha256"][rows]]
         same = rows[now == content["sha256"][rows]]
         g = self._f["images"]
-        for r in stale.tolist():
-            g["status"][r], g["error"][r], g["sha256"][r] = PENDING, "", ""
-            g["size"][r] = g["mtime_ns"][r] = -1
-        for r in same.tolist():
-            g["size"][r], g["mtime_ns"][r] = int(sizes[r]), int(mtimes[r])
-        self._status[stale] = PENDING
+        size, mtime = content["size"], content["mtime_ns"]  # whole columns: one write each
+        size[same], mtime[same] = np.asarray(sizes)[same], np.asarray(mtimes)[same]
+        size[stale] = mtime[stale] = -1
+        g["size"][...], g["mtime_ns"][...] = size, mtime
+        if len(stale):
+            self._status[stale] = PENDING
+            g["status"][...] = self._status
+            for name, blank in (("error", ""), ("sha256", "")):
+                column = self._read_strings(g[name])
+                column[stale] = blank
+                g[name][...] = column
         if len(stale):
             log.info("%d images changed since their codes were made; extracting them again", len(stale))
         return len(stale), len(same)
+
+    @staticmethod
+    def _read_strings(ds: h5py.Dataset) -> np.ndarray:
+        return np.array([v.decode() if isinstance(v, bytes) else v for v in ds[()]], dtype=object)
 
     def _apply(self, rows, status, errors, codes, content=None) -> None:
         # Batches are contiguous row blocks, except where a resume skipped done rows: write
