@@ -67,7 +67,8 @@ def peer_npz(cache: Path) -> Path:
 
 
 def big_matrix(cache: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, Path]:
-    from cnncodes.extractor.cache import DONE, CacheWriter, LayerSpec, create_cache
+    from cnncodes.extractor.cache import DONE, LayerSpec, create_cache
+    from cnncodes.extractor.writer import CacheWriter
 
     from cnncodes.pipelines.probes.codes import load_codes
     c = load_codes(cache, "penultimate")

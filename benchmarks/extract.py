@@ -99,7 +99,7 @@ def ceiling(manifest: Path, device: str, batch_size: int) -> dict:
     import torch
 
     from cnncodes.extractor.batching import _torch_threads, micro_batch_size
-    from cnncodes.extractor.engine import prepare_model
+    from cnncodes.extractor.encoding import prepare_model
     from cnncodes.extractor.layers import Probe, Tapper
     from cnncodes.extractor.pooling import parse_pooling
 

@@ -25,28 +25,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
-from .batching import DecodedImages, Encoder, encoded_batches, micro_batch_size, row_blocks
-from .cache import (
-    DONE,
-    FAILED,
-    PENDING,
-    CacheWriter,
-    Journal,
-    LayerSpec,
-    create_cache,
-    discard_cache,
-    open_cache,
-)
+from .batching import encoded_batches, row_blocks
+from .cache import DONE, FAILED, PENDING, create_cache, open_cache
 from .devices import check_dtype, resolve_device, resolve_precision
+from .encoding import backbone_recipe, layer_specs, make_encoder
 from .errors import CacheLockedError, CacheWriteError, CnnCodesError, ImageDecodeError, SettingsError
 from .files import slug
-from .fusion import fold_batchnorm
 from .images import ImageTable, file_digest, find_images
-from .layers import Probe, Tap, Tapper
+from .journal import Journal, discard_cache
+from .layers import Probe
 from .plan import UP_TO_DATE, ExtractionPlan, plan_extraction
 from .pooling import Pooling, parse_pooling
 from .provenance import library_versions
 from .recipe import Recipe
+from .writer import CacheWriter
 
 log = logging.getLogger(__name__)
 
@@ -94,87 +86,6 @@ class ExtractResult:
                 "layers": self.layers, "complete": self.complete,
                 "failures": [{"path": p, "error": e} for p, e in self.failures],
                 "warnings": self.warnings, "skipped": self.skipped}
-
-
-def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str = "auto",
-                  precision: str = "auto", batch_size: int = 32, dtype: str = "float32"):
-    """Codes of image files in memory, with no cache: ``({layer: N x D}, errors)``.
-
-    ``errors[i]`` is "" for an image that decoded, else its error (its codes are zeros). The
-    same decoding, taps, pooling and network preparation as :func:`extract`.
-
-    Examples
-    --------
-    >>> codes, errors = encode_images(load_backbone(), ["a.jpg", "b.png"], ["penultimate"])  # doctest: +SKIP
-    """
-    from pathlib import Path as _P
-    pooling = parse_pooling(pool)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    paths = [str(_P(p).resolve()) for p in paths]
-    table = ImageTable(_P("/"), paths, np.full(len(paths), -1, dtype=np.int64), [""] * len(paths), [])
-    probe = Probe(bb.model, bb.input_size, bb.name)
-    taps = probe.resolve(list(layers))
-    dims = {s.name: s.dim for s in _layer_specs(taps, pooling, bb.input_size)}
-    out = {name: np.zeros((len(paths), d), np.dtype(dtype)) for name, d in dims.items()}
-    errors = [""] * len(paths)
-    if not paths:
-        return out, errors
-    encoder, dataset = _encoding(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table)
-    with encoder:
-        for rows, _, errs, codes, _ in encoded_batches(encoder, dataset,
-                                                    row_blocks(np.arange(len(paths)), batch_size),
-                                                    dev, workers=0):
-            for name, block in codes.items():
-                out[name][rows] = block
-            for r, e in zip(rows.tolist(), errs):
-                errors[r] = e
-    return out, errors
-
-
-def _encoding(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, dev, prec: str, batch_size: int,
-              dims: dict[str, int], dtype: str, table: ImageTable) -> tuple[Encoder, DecodedImages]:
-    """The prepared network as an :class:`Encoder`, and the decoding of ``table``'s images."""
-    net = prepare_model(bb, taps, dev)
-    micro = micro_batch_size(dev, batch_size, probe, taps)
-    split = bb.split  # per-image PIL part in the decoders, float arithmetic per batch in the encoder
-    dataset = DecodedImages(table, split.pil if split else bb.transform)
-    return Encoder(net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype)), dataset
-
-
-def _layer_specs(taps: list[Tap], pooling: Pooling, input_size: int) -> list[LayerSpec]:
-    for t in taps:
-        pooling.check(t.shape, t.name)
-    return [LayerSpec(t.name, pooling.dim(t.shape),
-                      {"module": t.module, "kind": t.kind,
-                       "pooling": str(pooling) if len(t.shape) == 3 else "none",
-                       "unpooled_shape": list(t.shape), "stride": t.stride or -1,
-                       "dim": pooling.dim(t.shape), "input_size": input_size,
-                       "relative_depth": t.relative_depth, "flops": int(t.flops)})
-            for t in taps]
-
-
-def prepare_model(bb: Backbone, taps: list[Tap], device: torch.device, fold_bn: bool = True):
-    """The network to run: BN folded (verified against the original on the probe), on ``device``,
-    channels_last where it helps."""
-    model = bb.model.eval()
-    if fold_bn:
-        folded, n = fold_batchnorm(model, bb.input_size, keep={t.module for t in taps})
-        if n:
-            x = torch.randn(2, 3, bb.input_size, bb.input_size, generator=torch.Generator().manual_seed(0))
-            with torch.inference_mode(), Tapper(model, taps, parse_pooling("avg")) as a, \
-                    Tapper(folded, taps, parse_pooling("avg")) as b:
-                ref, got = a(x), b(x)
-            ok = all(torch.allclose(ref[k], got[k], rtol=1e-3, atol=1e-4 * float(ref[k].abs().max()) + 1e-6)
-                     for k in ref)
-            if ok:
-                model = folded
-            else:
-                log.info("batch-norm folding changed the taps of %s; running it unfolded", bb.name)
-    model = model.to(device)
-    if device.type in ("cpu", "cuda"):
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None = "DEFAULT",
@@ -265,13 +176,6 @@ def default_cache_path(data: str | os.PathLike, model: str) -> Path:
     return Path("cache") / f"{slug(stem)}-{slug(model)}.h5"
 
 
-def backbone_recipe(bb: Backbone, pooling: Pooling, dtype: str, precision: str,
-                    table: ImageTable | None = None) -> Recipe:
-    """The :class:`Recipe` of codes that ``bb`` makes with these settings (of ``table``'s images)."""
-    return Recipe(bb.name, bb.weights, bb.preprocessing, str(pooling), dtype, precision, bb.input_size,
-                  table.list_fingerprint() if table is not None else None)
-
-
 @dataclass
 class _Job:
     """What one ``extract`` call runs, shared by every cache it brings up to date (the cache
@@ -320,7 +224,7 @@ class _CacheRun:
     def __init__(self, job: _Job, path: Path, layers, create: bool, replace: bool = False):
         self.job, self.path, self.create, self.replace = job, path, create, replace
         self.taps = job.probe.resolve(list(layers))
-        self.specs = _layer_specs(self.taps, job.pooling, job.bb.input_size)
+        self.specs = layer_specs(self.taps, job.pooling, job.bb.input_size)
         self.processed, self.failures, self.loop_seconds = 0, [], 0.0
 
     @property
@@ -370,7 +274,7 @@ class _CacheRun:
 
     def _encode_into(self, writer: CacheWriter, pending: np.ndarray) -> None:
         job = self.job
-        encoder, dataset = _encoding(job.bb, job.probe, self.taps, job.pooling, job.dev, job.prec,
+        encoder, dataset = make_encoder(job.bb, job.probe, self.taps, job.pooling, job.dev, job.prec,
                                      job.batch_size,
                                      self.dims, job.recipe.dtype, job.table)
         t0 = time.perf_counter()

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import Journal, changed_rows, open_cache, read_attrs
+from .cache import changed_rows, open_cache, read_attrs
 from .errors import CacheError, IncompatibleCacheError
+from .journal import Journal
 from .recipe import Recipe
 
 CREATE, RESUME, ADD_LAYERS, UP_TO_DATE = "create", "resume", "add layers", "up to date"

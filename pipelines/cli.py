@@ -5,6 +5,7 @@ torch and the models are imported inside the commands so that ``--help`` is inst
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -29,8 +30,8 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except CnnCodesError as e:
             raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:  # Ctrl-C before any work was saved (loading, scanning)
-            click.echo("interrupted; nothing was written.", err=True)
+        except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (loading, scanning)
+            click.echo("interrupted; rerun the same command to continue (finished work is kept).", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
@@ -38,33 +39,23 @@ def _fail_cleanly(fn):
     return wrapper
 
 
-def _checked_by(parse):
-    """A click callback: ``parse(value)`` must accept the value (``parse`` is imported from the
-    library when the option is used, so ``--help`` stays instant); its error becomes click's
+def _checked_by(module: str, parser: str):
+    """A click callback: the library's ``module.parser(value)`` must accept the value (imported
+    when the option is used, so ``--help`` stays instant); its error becomes click's
     BadParameter, which names the option."""
     def callback(ctx, param, value):
         if value is not None:
             try:
-                parse()(value)
+                getattr(importlib.import_module(module), parser)(value)
             except CnnCodesError as e:
                 raise click.BadParameter(str(e)) from None
         return value
     return callback
 
 
-def _c_grid_parser():
-    from cnncodes.pipelines.probes.classifiers import parse_c_grid
-    return parse_c_grid
-
-
-def _pca_parser():
-    from cnncodes.pipelines.probes.classifiers import parse_pca
-    return parse_pca
-
-
-def _pool_parser():
-    from cnncodes.extractor.pooling import parse_pooling
-    return parse_pooling
+_C_GRID = _checked_by("cnncodes.pipelines.probes.classifiers", "parse_c_grid")
+_PCA = _checked_by("cnncodes.pipelines.probes.classifiers", "parse_pca")
+_POOL = _checked_by("cnncodes.extractor.pooling", "parse_pooling")
 
 
 def _echo_json(obj) -> None:
@@ -197,7 +188,7 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="DEFAULT, a torchvision enum name (IMAGENET1K_V2), a file, or none.")
 @click.option("--layer", "-l", "layers", multiple=True, default=["penultimate"], show_default=True,
               help="Layer name or alias (stage1..stage5, penultimate); repeat for several.")
-@click.option("--pool", default="avg", show_default=True, callback=_checked_by(_pool_parser),
+@click.option("--pool", default="avg", show_default=True, callback=_POOL,
               help="avg | max | avgmax | grid:K | spp:1,2,4 | none")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Storage type of the codes.")
@@ -300,7 +291,7 @@ def info_cmd(cache: str, as_json: bool) -> None:
 
 # How C is cross-validated: shared by fit-svm, fit-softmax, sweep and demo.
 _CV_OPTIONS = [
-    click.option("--c-grid", callback=_checked_by(_c_grid_parser),
+    click.option("--c-grid", callback=_C_GRID,
                  help="Comma-separated C values [default: 1e-4,1e-3,...,1e2]."),
     click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
                  help="Stratified, shuffled cross-validation folds."),
@@ -317,7 +308,7 @@ def _fit_options(fn):
                      help="HDF5 cache written by `cnncodes extract`."),
         click.option("--layer", "-l", help="Layer of the cache [default: its only layer, or penultimate]."),
         *_CV_OPTIONS,
-        click.option("--pca", callback=_checked_by(_pca_parser),
+        click.option("--pca", callback=_PCA,
                      help="Number of PCA components, or 'whiten' (fitted inside each fold)."),
         click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Without a test split in the cache: keep this stratified share as the test."),
@@ -473,7 +464,7 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
               help="Score every layer with LogME; cross-validate only the K best of each backbone.")
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Without a test split: keep this stratified share as the test.")
-@click.option("--pool", default="avg", show_default=True, callback=_checked_by(_pool_parser),
+@click.option("--pool", default="avg", show_default=True, callback=_POOL,
               help="Pooling of feature maps, as for extract.")
 @_sweep_options
 @_fail_cleanly

@@ -4,18 +4,11 @@ import h5py
 import numpy as np
 import pytest
 
-from cnncodes.extractor.cache import (
-    DONE,
-    FAILED,
-    CacheWriter,
-    Journal,
-    LayerSpec,
-    create_cache,
-    open_cache,
-    read_attrs,
-)
+from cnncodes.extractor.cache import DONE, FAILED, LayerSpec, create_cache, open_cache, read_attrs
 from cnncodes.extractor.errors import CacheError, CacheLockedError
+from cnncodes.extractor.journal import Journal
 from cnncodes.extractor.recipe import Recipe
+from cnncodes.extractor.writer import CacheWriter
 
 
 def _make(path, n=5, dim=3):

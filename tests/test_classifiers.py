@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 from sklearn.preprocessing import StandardScaler
 
-from cnncodes.extractor.cache import DONE, FAILED, CacheWriter, LayerSpec, create_cache
+from cnncodes.extractor.cache import DONE, FAILED, LayerSpec, create_cache
+from cnncodes.extractor.writer import CacheWriter
 
 from cnncodes.pipelines.cli import cli
 from cnncodes.pipelines.probes.artifacts import ModelFileError, load_model, save_model, sidecar

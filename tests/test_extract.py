@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cnncodes.extractor.cache import CacheWriter, Journal
 from cnncodes.extractor.errors import CacheError, CacheLockedError, ImageDecodeError, IncompatibleCacheError
+from cnncodes.extractor.journal import Journal
+from cnncodes.extractor.writer import CacheWriter
 
 from cnncodes import extractor
 

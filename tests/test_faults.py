@@ -181,8 +181,8 @@ def test_a_write_error_of_the_journal_is_one_line_and_loses_nothing(image_folder
                                                                       monkeypatch):
     import errno
 
-    from cnncodes.extractor import cache as cache_module
-    real = cache_module.Journal.write
+    from cnncodes.extractor.journal import Journal
+    real = Journal.write
     calls = []
 
     def full(self, *a, **k):
@@ -190,13 +190,13 @@ def test_a_write_error_of_the_journal_is_one_line_and_loses_nothing(image_folder
         if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *a, **k)
-    monkeypatch.setattr(cache_module.Journal, "write", full)
+    monkeypatch.setattr(Journal, "write", full)
     out = tmp_path / "c.h5"
     result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "--model", "resnet18",
                                       "--weights", str(r18_weights), "-b", "2", "-q",
                                       "-l", "layer2", "-l", "penultimate"])
     one_line_error(result, "no space left on the device of", "images are saved", "free space and rerun")
-    monkeypatch.setattr(cache_module.Journal, "write", real)
+    monkeypatch.setattr(Journal, "write", real)
     r = _extract(image_folder, out, r18_weights, batch_size=2)
     assert r.state == "resumed" and r.done == 12 and r.processed < 12
     fresh = _codes(_extract(image_folder, tmp_path / "fresh.h5", r18_weights, batch_size=2).path)
@@ -366,7 +366,8 @@ def test_predict_checks_its_output_before_the_work_and_refuses_an_empty_folder(i
 
 
 def test_class_names_with_dollars_do_not_crash_the_report_and_the_model_is_saved_first(tmp_path):
-    from cnncodes.extractor.cache import CacheWriter, LayerSpec, create_cache
+    from cnncodes.extractor.cache import LayerSpec, create_cache
+    from cnncodes.extractor.writer import CacheWriter
 
     from .test_house import RECIPE
     n = 30

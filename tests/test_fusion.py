@@ -1,7 +1,7 @@
 import torch
 import torchvision
 
-from cnncodes.extractor.engine import prepare_model
+from cnncodes.extractor.encoding import prepare_model
 from cnncodes.extractor.fusion import conv_bn_pairs, fold_batchnorm
 from cnncodes.extractor.layers import Probe, Tapper
 from cnncodes.extractor.pooling import parse_pooling

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cnncodes.extractor.cache import DONE, CacheWriter, LayerSpec, create_cache
+from cnncodes.extractor.cache import DONE, LayerSpec, create_cache
 from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.errors import CacheError, CnnCodesError, IncompatibleCacheError, SettingsError
 from cnncodes.extractor.files import atomic_write, slug
 from cnncodes.extractor.plan import ADD_LAYERS, CREATE, RESUME, UP_TO_DATE, plan_extraction
 from cnncodes.extractor.recipe import Recipe, describe_differences
+from cnncodes.extractor.writer import CacheWriter
 
 from cnncodes.pipelines.cli import cli
 

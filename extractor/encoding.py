@@ -1,0 +1,115 @@
+"""From a backbone and layer names to codes: the prepared network, the layers' specs, and codes
+of image files in memory.
+
+``prepare_model`` folds batch norm into the convolutions (checked against the unfolded network
+on a probe batch) and picks the memory format; ``make_encoder`` pairs it with the decoding of
+an image table; :func:`encode_images` runs both without a cache (``predict``). The cache-side
+run of the same pieces is :mod:`.engine`'s.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .batching import DecodedImages, Encoder, encoded_batches, micro_batch_size, row_blocks
+from .cache import LayerSpec
+from .devices import resolve_device, resolve_precision
+from .fusion import fold_batchnorm
+from .images import ImageTable
+from .layers import Probe, Tap, Tapper
+from .pooling import Pooling, parse_pooling
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def backbone_recipe(bb: Backbone, pooling: Pooling, dtype: str, precision: str,
+                    table: ImageTable | None = None) -> Recipe:
+    """The :class:`Recipe` of codes that ``bb`` makes with these settings (of ``table``'s images)."""
+    return Recipe(bb.name, bb.weights, bb.preprocessing, str(pooling), dtype, precision, bb.input_size,
+                  table.list_fingerprint() if table is not None else None)
+
+
+def layer_specs(taps: list[Tap], pooling: Pooling, input_size: int) -> list[LayerSpec]:
+    for t in taps:
+        pooling.check(t.shape, t.name)
+    return [LayerSpec(t.name, pooling.dim(t.shape),
+                      {"module": t.module, "kind": t.kind,
+                       "pooling": str(pooling) if len(t.shape) == 3 else "none",
+                       "unpooled_shape": list(t.shape), "stride": t.stride or -1,
+                       "dim": pooling.dim(t.shape), "input_size": input_size,
+                       "relative_depth": t.relative_depth, "flops": int(t.flops)})
+            for t in taps]
+
+
+def prepare_model(bb: Backbone, taps: list[Tap], device: torch.device, fold_bn: bool = True):
+    """The network to run: BN folded (verified against the original on the probe), on ``device``,
+    channels_last where it helps."""
+    model = bb.model.eval()
+    if fold_bn:
+        folded, n = fold_batchnorm(model, bb.input_size, keep={t.module for t in taps})
+        if n:
+            x = torch.randn(2, 3, bb.input_size, bb.input_size, generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode(), Tapper(model, taps, parse_pooling("avg")) as a, \
+                    Tapper(folded, taps, parse_pooling("avg")) as b:
+                ref, got = a(x), b(x)
+            ok = all(torch.allclose(ref[k], got[k], rtol=1e-3, atol=1e-4 * float(ref[k].abs().max()) + 1e-6)
+                     for k in ref)
+            if ok:
+                model = folded
+            else:
+                log.info("batch-norm folding changed the taps of %s; running it unfolded", bb.name)
+    model = model.to(device)
+    if device.type in ("cpu", "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_encoder(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, dev, prec: str,
+                 batch_size: int, dims: dict[str, int], dtype: str,
+                 table: ImageTable) -> tuple[Encoder, DecodedImages]:
+    """The prepared network as an :class:`Encoder`, and the decoding of ``table``'s images."""
+    net = prepare_model(bb, taps, dev)
+    micro = micro_batch_size(dev, batch_size, probe, taps)
+    split = bb.split  # per-image PIL part in the decoders, float arithmetic per batch in the encoder
+    dataset = DecodedImages(table, split.pil if split else bb.transform)
+    return Encoder(net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype)), dataset
+
+
+def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str = "auto",
+                  precision: str = "auto", batch_size: int = 32, dtype: str = "float32"):
+    """Codes of image files in memory, with no cache: ``({layer: N x D}, errors)``.
+
+    ``errors[i]`` is "" for an image that decoded, else its error (its codes are zeros). The
+    same decoding, taps, pooling and network preparation as :func:`extract`.
+
+    Examples
+    --------
+    >>> codes, errors = encode_images(load_backbone(), ["a.jpg", "b.png"], ["penultimate"])  # doctest: +SKIP
+    """
+    from pathlib import Path as _P
+    pooling = parse_pooling(pool)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    paths = [str(_P(p).resolve()) for p in paths]
+    table = ImageTable(_P("/"), paths, np.full(len(paths), -1, dtype=np.int64), [""] * len(paths), [])
+    probe = Probe(bb.model, bb.input_size, bb.name)
+    taps = probe.resolve(list(layers))
+    dims = {s.name: s.dim for s in layer_specs(taps, pooling, bb.input_size)}
+    out = {name: np.zeros((len(paths), d), np.dtype(dtype)) for name, d in dims.items()}
+    errors = [""] * len(paths)
+    if not paths:
+        return out, errors
+    encoder, dataset = make_encoder(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table)
+    with encoder:
+        for rows, _, errs, codes, _ in encoded_batches(encoder, dataset,
+                                                    row_blocks(np.arange(len(paths)), batch_size),
+                                                    dev, workers=0):
+            for name, block in codes.items():
+                out[name][rows] = block
+            for r, e in zip(rows.tolist(), errs):
+                errors[r] = e
+    return out, errors
