@@ -43,10 +43,17 @@ def atomic_write(path: str | os.PathLike):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def publish(finished: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the ``finished`` file over ``path`` durably: fsync it, rename, fsync the folder.
+    (For a file written in place beside its target, such as a cache's working copy.)"""
+    path = Path(path)
+    fsync_path(finished)
+    os.replace(finished, path)
     fsync_path(path.parent if str(path.parent) else ".")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .cache import DONE, FAILED, PENDING, changed_rows, decode_attr, json_attr, read_content
 from .errors import CacheError, IncompatibleCacheError
-from .files import fsync_path
+from .files import publish
 from .journal import _SHARD_ERRORS, CONTENT, Journal, lock_journal
 
 log = logging.getLogger(__name__)
@@ -237,9 +237,7 @@ class CacheWriter:
         complete = bool((self._status != PENDING).all())
         self._f.attrs["complete"] = complete
         self._close_file()
-        fsync_path(self.work)
-        os.replace(self.work, self.path)
-        fsync_path(self.path.parent)
+        publish(self.work, self.path)
         for shard in self.journal.shards():
             shard.unlink()
         return complete
