@@ -227,6 +227,19 @@ class Cache:
         self._check_layer(layer)
         return self._read(f"codes/{layer}", None if rows is None else np.sort(np.asarray(rows)))
 
+    def verify(self, block_bytes: int = 64 << 20) -> int:
+        """Read every dataset whole, in blocks of rows, so that a damaged chunk shows now, not in
+        the middle of a fit; raises CacheError naming the dataset. Returns the bytes read."""
+        total = 0
+        names = [f"images/{k}" for k in self._f["images"]] + ["classes"]
+        names += [f"codes/{n}" for n in self._f["codes"]]
+        for name in names:
+            ds = self._f[name]
+            step = max(1, block_bytes // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+            for lo in range(0, max(1, len(ds)), step):
+                total += self._read(name, slice(lo, lo + step)).nbytes
+        return total
+
     def summary(self) -> dict:
         st = self.status
         splits = self.splits

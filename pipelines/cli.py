@@ -251,35 +251,44 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
 
 @cli.command("info")
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.option("--check", is_flag=True, help="Also read every code once: a damaged chunk is reported now.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_fail_cleanly
-def info_cmd(cache: str, as_json: bool) -> None:
+def info_cmd(cache: str, check: bool, as_json: bool) -> None:
     """Summarise a cache: recipe, layers, progress, splits.
 
+    A damaged cache is reported as damaged, with the command that rebuilds it; --check reads
+    every dataset to find damage that the summary does not touch.
+
     \b
-    Example:
+    Examples:
       cnncodes info cache/digits-efficientnet_lite0.h5 --json
+      cnncodes info cache/digits-efficientnet_lite0.h5 --check
     """
     from cnncodes.extractor.cache import open_cache
     with open_cache(cache) as c:
         s = c.summary()
+        if check:
+            s["checked_bytes"] = c.verify()
     if as_json:
         _echo_json(s)
         return
-    pre = s["preprocessing"]
+    pre = s["preprocessing"] or {}  # .get throughout: a cache written by other tools may lack keys
     click.echo(f"{s['path']}  ({s['size_bytes'] / 1e6:.1f} MB, {s['format']} v{s['schema_version']})")
-    click.echo(f"  model         {s['model']}  weights {s['weights']['name']}"
-               + (f" (sha256 {s['weights']['sha256'][:12]})" if s['weights'].get('sha256') else ""))
-    click.echo(f"  preprocessing resize {pre['resize']} {pre['interpolation']}, crop {pre['crop']}, "
-               f"mean {pre['mean']}, std {pre['std']}")
+    weights = s["weights"] or {}
+    click.echo(f"  model         {s['model']}  weights {weights.get('name')}"
+               + (f" (sha256 {weights['sha256'][:12]})" if weights.get('sha256') else ""))
+    click.echo(f"  preprocessing resize {pre.get('resize')} {pre.get('interpolation')}, "
+               f"crop {pre.get('crop')}, mean {pre.get('mean')}, std {pre.get('std')}")
     click.echo(f"  pooling       {s['pooling']}, {s['dtype']}, precision {s['precision']}")
     click.echo(f"  images        {s['images']}: {s['done']} done, {s['failed']} failed, "
                f"{s['pending']} pending; "
                f"{s['classes']} classes; splits " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
     for name, l in s["layers"].items():
-        click.echo(f"  layer {name:<12} {l['dim']:>6}-d  module {l['module']}, "
-                   f"unpooled {'x'.join(map(str, l['unpooled_shape']))}, "
-                   f"stride {l['stride'] if l['stride'] > 0 else '-'}")
+        stride = l.get("stride", -1)
+        click.echo(f"  layer {name:<12} {l['dim']:>6}-d  module {l.get('module')}, "
+                   f"unpooled {'x'.join(map(str, l.get('unpooled_shape', [])))}, "
+                   f"stride {stride if stride > 0 else '-'}")
     state = "complete" if s["complete"] else "INCOMPLETE"
     extra = (f"; {s['unmerged_rows']} rows of an interrupted run await the next `extract`"
              if s["unmerged_rows"] else "")
@@ -287,6 +296,8 @@ def info_cmd(cache: str, as_json: bool) -> None:
         extra += (f"; {s['damaged_shards']} damaged journal shards (the next `extract` drops them and "
                   f"extracts their images again)")
     click.echo(f"  state         {state}{extra}; created {s['created']}")
+    if "checked_bytes" in s:
+        click.echo(f"  checked       every dataset read whole ({s['checked_bytes'] / 1e6:.1f} MB): no damage")
 
 
 # How C is cross-validated: shared by fit-svm, fit-softmax, sweep and demo.

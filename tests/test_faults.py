@@ -406,6 +406,8 @@ def test_a_damaged_chunk_is_reported_as_damage_by_fit_and_info(tmp_path):
         fh.write(b"\xff" * 200)
     result = CliRunner().invoke(cli, ["fit-svm", "-c", str(cache), "--folds", "2"])
     one_line_error(result, f"{cache} is damaged: /codes/l1 cannot be read", "--overwrite")
+    assert CliRunner().invoke(cli, ["info", str(cache)]).exit_code == 0  # the summary reads no codes
+    one_line_error(CliRunner().invoke(cli, ["info", str(cache), "--check"]), "is damaged: /codes/l1")
 
 
 def test_a_model_file_with_a_self_made_sidecar_is_refused_in_words(tmp_path):
@@ -552,3 +554,47 @@ def test_a_sweep_killed_at_random_points_ends_with_the_same_table(image_folder, 
     a, b = (json.loads((tmp_path / name / "sweep.json").read_text()) for name in ("killed", "whole"))
     keep = ("layer", "classifier", "C", "cv_accuracy", "test_accuracy", "logme")
     assert [{k: r[k] for k in keep} for r in a["rows"]] == [{k: r[k] for k in keep} for r in b["rows"]]
+
+
+def test_stages_out_of_order_get_the_top_down_order_as_advice(tmp_path):
+    data = write_many(tmp_path / "data", per_class=4)
+    result = CliRunner().invoke(cli, ["finetune", str(data), "--stages", "all:1,head:1", *TINY,
+                                      "--out", str(tmp_path / "run")])
+    one_line_error(result, "out of network order", "Unfreeze from the top down: head:1,all:1.")
+
+
+def test_a_second_writer_is_one_line_and_the_first_one_is_unharmed(image_folder, tmp_path, r18_weights):
+    from cnncodes.extractor.writer import CacheWriter
+    out = tmp_path / "c.h5"
+    _extract(image_folder, out, r18_weights, layers=["penultimate"])
+    write_image(image_folder / "cat" / "new.png", seed=77)
+    with CacheWriter(out):  # another process's session, as far as the lock can tell
+        result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "--model",
+                                          "resnet18", "--weights", str(r18_weights), "--overwrite", "-q"])
+        one_line_error(result, "is being written by another cnncodes process")
+    with extractor.open_cache(out) as c:
+        assert c.complete and len(c.paths) == 12
+
+
+def test_compare_names_its_own_options_after_a_cache_mismatch(tmp_path):
+    data = write_many(tmp_path / "data", per_class=3)
+    report = tmp_path / "cmp"
+    extractor.extract(data, report / "codes.h5", model="timm:test_efficientnet", weights="none", pool="max",
+                      progress=False)
+    result = CliRunner().invoke(cli, ["compare", str(data), "--strategies", "probe", "--report", str(report),
+                                      *TINY])
+    line = one_line_error(result, "was made by a different recipe", "choose another --report")
+    assert "--overwrite" not in line
+
+
+def test_finetune_killed_at_random_points_ends_bitwise_equal(tmp_path):
+    import torch
+
+    from cnncodes.pipelines.finetune.checkpoints import load_checkpoint
+    data = write_many(tmp_path / "data", per_class=6)
+    args = ["finetune", data, "--stages", "head:1,all:2", *TINY]
+    _kill_at_random_points([*args, "--out", tmp_path / "killed", "--resume"], seed=4, kills=2,
+                           spread=(2.0, 9.0))
+    _popen(*args, "--out", tmp_path / "whole").communicate(timeout=300)
+    a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("killed", "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from cnncodes.extractor.provenance import library_versions
 
-from cnncodes.pipelines.reports import embed_png, fmt_cell, html_page, html_table, markdown_table
+from cnncodes.pipelines.reports import embed_png, fmt_cell, html_page, html_table, markdown_table, pyplot
 
 HEAD = ["strategy", "what", "test acc", "best val/CV acc", "train time (s)", "s/epoch", "epochs",
         "trainable params"]
@@ -54,9 +54,7 @@ def table_rows(df: pd.DataFrame) -> list[list[str]]:
 
 def plot_compare(df: pd.DataFrame, path: Path, title: str) -> None:
     """Test accuracy per strategy (bars) beside its training time (bars, log scale)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # names drawn as plain text, never mathtext
     fig, (ax_acc, ax_t) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     names = list(df["strategy"])
     acc = [0 if v is None or pd.isna(v) else v for v in df["test_accuracy"]]

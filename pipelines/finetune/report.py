@@ -7,14 +7,12 @@ import numpy as np
 
 from cnncodes.pipelines.finetune.result import FinetuneResult
 from cnncodes.pipelines.records import write_json
-from cnncodes.pipelines.reports import plot_confusion
+from cnncodes.pipelines.reports import plot_confusion, pyplot
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     """Loss and accuracy on train and val per epoch, with the stage boundaries marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # names drawn as plain text, never mathtext
     epochs = [h["epoch"] + 1 for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "accuracy", "accuracy")):

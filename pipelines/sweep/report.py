@@ -20,6 +20,7 @@ from cnncodes.pipelines.reports import (
     html_table,
     markdown_table,
     plot_confusion,
+    pyplot,
 )
 from cnncodes.pipelines.sweep.settings import SweepSettings
 
@@ -138,9 +139,7 @@ def _plain(d: dict) -> dict:
 def plot_sweep(df: pd.DataFrame, path: Path) -> None:
     """CV accuracy (error bars: std over folds) against relative depth, one line per backbone x
     classifier, test accuracy as open markers, LogME on a second axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # names drawn as plain text, never mathtext
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     fitted = _fitted(df)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
