@@ -449,7 +449,7 @@ def _popen(*args):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
-def _kill_at_random_points(args, seed: int, kills: int = 3, spread=(0.3, 6.0)):
+def _kill_at_random_points(args, seed: int, kills: int = 3, spread=(0.3, 4.5)):
     """Run ``cnncodes *args`` and SIGKILL it after a random delay, ``kills`` times (a run that
     finishes first is fine), then run it to the end."""
     import signal
@@ -469,7 +469,7 @@ def _kill_at_random_points(args, seed: int, kills: int = 3, spread=(0.3, 6.0)):
 
 def test_extract_killed_at_random_points_ends_bitwise_equal(tmp_path, r18_weights):
     data = tmp_path / "data"
-    for i in range(60):
+    for i in range(36):
         write_image(data / f"c{i % 3}" / f"{i:03d}.png", seed=i)
     (data / "c0" / "bad.png").write_bytes(b"broken")
     ref = _extract(data, tmp_path / "ref.h5", r18_weights, batch_size=2)
@@ -486,7 +486,7 @@ def test_extract_killed_at_random_points_ends_bitwise_equal(tmp_path, r18_weight
 
 def test_a_layer_addition_killed_at_random_points_ends_equal(tmp_path, r18_weights):
     data = tmp_path / "data"
-    for i in range(60):
+    for i in range(36):
         write_image(data / f"c{i % 3}" / f"{i:03d}.png", seed=i)
     out = tmp_path / "c.h5"
     _extract(data, out, r18_weights, layers=["penultimate"], batch_size=2)
@@ -549,7 +549,7 @@ def test_a_sweep_killed_at_random_points_ends_with_the_same_table(image_folder, 
     args = ["sweep", image_folder, "--model", "resnet18", "--weights", r18_weights,
             "--layers", "layer2,layer3",
             "--classifier", "svm", "--c-grid", "0.1,1", "--folds", "2", "--cache", tmp_path / "c.h5", "-q"]
-    _kill_at_random_points([*args, "--report", tmp_path / "killed"], seed=3, kills=2, spread=(1.0, 8.0))
+    _kill_at_random_points([*args, "--report", tmp_path / "killed"], seed=3, kills=2, spread=(1.0, 6.0))
     _popen(*args, "--report", tmp_path / "whole").communicate(timeout=300)
     a, b = (json.loads((tmp_path / name / "sweep.json").read_text()) for name in ("killed", "whole"))
     keep = ("layer", "classifier", "C", "cv_accuracy", "test_accuracy", "logme")
@@ -591,10 +591,10 @@ def test_finetune_killed_at_random_points_ends_bitwise_equal(tmp_path):
     import torch
 
     from cnncodes.pipelines.finetune.checkpoints import load_checkpoint
-    data = write_many(tmp_path / "data", per_class=6)
+    data = write_many(tmp_path / "data", per_class=5)
     args = ["finetune", data, "--stages", "head:1,all:2", *TINY]
     _kill_at_random_points([*args, "--out", tmp_path / "killed", "--resume"], seed=4, kills=2,
-                           spread=(2.0, 9.0))
+                           spread=(2.0, 7.0))
     _popen(*args, "--out", tmp_path / "whole").communicate(timeout=300)
     a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("killed", "whole"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
