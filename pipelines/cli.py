@@ -33,6 +33,9 @@ def _fail_cleanly(fn):
         except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (loading, scanning)
             click.echo("interrupted; rerun the same command to continue (finished work is kept).", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:  # `cnncodes list-models | head`: the reader left, say nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
