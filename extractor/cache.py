@@ -27,6 +27,7 @@ caches (before the content columns) are checked by the image list and file sizes
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -265,11 +266,24 @@ class Cache:
 
 
 def read_content(f: h5py.File) -> dict[str, np.ndarray] | None:
+    """The content columns of an open cache file (None for schema 1); damage is a CacheError."""
     g = f["images"]
     if not all(k in g for k in CONTENT):
         return None
-    return {"sha256": np.array([s.decode() for s in g["sha256"][()]], dtype=object),
-            "size": g["size"][()], "mtime_ns": g["mtime_ns"][()]}
+    try:
+        return {"sha256": np.array([s.decode() for s in g["sha256"][()]], dtype=object),
+                "size": g["size"][()], "mtime_ns": g["mtime_ns"][()]}
+    except OSError as e:
+        raise CacheError(f"{f.filename} is damaged: /images cannot be read ({str(e).split('(')[0].strip()}). "
+                         f"Rebuild it: run the same `cnncodes extract` with --overwrite.") from None
+
+
+def content_digest(content: dict[str, np.ndarray] | None) -> str | None:
+    """sha256 over every row's content hash: changes whenever a row's codes are made from other
+    bytes (records built on a cache's codes key on it). None for schema-1 caches."""
+    if content is None:
+        return None
+    return hashlib.sha256("\n".join(content["sha256"].tolist()).encode()).hexdigest()
 
 
 def changed_rows(content: dict[str, np.ndarray] | None, status: np.ndarray, sizes, mtimes) -> np.ndarray:

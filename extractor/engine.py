@@ -30,11 +30,11 @@ from .cache import DONE, FAILED, PENDING, create_cache, open_cache
 from .devices import check_dtype, resolve_device, resolve_precision
 from .encoding import backbone_recipe, layer_specs, make_encoder
 from .errors import CacheLockedError, CacheWriteError, CnnCodesError, ImageDecodeError, SettingsError
-from .files import slug
+from .files import dataset_name, slug
 from .images import ImageTable, file_digest, find_images
 from .journal import Journal, discard_cache
 from .layers import Probe
-from .plan import UP_TO_DATE, ExtractionPlan, plan_extraction
+from .plan import ADD_LAYERS, UP_TO_DATE, ExtractionPlan, plan_extraction
 from .pooling import Pooling, parse_pooling
 from .provenance import library_versions
 from .recipe import Recipe
@@ -124,7 +124,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     allow_overlap : bool
         Accept a manifest that lists an image in two splits (a train/test leak).
     overwrite : bool
-        Replace an existing file at ``out`` made by another recipe (or not a cache at all).
+        Replace whatever is at ``out`` (a cache of any recipe, or a file that is no cache).
     progress : bool, optional
         Show a progress bar on stderr; default when stderr is a terminal.
 
@@ -165,15 +165,20 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
                                        f"to decode; stopped by --strict)")
             return res
     if plan.new_layers:
-        return _add_layers(job, plan)
-    return _CacheRun(job, out, plan.layers, create=plan.create, replace=plan.replace).run()
+        res = _add_layers(job, plan)
+    else:
+        res = _CacheRun(job, out, plan.layers, create=plan.create, replace=plan.replace).run()
+    if strict and res.failed:  # rows that failed in an earlier run, resumed or extended now
+        with open_cache(out) as c:
+            row = int(np.flatnonzero(c.status == FAILED)[0])
+            raise ImageDecodeError(f"{c.paths[row]}: {c.errors[row]} ({res.failed} images of {out} failed "
+                                   f"to decode; stopped by --strict)")
+    return res
 
 
 def default_cache_path(data: str | os.PathLike, model: str) -> Path:
     """``cache/<data folder name>-<model>.h5``."""
-    data = Path(data).resolve()
-    stem = data.stem if data.is_file() else data.name
-    return Path("cache") / f"{slug(stem)}-{slug(model)}.h5"
+    return Path("cache") / f"{dataset_name(data)}-{slug(model)}.h5"
 
 
 @dataclass
@@ -375,10 +380,13 @@ def _write_error(e: OSError, path: Path, images: int) -> CacheWriteError:
         saved = 0
     saved += Journal(path).row_count()[0]
     where = e.filename or path
-    what = "no space left on the device of" if e.errno == errno.ENOSPC else \
-        f"cannot write ({e.strerror or e}):"
-    todo = "free space" if e.errno == errno.ENOSPC else "make it writable (or choose another --out)"
-    return CacheWriteError(f"{what} {where}; {saved} of {images} images are saved; {todo} and rerun the same "
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what, todo = "no space left on the device of", "free space and rerun"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what, todo = f"cannot write ({e.strerror}):", "make it writable (or choose another --out) and rerun"
+    else:
+        what, todo = f"{e.strerror or e}:", "rerun"
+    return CacheWriteError(f"{what} {where}; {saved} of {images} images are saved; {todo} the same "
                            f"command to resume.")
 
 
@@ -393,6 +401,10 @@ def _add_layers(job: _Job, plan: ExtractionPlan) -> ExtractResult:
     if plan.finish_first:
         _CacheRun(job, plan.path, plan.layers, create=False).run()
     part = plan_extraction(plan.companion, job.recipe, plan.new_layers, table=job.table)
+    if part.action == ADD_LAYERS or set(part.layers) != set(plan.new_layers):
+        # left by an addition of other layers that was killed: not this addition's companion
+        discard_cache(part.path)
+        part = plan_extraction(plan.companion, job.recipe, plan.new_layers, table=job.table)
     if part.action == UP_TO_DATE:  # finished before a kill stopped the merge
         with open_cache(part.path) as c:
             res = job.result(part.path, c.status, "layers added", {})
@@ -404,5 +416,8 @@ def _add_layers(job: _Job, plan: ExtractionPlan) -> ExtractResult:
     part.path.unlink()
     with open_cache(plan.path) as c:
         dims = {name: int(c.layer_attrs(name)["dim"]) for name in c.layers}
+    missing = [name for name in plan.new_layers if name not in dims]
+    if missing:  # a broken invariant, not bad input: say so loudly
+        raise RuntimeError(f"adding {', '.join(missing)} to {plan.path} left them out")
     return dataclasses.replace(res, path=plan.path, state="layers added", layers=dims,
                                setup_seconds=time.perf_counter() - job.t_start - res.seconds)

@@ -1,6 +1,7 @@
 """Exceptions raised by the extractor library.
 
-Every error is a ``ValueError`` or ``RuntimeError`` subclass with a message written for people:
+Every error is a :class:`CnnCodesError` (most also a ``ValueError``, ``OSError`` or
+``RuntimeError``, as Python would raise for the same fault) with a message written for people:
 what was wrong, what was expected and how to fix it. Only the CLI turns them into exit codes.
 """
 

@@ -54,7 +54,7 @@ def publish(finished: str | os.PathLike, path: str | os.PathLike) -> None:
     path = Path(path)
     fsync_path(finished)
     os.replace(finished, path)
-    fsync_path(path.parent if str(path.parent) else ".")
+    fsync_path(path.parent)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -69,6 +69,13 @@ def slug(name: str) -> str:
     """``name`` made safe as one path component: anything but letters, digits, ``.``, ``_`` and
     ``-`` becomes ``-`` (``timm:convnext_tiny.fb_in1k`` -> ``timm-convnext_tiny.fb_in1k``)."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", str(name)).strip(".") or "-"
+
+
+def dataset_name(data: str | os.PathLike) -> str:
+    """The name of a data set in default output paths: its folder's name (a manifest's stem),
+    resolved, so ``.`` is the folder it means; made safe with :func:`slug`."""
+    data = Path(data).resolve()
+    return slug(data.stem if data.is_file() else data.name)
 
 
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:

@@ -93,11 +93,6 @@ class ImageTable:
         """``2 broken link (e.g. cat/x.png), 1 a folder inside a class folder (e.g. dog/more)``."""
         return "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in self.skipped.items())
 
-    def subset(self, rows) -> ImageTable:
-        rows = list(rows)
-        return ImageTable(self.root, [self.paths[i] for i in rows], self.labels[rows],
-                          [self.splits[i] for i in rows], list(self.classes),
-                          [self.sizes[i] for i in rows], [self.mtimes[i] for i in rows])
 
 
 def _kind(entry: os.DirEntry) -> str:
@@ -133,10 +128,13 @@ class _Scan:
     def _is_output(self, entry: os.DirEntry) -> bool:
         if self.exclude is None:
             return False
-        name = self.exclude.name
-        if entry.name.startswith(name) or entry.name.startswith(f".{name}.tmp-"):
+        if _kind(entry) == "dir" and _same_path(Path(entry.path), self.exclude.parent):
             return True
-        return _kind(entry) == "dir" and _same_path(Path(entry.path), self.exclude.parent)
+        name = self.exclude.name  # the files beside the cache that writing it makes
+        ours = {name, f"{name}.journal", f"{name}.work", f"{name}.adding.h5", f"{name}.adding.h5.journal",
+                f"{name}.adding.h5.work"}
+        return (entry.name in ours or entry.name.startswith((f".{name}.tmp-", f".{name}.adding.h5.tmp-"))) \
+            and _same_path(Path(entry.path).parent, self.exclude.parent)
 
     def skip(self, reason: str, path: Path) -> None:
         self.skipped.setdefault(reason, []).append(_relative(path, self.root))

@@ -1,9 +1,9 @@
 """What ``extract`` will do with an output path, decided before any network is loaded.
 
-:func:`plan_extraction` reads only the cache's attributes and journal (numpy and h5py, no
-torch) and returns an :class:`ExtractionPlan`: create the cache, resume it, add layers to it,
-or leave it (up to date); or it raises with the reasons it must refuse. The engine then runs
-the plan; nothing here writes.
+:func:`plan_extraction` reads only the cache's attributes, its content columns and journal
+(numpy and h5py, no torch) and returns an :class:`ExtractionPlan`: create the cache, resume
+it, add layers to it, or leave it (up to date); or it raises with the reasons it must refuse.
+The engine then runs the plan; nothing here writes.
 """
 from __future__ import annotations
 

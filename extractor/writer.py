@@ -49,6 +49,13 @@ class CacheWriter:
 
     def __enter__(self):
         fd = self._lock_fd = lock_journal(self.journal)
+        try:
+            return self._open(fd)
+        except BaseException:  # a failed setup (a full disk while copying...) keeps no lock
+            self.close()
+            raise
+
+    def _open(self, fd: int):
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         for stale in self.journal.dir.glob(".*.tmp-*"):  # a shard cut off before its rename
@@ -80,15 +87,20 @@ class CacheWriter:
         """A shard must fit this cache: rows in range and sorted, one entry per row in every
         array, codes of this cache's layers and widths. Raises ValueError otherwise."""
         n = len(self._status)
+        if rows.dtype.kind not in "iu" or status.dtype.kind not in "iu":
+            raise ValueError("rows and status must be integers")
         if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= n or (np.diff(rows) <= 0).any():
             raise ValueError(f"rows outside 0..{n - 1} or unsorted")
+        if set(codes) != set(self._f["codes"]):  # a layer left out would keep zeros as codes
+            raise ValueError(f"codes of {sorted(codes)}, the cache holds {sorted(self._f['codes'])}")
         if len(status) != len(rows) or len(errors) != len(rows) or \
                 not set(np.unique(status)) <= {DONE, FAILED}:
             raise ValueError("status or errors do not match the rows")
         for name, block in codes.items():
-            if name not in self._f["codes"] or block.shape != (len(rows), self._f["codes"][name].shape[1]):
+            if block.dtype.kind != "f" or block.shape != (len(rows), self._f["codes"][name].shape[1]):
                 raise ValueError(f"codes of '{name}' do not fit the cache")
-        if content is not None and any(len(content.get(k, ())) != len(rows) for k in CONTENT):
+        if content is not None and (any(len(content.get(k, ())) != len(rows) for k in CONTENT)
+                                    or content["sha256"].dtype.kind != "U"):
             raise ValueError("content columns do not match the rows")
 
     @property

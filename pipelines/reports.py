@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import json
 import math
@@ -52,18 +53,29 @@ def write_fit_report(result, directory: str | Path) -> dict[str, Path]:
 
 
 def pyplot():
-    """matplotlib's pyplot for files: the Agg backend, and every string drawn as plain text.
-
-    Class and layer names are user data: a class named ``price_$1_to_$2`` must not be read
-    as mathtext (which raised inside matplotlib, after the fit, before the model was saved).
-    """
+    """matplotlib's pyplot, drawing into files (the Agg backend)."""
     import matplotlib
     matplotlib.use("Agg")
-    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
     return plt
 
 
+def plain_text_plot(fn):
+    """Run a plotting function with every string drawn as plain text.
+
+    Class and layer names are user data: a class named ``price_$1_to_$2`` must not be read
+    as mathtext (which raised inside matplotlib, after the fit, before the model was saved).
+    The setting holds for the call only (``rc_context``), not for the caller's session.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@plain_text_plot
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
     """A row-normalised confusion matrix; class names on the axes while they stay legible."""
     plt = pyplot()

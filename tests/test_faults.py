@@ -598,3 +598,57 @@ def test_finetune_killed_at_random_points_ends_bitwise_equal(tmp_path):
     _popen(*args, "--out", tmp_path / "whole").communicate(timeout=300)
     a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("killed", "whole"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sweep_redoes_the_fits_of_a_cache_whose_images_changed(image_folder, tmp_path, r18_weights):
+    import json
+    args = ["sweep", str(image_folder), "--model", "resnet18", "--weights", str(r18_weights), "--layers",
+            "penultimate", "--classifier", "svm", "--c-grid", "1", "--folds", "2", "--cache",
+            str(tmp_path / "c.h5"), "--report", str(tmp_path / "rep"), "-q"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    record = tmp_path / "rep" / "fits" / "resnet18__penultimate__svm.json"
+    before = json.loads(record.read_text())["key"]
+    write_image(image_folder / "dog" / "1.png", seed=4242)  # other pixels: its codes are made again
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    after = json.loads(record.read_text())["key"]
+    assert after["content"] != before["content"]  # the fit was redone, not read back stale
+
+
+def test_a_companion_left_by_another_layer_addition_is_not_taken_for_this_one(image_folder, tmp_path,
+                                                                            r18_weights):
+    out = tmp_path / "c.h5"
+    _extract(image_folder, out, r18_weights, layers=["penultimate"])
+    # an addition of layer2, killed before merging
+    _extract(image_folder, tmp_path / "c.h5.adding.h5", r18_weights, layers=["layer2"])
+    r = _extract(image_folder, out, r18_weights, layers=["layer3", "penultimate"])
+    assert r.state == "layers added" and set(r.layers) == {"penultimate", "layer3"}
+    assert not (tmp_path / "c.h5.adding.h5").exists()
+
+
+def test_hand_made_shards_of_wrong_types_or_layers_are_dropped(image_folder, tmp_path, r18_weights):
+    out = tmp_path / "c.h5"
+    _extract(image_folder, out, r18_weights)
+    with h5py.File(out, "r+") as f:
+        f["images/status"][0] = 0
+        f.attrs["complete"] = False
+    journal = out.with_name(out.name + ".journal")
+    journal.mkdir()
+    np.savez(journal / "rows-000000000000-000000000000.npz", rows=np.array([0.0]), status=np.array([1]),
+             errors=np.array([""]), **{f"codes/{k}": np.zeros((1, d), np.float32)
+                                       for k, d in (("layer2", 128), ("penultimate", 512))})
+    np.savez(journal / "rows-000000000000-000000000001.npz", rows=np.array([0]), status=np.array([1]),
+             errors=np.array([""]), **{"codes/penultimate": np.zeros((1, 512), np.float32)})  # a layer short
+    r = _extract(image_folder, out, r18_weights)
+    assert r.complete and r.processed == 1 and not any(np.all(v == 0) for v in _codes(out, "layer2").values())
+
+
+def test_strict_fails_on_a_resumed_cache_with_failed_rows(image_folder, tmp_path, r18_weights):
+    (image_folder / "cat" / "bad.png").write_bytes(b"no image")
+    out = tmp_path / "c.h5"
+    _extract(image_folder, out, r18_weights, layers=["penultimate"])
+    st = (image_folder / "dog" / "0.png").stat()
+    os.utime(image_folder / "dog" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rerun writes
+    write_image(image_folder / "dog" / "0.png", seed=31337)
+    result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(out), "--model", "resnet18",
+                                      "--weights", str(r18_weights), "--strict", "-q"])
+    one_line_error(result, "cat/bad.png", "stopped by --strict")

@@ -116,7 +116,7 @@ def test_two_backbones_each_get_a_cache_and_lines_in_the_report(swept, r18_weigh
         sweep(root, ["resnet18", "alexnet", "vgg11"], weights=["none", "none"], **FAST)
 
 
-def test_fit_key_is_the_recipes_fit_keys_then_module_classifier_and_settings(swept):
+def test_fit_key_is_the_recipes_fit_keys_content_then_module_classifier_and_settings(swept):
     from cnncodes.pipelines.probes.codes import load_codes
     from cnncodes.pipelines.sweep.runner import _fit_key
     _, _, tmp = swept
@@ -125,8 +125,10 @@ def test_fit_key_is_the_recipes_fit_keys_then_module_classifier_and_settings(swe
     key = _fit_key(c.attrs, c.layer_attrs, "svm", settings)
     want = {"image_fingerprint": c.attrs["image_fingerprint"], "model": c.attrs["model"],
             "weights_sha256": c.attrs["weights_sha256"], "pooling": c.attrs["pooling"],
-            "module": c.layer_attrs["module"], "classifier": "svm", **settings}
+            "content": c.attrs["content_digest"], "module": c.layer_attrs["module"], "classifier": "svm",
+            **settings}
     assert list(key.items()) == list(want.items()) and len(key["weights_sha256"]) == 64
+    assert len(key["content"]) == 64  # a re-extracted image changes it, so no fit is reused stale
 
 
 def test_order_table_follows_the_given_backbones_then_depth_then_classifiers():

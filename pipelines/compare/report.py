@@ -9,9 +9,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from cnncodes.extractor.files import write_text_atomic
 from cnncodes.extractor.provenance import library_versions
 
-from cnncodes.pipelines.reports import embed_png, fmt_cell, html_page, html_table, markdown_table, pyplot
+from cnncodes.pipelines.reports import (
+    embed_png,
+    fmt_cell,
+    html_page,
+    html_table,
+    markdown_table,
+    plain_text_plot,
+    pyplot,
+)
 
 HEAD = ["strategy", "what", "test acc", "best val/CV acc", "train time (s)", "s/epoch", "epochs",
         "trainable params"]
@@ -52,9 +61,10 @@ def table_rows(df: pd.DataFrame) -> list[list[str]]:
              fmt_cell(r["epochs"], ".0f"), fmt_cell(r["trainable_params"], ",.0f")] for _, r in df.iterrows()]
 
 
+@plain_text_plot
 def plot_compare(df: pd.DataFrame, path: Path, title: str) -> None:
     """Test accuracy per strategy (bars) beside its training time (bars, log scale)."""
-    plt = pyplot()  # names drawn as plain text, never mathtext
+    plt = pyplot()
     fig, (ax_acc, ax_t) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     names = list(df["strategy"])
     acc = [0 if v is None or pd.isna(v) else v for v in df["test_accuracy"]]
@@ -86,7 +96,7 @@ def write_compare_report(result: CompareResult) -> dict[str, Path]:
     plot_compare(df, files["plot"], f"{settings.get('model')} on {Path(str(settings.get('data'))).name}")
     summary = {"rows": json.loads(df.to_json(orient="records")), "conclusion": conclusion,
                "settings": settings, "seconds": result.seconds, "versions": library_versions()}
-    files["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(files["json"], json.dumps(summary, indent=2) + "\n")
     rows = table_rows(df)
     md = ["# Transfer-learning strategies", "", *[f"- {c}" for c in conclusion], "",
           markdown_table(HEAD, rows),

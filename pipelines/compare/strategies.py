@@ -24,7 +24,7 @@ import pandas as pd
 
 from cnncodes.extractor.backbones import DEFAULT_MODEL
 from cnncodes.extractor.errors import IncompatibleCacheError
-from cnncodes.extractor.files import slug
+from cnncodes.extractor.files import dataset_name, slug
 
 from cnncodes.pipelines.compare.report import CompareResult, write_compare_report
 from cnncodes.pipelines.finetune.data import make_splits
@@ -97,7 +97,7 @@ def _finetune_row(strategy: str, cfg: FinetuneConfig, what: str, progress) -> di
 
 def default_compare_dir(data, model: str) -> Path:
     """``reports/compare-<data>-<model>``, made safe as a path component."""
-    return Path("reports") / slug(f"compare-{Path(data).name}-{model}")
+    return Path("reports") / f"compare-{dataset_name(data)}-{slug(model)}"
 
 
 def _plans(base: FinetuneConfig, top: str, head_epochs: int, epochs: int) -> dict:

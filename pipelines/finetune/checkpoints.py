@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,12 +83,6 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def publish_best(out: Path) -> None:
-    """Copy ``last.pt`` to ``best.pt`` atomically (the epoch just saved is the best so far)."""
-    with atomic_write(out / "best.pt") as tmp:
-        shutil.copyfile(out / "last.pt", tmp)
-
-
 def remove_stale_temporaries(out: Path) -> None:
     """Delete what a kill during a save left: :func:`~cnncodes.extractor.files.atomic_write`'s
     temporary files, which nothing reads."""
@@ -107,7 +100,13 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
     """
     last = out / "last.pt"
     if last.exists() and resume:
-        ckpt = load_checkpoint(last)
+        try:
+            ckpt = load_checkpoint(last)
+        except FinetuneError:
+            if not overwrite:
+                raise
+            log.info("%s cannot be read: starting again (--overwrite)", last)
+            return None
         diffs = describe_differences(ckpt["recipe"], recipe, where=("in the run", "now"))
         if not diffs:
             return ckpt

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cnncodes.extractor.backbones import DEFAULT_MODEL
-from cnncodes.extractor.files import slug
+from cnncodes.extractor.files import dataset_name, slug
 
 from cnncodes.pipelines.finetune.freezing import FinetuneError
 
@@ -60,7 +60,7 @@ def recipe_settings(cfg: FinetuneConfig) -> dict:
 def default_run_dir(data, model: str, from_scratch: bool = False) -> Path:
     """``runs/<data>-<model>``, with ``-scratch`` for a from-scratch run, made safe as a path
     component (``timm:resnet18`` -> ``timm-resnet18``)."""
-    return Path("runs") / slug(f"{Path(data).name}-{model}" + ("-scratch" if from_scratch else ""))
+    return Path("runs") / (f"{dataset_name(data)}-{slug(model)}" + ("-scratch" if from_scratch else ""))
 
 
 def warmup_cosine(total: int, warmup: int):

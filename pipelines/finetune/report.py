@@ -7,12 +7,13 @@ import numpy as np
 
 from cnncodes.pipelines.finetune.result import FinetuneResult
 from cnncodes.pipelines.records import write_json
-from cnncodes.pipelines.reports import plot_confusion, pyplot
+from cnncodes.pipelines.reports import plain_text_plot, plot_confusion, pyplot
 
 
+@plain_text_plot
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     """Loss and accuracy on train and val per epoch, with the stage boundaries marked."""
-    plt = pyplot()  # names drawn as plain text, never mathtext
+    plt = pyplot()
     epochs = [h["epoch"] + 1 for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "accuracy", "accuracy")):

@@ -43,7 +43,6 @@ from cnncodes.pipelines.finetune.checkpoints import (
     checkpoint_to_resume,
     clear_run,
     load_checkpoint,
-    publish_best,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
@@ -145,12 +144,13 @@ class _Run(Passes):
             torch.distributed.barrier()
 
     def _save(self, state: dict, improved: bool) -> None:
-        """``last.pt`` every epoch, copied to ``best.pt`` on a new best; both atomically."""
+        """``best.pt`` on a new best, then ``last.pt`` every epoch; both atomically. In that order:
+        a kill between the two leaves a ``last.pt`` whose best epoch has its ``best.pt``."""
         if not self.ctx.main:
             return
-        save_checkpoint(state, self.out / "last.pt")
         if improved:
-            publish_best(self.out)
+            save_checkpoint(state, self.out / "best.pt")
+        save_checkpoint(state, self.out / "last.pt")
 
     def _write_metrics(self, history: list[dict], mode: str = "w") -> None:
         """``w``: the whole history (on resume: drops lines of epochs the checkpoint lacks);

@@ -9,5 +9,4 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(["FitResult", "fit_linear_probe", "make_pipeline"], ".classifiers"),
     **dict.fromkeys(["SavedModel", "load_model", "save_model"], ".artifacts"),
     **dict.fromkeys(["evaluate_model", "predict_images"], ".predict"),
-    "logme": ".logme",
 })

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnncodes.extractor.cache import DONE, FAILED, open_cache
+from cnncodes.extractor.cache import DONE, FAILED, content_digest, open_cache
 from cnncodes.extractor.errors import CacheError
 
 
@@ -84,5 +84,6 @@ def load_codes(path: str | Path, layer: str | None = None, allow_incomplete: boo
             names = [all_paths[r] for r in rows[bad][:5]]
             raise CodesError(f"{int(bad.sum())} rows of layer '{layer}' hold NaN or infinite codes "
                              f"(e.g. {', '.join(names)}); re-extract them (--overwrite) or remove them.")
+        attrs = {**c.attrs, "content_digest": content_digest(c.content)}  # what records built on it key on
         return Codes(path, layer, X, labels[rows], c.splits[rows], rows, [all_paths[r] for r in rows],
-                     c.classes, dict(c.attrs), c.layer_attrs(layer), {k: v for k, v in excluded.items() if v})
+                     c.classes, attrs, c.layer_attrs(layer), {k: v for k, v in excluded.items() if v})

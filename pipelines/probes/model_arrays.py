@@ -42,12 +42,14 @@ def _step_arrays(name: str, step) -> tuple[dict, dict[str, np.ndarray]]:
         return ({"kind": "pca", "whiten": bool(step.whiten), "n_components": int(step.n_components_)},
                 {"components": step.components_, "mean": step.mean_,
                  "explained_variance": step.explained_variance_})
-    if hasattr(step, "coef_") and hasattr(step, "intercept_") and hasattr(step, "classes_"):
+    # the torch solver's estimator, matched by name: importing its class would import torch
+    torch_solver = type(step).__name__ == "TorchLinearClassifier" and \
+        type(step).__module__.endswith("probes.torch_linear")
+    if isinstance(step, (LogisticRegression, LinearSVC)) or torch_solver:
         loss = getattr(step, "loss", None)
         kind = "logistic" if isinstance(step, LogisticRegression) or loss == "log_loss" else "linear_svc"
-        if not isinstance(step, (LogisticRegression, LinearSVC)) and \
-                loss not in ("log_loss", "squared_hinge"):
-            raise NotArrays(f"step {name!r}: {type(step).__name__}")
+        if isinstance(step, LogisticRegression) and getattr(step, "multi_class", "auto") == "ovr":
+            raise NotArrays(f"step {name!r}: one-vs-rest LogisticRegression")
         return {"kind": kind, "C": float(step.C)}, {"coef": step.coef_, "intercept": step.intercept_,
                                                     "classes": step.classes_}
     raise NotArrays(f"step {name!r}: {type(step).__name__}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cnncodes.extractor.files import write_text_atomic
 from cnncodes.extractor.provenance import library_versions
 
 from cnncodes.pipelines.reports import (
@@ -19,6 +20,7 @@ from cnncodes.pipelines.reports import (
     html_page,
     html_table,
     markdown_table,
+    plain_text_plot,
     plot_confusion,
     pyplot,
 )
@@ -136,10 +138,11 @@ def _plain(d: dict) -> dict:
     return out
 
 
+@plain_text_plot
 def plot_sweep(df: pd.DataFrame, path: Path) -> None:
     """CV accuracy (error bars: std over folds) against relative depth, one line per backbone x
     classifier, test accuracy as open markers, LogME on a second axis."""
-    plt = pyplot()  # names drawn as plain text, never mathtext
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     fitted = _fitted(df)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -213,7 +216,7 @@ def write_sweep_report(result: SweepResult, fit_records: dict) -> dict[str, Path
                "best": best, "kendall_tau_logme_vs_cv": result.kendall_tau,
                "settings": result.settings.as_dict(), "caches": result.caches, "seconds": result.seconds,
                "versions": library_versions()}
-    files["json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(files["json"], json.dumps(summary, indent=2, default=str) + "\n")
     md = ["# Layer sweep", "", *[f"- {c}" for c in result.conclusion], "",
           f"LogME vs CV accuracy, Kendall's tau: {tau_text or '-'}", "", _markdown(df), "",
           "![accuracy vs depth](sweep.png)", ""]

@@ -168,10 +168,11 @@ def _depths(model: str, codes: dict) -> dict:
 
 
 def _fit_key(attrs: dict, layer_attrs: dict, classifier: str, settings: dict) -> dict:
-    """What a stored fit (or LogME score) was made from: the cache's recipe, the layer's
-    module, the classifier and the fit's settings."""
-    return {**Recipe.from_attrs(attrs).key(Recipe.FIT_KEYS), "module": layer_attrs.get("module"),
-            "classifier": classifier, **settings}
+    """What a stored fit (or LogME score) was made from: the cache's recipe, the content of its
+    rows (a re-extracted image changes it), the layer's module, the classifier and the fit's
+    settings."""
+    return {**Recipe.from_attrs(attrs).key(Recipe.FIT_KEYS), "content": attrs.get("content_digest"),
+            "module": layer_attrs.get("module"), "classifier": classifier, **settings}
 
 
 def _logme_scores(settings: SweepSettings, model: str, codes: dict) -> dict[str, float]:

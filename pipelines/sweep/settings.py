@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnncodes.extractor.errors import SettingsError
-from cnncodes.extractor.files import slug
+from cnncodes.extractor.files import dataset_name, slug
 
 from cnncodes.pipelines.probes.classifiers import CLASSIFIERS, parse_c_grid
 
 
 def default_report_dir(data, models) -> Path:
     """``reports/<data>-<model>[+<model>...]``, each part made safe as a path component."""
-    return Path("reports") / f"{slug(Path(data).resolve().name)}-{'+'.join(slug(m) for m in models)}"
+    return Path("reports") / f"{dataset_name(data)}-{'+'.join(slug(m) for m in models)}"
 
 
 @dataclass(frozen=True)
