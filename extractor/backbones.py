@@ -431,6 +431,42 @@ def _resolve_enum(name: str, weights: str):
         raise WeightsNotFoundError(f"'{weights}' is not a weights choice of {name}: use {options}.") from None
 
 
+_OFFLINE_VARIABLES = ("CNNCODES_OFFLINE", "HF_HUB_OFFLINE")
+DOWNLOAD_TIMEOUT_S = 15  # per socket operation: an unreachable network fails fast, never hangs
+
+
+def offline() -> bool:
+    """Whether the network is off limits: ``CNNCODES_OFFLINE=1`` (what ``--offline`` sets) or
+    Hugging Face's own ``HF_HUB_OFFLINE=1``."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in _OFFLINE_VARIABLES)
+
+
+def _download(enum, f: Path) -> None:
+    """Fetch a torchvision weights file into the torch hub cache the way torchvision does:
+    ``load_state_dict_from_url`` with its progress bar on stderr, its hash-prefix check and its
+    temporary ``.partial`` file, renamed into place only when whole and matching."""
+    import http.client
+    import socket
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    where = f"put {f.name} in {f.parent}/ (or set TORCH_HOME), or pass --weights PATH or --weights none"
+    try:
+        enum.get_state_dict(progress=True, check_hash=True)
+    except (OSError, http.client.HTTPException) as e:  # URLError, refused, timed out, cut off
+        reason = getattr(e, "reason", None) or e.__class__.__name__
+        raise WeightsNotFoundError(f"could not download {enum.url} ({reason}): rerun when online, or "
+                                   f"{where}.") from None
+    except RuntimeError as e:  # torch.hub: "invalid hash value"; nothing is left in the cache
+        if "hash" not in str(e):
+            raise
+        f.unlink(missing_ok=True)
+        raise WeightsNotFoundError(f"the file downloaded from {enum.url} does not match the hash in its "
+                                   f"name, so it was not kept: retry, or {where}.") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def _torchvision(name: str, weights: str) -> Backbone:
     import torchvision
     builder = torchvision.models.get_model_builder(name)
@@ -446,13 +482,14 @@ def _torchvision(name: str, weights: str) -> Backbone:
     else:
         enum = _resolve_enum(name, weights)
         f = hub_checkpoint(enum)
-        if not f.is_file():
-            # torch.hub would try to download, and hang or fail slowly offline: fail fast instead.
+        if not f.is_file() and offline():
             raise WeightsNotFoundError(
-                f"weights {enum} for {name} are not in the torch hub cache. Download "
-                f"{enum.url} and put {f.name} in {f.parent}/ (or set TORCH_HOME), or pass "
-                f"--weights PATH or --weights none.")
-        model = builder(weights=enum, progress=False)
+                f"weights {enum} for {name} are not in the torch hub cache, and the network is off "
+                f"(--offline / CNNCODES_OFFLINE / HF_HUB_OFFLINE). Download {enum.url} and put {f.name} "
+                f"in {f.parent}/ (or set TORCH_HOME), or pass --weights PATH or --weights none.")
+        if not f.is_file():
+            _download(enum, f)
+        model = builder(weights=enum, progress=False)  # from the cache now
         winfo = {"name": str(enum), "file": f.name, "sha256": sha256_of(f), "argument": str(enum)}
     transform = enum.transforms()
     pre = {"resize": int(transform.resize_size[0]), "crop": int(transform.crop_size[0]),

@@ -65,9 +65,22 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _go_offline(ctx, param, value):
+    # The library reads the variable (as Hugging Face's HF_HUB_OFFLINE is read), so that every
+    # command, and the torchrun ranks it starts, agree without passing a flag through each call.
+    if value:
+        os.environ["CNNCODES_OFFLINE"] = "1"
+    return value
+
+
+_OFFLINE = click.option("--offline", is_flag=True, expose_value=False, callback=_go_offline, is_eager=True,
+                        help="Never touch the network (as CNNCODES_OFFLINE=1): missing weights fail at once.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cnncodes")
 @click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv for debug).")
+@_OFFLINE
 def cli(verbose: int) -> None:
     """Transfer learning with pretrained CNNs: CNN codes of any layer into a resumable HDF5
     cache, for linear classifiers, layer sweeps and fine-tuning.
@@ -118,9 +131,9 @@ def sample_data(name: str, directory: str, seed: int) -> None:
 def list_models_cmd(as_json: bool) -> None:
     """List the backbones and whether their default weights are present offline.
 
-    torchvision weights are read from the torch hub cache ($TORCH_HOME/hub/checkpoints) or a
-    file given with --weights; nothing is downloaded. Any timm architecture is available as
-    timm:<name> with --weights PATH.
+    torchvision weights are read from the torch hub cache ($TORCH_HOME/hub/checkpoints), and
+    downloaded there on first use unless --offline; a file given with --weights works too. Any
+    timm architecture is available as timm:<name> with --weights PATH.
 
     \b
     Example:
@@ -139,6 +152,7 @@ def list_models_cmd(as_json: bool) -> None:
 
 
 @cli.command("list-layers")
+@_OFFLINE
 @click.option("--model", "-m", default="efficientnet_lite0", show_default=True, help="Backbone name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--all", "show_all", is_flag=True, help="Also list the modules inside each block.")
@@ -182,6 +196,7 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
 
 
 @cli.command("extract")
+@_OFFLINE
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="Cache file [default: cache/<data>-<model>.h5].")
@@ -461,6 +476,7 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
 
 
 @cli.command("sweep")
+@_OFFLINE
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--model", "-m", "models", multiple=True, default=["efficientnet_lite0"], show_default=True,
               help="Backbone; repeat to compare several.")
@@ -506,6 +522,7 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
 
 
 @cli.command("demo")
+@_OFFLINE
 @click.option("--data", default="data/digits", show_default=True, type=click.Path(file_okay=False),
               help="Where the digits image folder is (generated when missing).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
@@ -584,6 +601,7 @@ def _config(data, out, **kw):
 
 
 @cli.command("finetune")
+@_OFFLINE
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--out", "-o", type=click.Path(file_okay=False),
               help="Run folder [default: runs/<data>-<model>, -scratch with --from-scratch].")
@@ -642,6 +660,7 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
 
 
 @cli.command("compare")
+@_OFFLINE
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--layer", "-l",
               help="The linear probe's layer [default: best of --sweep-report, else penultimate].")
@@ -717,6 +736,7 @@ def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
 
 
 @cli.command("predict")
+@_OFFLINE
 @click.option("--model", "-m", "model_file", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write CSV here instead of stdout.")

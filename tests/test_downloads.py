@@ -1,0 +1,136 @@
+"""torchvision weights by name: downloaded on first use from a real HTTP server on 127.0.0.1,
+reused after, refused when the hash in their name does not match, never fetched offline."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cnncodes.extractor.errors import WeightsNotFoundError
+
+from cnncodes.pipelines.cli import cli
+
+from cnncodes import extractor
+
+
+class _Server:
+    """A loopback HTTP server over one folder that counts requests and can cut files short."""
+
+    def __init__(self, root: Path):
+        server = self
+        self.requests: list[str] = []
+        self.cut_after: int | None = None  # bytes sent before the connection is dropped
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **k):
+                super().__init__(*a, directory=str(root), **k)
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                if server.cut_after is None:
+                    return super().do_GET()
+                data = (root / self.path.lstrip("/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:server.cut_after])
+                self.wfile.flush()
+                self.connection.close()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def served(tmp_path, r18_weights, monkeypatch):
+    """resnet18's DEFAULT weights entry pointed at a loopback server holding a real state dict,
+    named with its own hash prefix as torchvision's files are; the network allowed."""
+    import torchvision
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("CNNCODES_OFFLINE", raising=False)
+    root = tmp_path / "www"
+    root.mkdir()
+    data = r18_weights.read_bytes()
+    name = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    (root / name).write_bytes(data)
+    (root / "resnet18-00000000.pth").write_bytes(data)  # a name whose hash prefix is wrong
+    entry = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value
+    with _Server(root) as server:
+        monkeypatch.setattr(entry, "url", f"{server.url}/{name}")
+        yield server, entry, name
+
+
+def test_first_use_downloads_with_progress_and_the_second_reuses(served, capfd):
+    server, _, name = served
+    bb = extractor.load_backbone("resnet18", "DEFAULT")
+    assert server.requests == [f"/{name}"]
+    assert "%" in capfd.readouterr().err  # torch.hub's progress bar on stderr
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    assert cached.is_file() and bb.weights["file"] == name
+    assert bb.weights["argument"].endswith("IMAGENET1K_V1")
+    assert not list(cached.parent.glob("*.partial"))
+    again = extractor.load_backbone("resnet18", "DEFAULT")
+    assert server.requests == [f"/{name}"] and again.weights["sha256"] == bb.weights["sha256"]
+
+
+def test_a_file_whose_hash_does_not_match_is_refused_and_not_kept(served, monkeypatch):
+    server, entry, _ = served
+    monkeypatch.setattr(entry, "url", f"{server.url}/resnet18-00000000.pth")
+    with pytest.raises(WeightsNotFoundError, match="does not match the hash in its name, so it was not kept"):
+        extractor.load_backbone("resnet18", "DEFAULT")
+    assert not list((Path(torch.hub.get_dir()) / "checkpoints").glob("*"))
+
+
+def test_a_connection_cut_mid_file_leaves_nothing_behind(served):
+    server, _, name = served
+    server.cut_after = 100_000
+    result = CliRunner().invoke(cli, ["list-layers", "--model", "resnet18"])  # builds without weights
+    assert result.exit_code == 0
+    # torch.hub reads to the end of what came: the cut file fails its hash check, and is not kept
+    words = f"{name} does not match the hash.*not kept.*put {name} in"
+    with pytest.raises(WeightsNotFoundError, match=words):
+        extractor.load_backbone("resnet18", "DEFAULT")
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    assert not folder.exists() or not list(folder.iterdir())
+
+
+def test_offline_never_connects_and_says_where_the_file_goes(served, image_folder, tmp_path):
+    server, _, name = served
+    result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(tmp_path / "c.h5"),
+                                      "--model", "resnet18", "--offline"])
+    assert result.exit_code == 1 and server.requests == []
+    assert "the network is off" in result.output and f"put {name} in" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_an_unreachable_server_is_one_line(served, monkeypatch, image_folder, tmp_path):
+    import socket
+    _, entry, name = served
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(entry, "url", f"http://127.0.0.1:{port}/{name}")
+    result = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(tmp_path / "c.h5"),
+                                      "--model", "resnet18", "-q"])
+    # torch.hub's own "Downloading: ..." notice, then one line of error; no traceback
+    lines = result.output.strip().splitlines()
+    errors = [line for line in lines if not line.startswith("Downloading: ")]
+    assert result.exit_code == 1 and len(lines) == 2 and len(errors) == 1 and "Traceback" not in result.output
+    assert errors[0].startswith("Error: could not download") and "rerun when online" in errors[0]
