@@ -389,23 +389,73 @@ def _embedded(name: str, weights: str) -> Backbone:
 
 # --- timm ------------------------------------------------------------------------------------------
 
-def _timm(name: str, weights: str) -> Backbone:
+def _timm_name(name: str) -> str:
+    """``timm:<architecture>[.<pretrained tag>]`` checked against timm's registry."""
     import timm
-    arch = name.removeprefix("timm:")
+    full = name.removeprefix("timm:")
+    arch, _, tag = full.partition(".")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise ModelNotFoundError(f"'{arch}' is not a timm architecture.{hint}")
-    model = timm.create_model(arch, pretrained=False)
+    if tag and full not in timm.list_pretrained(f"{arch}.*"):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.4)
+        known = f" Did you mean {', '.join(f'timm:{arch}.{t}' for t in close)}?" if close else ""
+        raise ModelNotFoundError(f"'{tag}' is not a pretrained tag of timm's {arch}.{known} Its tags: "
+                                 f"{', '.join(tags) or 'none'} (cnncodes list-models --family timm "
+                                 f"--pretrained {arch}).")
+    return full
+
+
+def _timm_file(cfg: dict) -> Path:
+    """The pretrained file of a timm config in the Hugging Face cache (``HF_HOME``), fetched
+    there by huggingface_hub on first use as timm does (safetensors first); offline, the cache only."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        raise WeightsNotFoundError(f"timm's {cfg.get('architecture')} has no weights on the Hugging Face "
+                                   f"hub; pass --weights PATH or --weights none.")
+    missing = []
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return Path(hf_hub_download(repo, filename, local_files_only=offline()))
+        except LocalEntryNotFoundError:
+            missing.append(filename)
+        except EntryNotFoundError:  # the repository has no such file: try the next
+            continue
+        except (HfHubHTTPError, OSError) as e:
+            what = e.__class__.__name__
+            raise WeightsNotFoundError(f"could not download {repo}/{filename} ({what}): rerun when online, "
+                                       f"or pass --weights PATH or --weights none.") from None
+    from huggingface_hub.constants import HF_HUB_CACHE
+    raise WeightsNotFoundError(
+        f"timm weights {repo} are not in the Hugging Face cache ({HF_HUB_CACHE})"
+        + (", and the network is off (--offline / CNNCODES_OFFLINE / HF_HUB_OFFLINE)" if missing else "")
+        + ": run once online, or pass --weights PATH or --weights none.")
+
+
+def _timm(name: str, weights: str) -> Backbone:
+    import timm
+    full = _timm_name(name)
+    model = timm.create_model(full, pretrained=False)  # carries the tag's pretrained_cfg
     if weights.lower() == "none":
         winfo = dict(_NO_WEIGHTS)
-    elif weights.upper() == "DEFAULT" or not _is_path(weights):
-        raise WeightsNotFoundError(
-            f"timm weights are not bundled with cnncodes and nothing is downloaded: pass "
-            f"--weights PATH (a state dict for timm's '{arch}') or --weights none.")
-    else:
+    elif weights.upper() == "DEFAULT":
+        cfg = dict(model.pretrained_cfg)
+        f = _timm_file(cfg)
+        # timm loads its own file (key filters, head adaption) from the cached path
+        model = timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": str(f)})
+        winfo = {"name": f"timm:{cfg['architecture']}.{cfg.get('tag') or ''}".rstrip("."), "file": str(f),
+                 "sha256": sha256_of(f), "argument": "DEFAULT", "tag": cfg.get("tag"),
+                 "hf_hub_id": cfg.get("hf_hub_id")}
+    elif _is_path(weights):
         load_weights_file(model, weights)
         winfo = _file_weights(weights)
+    else:
+        raise WeightsNotFoundError(f"timm models take --weights DEFAULT (the tag's pretrained weights), a "
+                                   f"file or none, not '{weights}'.")
     transform, pre = _timm_preprocessing(model)
     return Backbone(name, model, transform, pre, winfo)
 

@@ -134,3 +134,66 @@ def test_an_unreachable_server_is_one_line(served, monkeypatch, image_folder, tm
     errors = [line for line in lines if not line.startswith("Downloading: ")]
     assert result.exit_code == 1 and len(lines) == 2 and len(errors) == 1 and "Traceback" not in result.output
     assert errors[0].startswith("Error: could not download") and "rerun when online" in errors[0]
+
+
+# --- timm by name, from a Hugging Face cache the test writes ----------------------------------
+
+def _hf_cache(home: Path, repo: str, state: dict) -> Path:
+    """The layout huggingface_hub keeps under ``HF_HOME``: refs/main names a snapshot that holds
+    the file (a blob and its link, as the hub writes them)."""
+    from safetensors.torch import save_file
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    blob = folder / "blobs" / "model"
+    blob.parent.mkdir()
+    save_file(state, str(blob))
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(blob)
+    return blob
+
+
+def test_timm_by_name_with_its_tag_from_the_hugging_face_cache(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet.r160_in1k", pretrained=False)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    blob = _hf_cache(tmp_path / "hf", "timm/test_efficientnet.r160_in1k", state)
+    code = """
+import json, sys
+from cnncodes import extractor
+from timm.data import resolve_data_config
+bb = extractor.load_backbone("timm:test_efficientnet.r160_in1k", "DEFAULT")
+cfg = resolve_data_config({}, model=bb.model)
+w = bb.model.state_dict()["conv_stem.weight"]
+cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+print(json.dumps({"weights": bb.weights, "pre": bb.preprocessing, "cfg": cfg, "stem": float(w.sum())}))
+"""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["weights"]["tag"] == "r160_in1k"
+    assert got["weights"]["name"] == "timm:test_efficientnet.r160_in1k"
+    assert got["weights"]["sha256"] == hashlib.sha256(blob.read_bytes()).hexdigest()
+    assert abs(got["stem"] - float(state["conv_stem.weight"].sum())) < 1e-5  # these very weights
+    cfg = got["cfg"]
+    assert got["pre"]["crop"] == cfg["input_size"][-1] == 160 and got["pre"]["crop_pct"] == cfg["crop_pct"]
+    assert got["pre"]["interpolation"] == cfg["interpolation"] and got["pre"]["mean"] == cfg["mean"]
+    # missing from the cache while offline: one line that says so, at once
+    env["HF_HOME"] = str(tmp_path / "empty")
+    data = tmp_path / "data" / "a"
+    data.mkdir(parents=True)
+    (data / "x.png").write_bytes(b"")
+    out = subprocess.run([sys.executable, "-m", "cnncodes", "extract", str(tmp_path / "data"), "--out",
+                          str(tmp_path / "c.h5"), "--model", "timm:test_efficientnet.r160_in1k", "-q"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "not in the Hugging Face cache" in out.stderr and "network is off" in out.stderr
