@@ -410,30 +410,56 @@ def _timm_name(name: str) -> str:
 
 def _timm_file(cfg: dict) -> Path:
     """The pretrained file of a timm config in the Hugging Face cache (``HF_HOME``), fetched
-    there by huggingface_hub on first use as timm does (safetensors first); offline, the cache only."""
-    from huggingface_hub import hf_hub_download
+    there by huggingface_hub on first use as timm does (safetensors first); offline, the cache
+    only."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
     repo = cfg.get("hf_hub_id")
     if not repo:
         raise WeightsNotFoundError(f"timm's {cfg.get('architecture')} has no weights on the Hugging Face "
                                    f"hub; pass --weights PATH or --weights none.")
-    missing = []
-    for filename in ("model.safetensors", "pytorch_model.bin"):
+    names = ("model.safetensors", "pytorch_model.bin")
+    for filename in names:  # a cached file needs no network at all
+        hit = try_to_load_from_cache(repo, filename)
+        if isinstance(hit, str):
+            return Path(hit)
+    todo = "run once online, or pass --weights PATH or --weights none"
+    if offline():
+        raise WeightsNotFoundError(f"timm weights {repo} are not in the Hugging Face cache ({HF_HUB_CACHE}), "
+                                   f"and the network is off (--offline / CNNCODES_OFFLINE / HF_HUB_OFFLINE): "
+                                   f"{todo}.")
+    _check_reachable(repo)
+    for filename in names:
         try:
-            return Path(hf_hub_download(repo, filename, local_files_only=offline()))
-        except LocalEntryNotFoundError:
-            missing.append(filename)
+            return Path(hf_hub_download(repo, filename))
+        except LocalEntryNotFoundError as e:  # the hub failed mid-way and the cache has no copy
+            raise WeightsNotFoundError(f"could not download {repo}/{filename} ({e.__class__.__name__}): "
+                                       f"{todo}.") from None
         except EntryNotFoundError:  # the repository has no such file: try the next
             continue
         except (HfHubHTTPError, OSError) as e:
-            what = e.__class__.__name__
-            raise WeightsNotFoundError(f"could not download {repo}/{filename} ({what}): rerun when online, "
-                                       f"or pass --weights PATH or --weights none.") from None
-    from huggingface_hub.constants import HF_HUB_CACHE
-    raise WeightsNotFoundError(
-        f"timm weights {repo} are not in the Hugging Face cache ({HF_HUB_CACHE})"
-        + (", and the network is off (--offline / CNNCODES_OFFLINE / HF_HUB_OFFLINE)" if missing else "")
-        + ": run once online, or pass --weights PATH or --weights none.")
+            raise WeightsNotFoundError(f"could not download {repo}/{filename} ({e.__class__.__name__}): "
+                                       f"{todo}.") from None
+    raise WeightsNotFoundError(f"{repo} holds neither {' nor '.join(names)}: pass --weights PATH or "
+                               f"--weights none.")
+
+
+def _check_reachable(repo: str) -> None:
+    """One quick connection to the hub first: huggingface_hub retries an unreachable host for
+    about a minute, where a user without network should hear it in seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub.constants import ENDPOINT
+    url = urlparse(ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=DOWNLOAD_TIMEOUT_S).close()
+    except OSError as e:
+        raise WeightsNotFoundError(f"could not reach {url.hostname} to download {repo} ({e.strerror or e}): "
+                                   f"rerun when online (or --offline with the file in the Hugging Face "
+                                   f"cache), or pass --weights PATH or --weights none.") from None
 
 
 def _timm(name: str, weights: str) -> Backbone:

@@ -215,3 +215,21 @@ def test_list_models_by_family_pattern_and_pretrained_tags(tmp_path):
     assert "resnet18 " in text and "timm:resnet18" in text and "hub" in text
     result = run(cli, ["list-models", "nothing-like-this*"])
     assert result.exit_code == 1 and "no model matches" in result.output
+
+
+def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "CNNCODES_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    code = ("from cnncodes import extractor; "
+            "extractor.load_backbone('timm:test_efficientnet.r160_in1k', 'DEFAULT')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # one connection tried first, instead of huggingface_hub's minute of retries
+    assert out.returncode == 1 and "could not reach 127.0.0.1 to download timm/test_efficientnet.r160_in1k" \
+        in out.stderr
