@@ -408,29 +408,40 @@ def _timm_name(name: str) -> str:
     return full
 
 
+_TIMM_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a hub repo, in order
+
+
+def _timm_cached(repo: str) -> Path | None:
+    """The file of ``repo`` already in the Hugging Face cache, if any (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+    for filename in _TIMM_FILES:
+        hit = try_to_load_from_cache(repo, filename)
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
+
+
 def _timm_file(cfg: dict) -> Path:
     """The pretrained file of a timm config in the Hugging Face cache (``HF_HOME``), fetched
     there by huggingface_hub on first use as timm does (safetensors first); offline, the cache
     only."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.constants import HF_HUB_CACHE
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
     repo = cfg.get("hf_hub_id")
     if not repo:
         raise WeightsNotFoundError(f"timm's {cfg.get('architecture')} has no weights on the Hugging Face "
                                    f"hub; pass --weights PATH or --weights none.")
-    names = ("model.safetensors", "pytorch_model.bin")
-    for filename in names:  # a cached file needs no network at all
-        hit = try_to_load_from_cache(repo, filename)
-        if isinstance(hit, str):
-            return Path(hit)
+    cached = _timm_cached(repo)  # a cached file needs no network at all
+    if cached is not None:
+        return cached
     todo = "run once online, or pass --weights PATH or --weights none"
     if offline():
         raise WeightsNotFoundError(f"timm weights {repo} are not in the Hugging Face cache ({HF_HUB_CACHE}), "
                                    f"and the network is off (--offline / CNNCODES_OFFLINE / HF_HUB_OFFLINE): "
                                    f"{todo}.")
     _check_reachable(repo)
-    for filename in names:
+    for filename in _TIMM_FILES:
         try:
             return Path(hf_hub_download(repo, filename))
         except LocalEntryNotFoundError as e:  # the hub failed mid-way and the cache has no copy
@@ -441,7 +452,7 @@ def _timm_file(cfg: dict) -> Path:
         except (HfHubHTTPError, OSError) as e:
             raise WeightsNotFoundError(f"could not download {repo}/{filename} ({e.__class__.__name__}): "
                                        f"{todo}.") from None
-    raise WeightsNotFoundError(f"{repo} holds neither {' nor '.join(names)}: pass --weights PATH or "
+    raise WeightsNotFoundError(f"{repo} holds neither {' nor '.join(_TIMM_FILES)}: pass --weights PATH or "
                                f"--weights none.")
 
 
@@ -631,7 +642,6 @@ def _timm_rows(pattern: str, pretrained: bool) -> list[dict]:
     """timm architectures (default tag), or with ``pretrained`` every tagged weights, with
     whether the Hugging Face cache holds their file."""
     import timm
-    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.constants import HF_HUB_CACHE
     names = timm.list_pretrained(pattern) if pretrained else timm.list_models(pattern)
     rows = []
@@ -640,17 +650,11 @@ def _timm_rows(pattern: str, pretrained: bool) -> list[dict]:
         cfg = timm.models.get_pretrained_cfg(name) if pretrained else \
             next(iter(timm.models.get_arch_pretrained_cfgs(name).values()), None)
         repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-        found = None
-        if repo:
-            for filename in ("model.safetensors", "pytorch_model.bin"):
-                hit = try_to_load_from_cache(repo, filename)
-                if isinstance(hit, str):
-                    found = hit
-                    break
+        found = _timm_cached(repo) if repo else None
         rows.append({"name": f"timm:{name}", "family": "timm",
                      "default_weights": f"hf-hub:{repo}" if repo else "--weights PATH or none",
                      "offline": found is not None,
-                     "where": found or (f"{HF_HUB_CACHE} (on first use)" if repo else "")})
+                     "where": str(found) if found else (f"{HF_HUB_CACHE} (on first use)" if repo else "")})
     return rows
 
 

@@ -158,17 +158,11 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     if plan.action == UP_TO_DATE:
         with open_cache(out) as c:
             res = job.result(out, c.status, "up to date", {n: int(c.layer_attrs(n)["dim"]) for n in c.layers})
-            if strict and res.failed:  # --strict promises no failed image, also on a rerun
-                row = int(np.flatnonzero(c.status == FAILED)[0])
-                raise ImageDecodeError(f"{c.paths[row]}: {c.errors[row]} "
-                                       f"({res.failed} images of {out} failed "
-                                       f"to decode; stopped by --strict)")
-            return res
-    if plan.new_layers:
+    elif plan.new_layers:
         res = _add_layers(job, plan)
     else:
         res = _CacheRun(job, out, plan.layers, create=plan.create, replace=plan.replace).run()
-    if strict and res.failed:  # rows that failed in an earlier run, resumed or extended now
+    if strict and res.failed:  # --strict promises no failed image, also of an earlier run
         with open_cache(out) as c:
             row = int(np.flatnonzero(c.status == FAILED)[0])
             raise ImageDecodeError(f"{c.paths[row]}: {c.errors[row]} ({res.failed} images of {out} failed "
