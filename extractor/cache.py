@@ -223,10 +223,26 @@ class Cache:
             raise CacheError(f"layer '{layer}' is not in {self.path}; it holds: "
                              f"{', '.join(self._f['codes'].keys())}.")
 
-    def codes(self, layer: str, rows=None) -> np.ndarray:
-        """The N x D codes of ``layer`` (all rows, or the given row indices)."""
+    def codes(self, layer: str, rows=None, dtype=None, block_bytes: int = 64 << 20) -> np.ndarray:
+        """The N x D codes of ``layer`` (all rows, or the given row indices, sorted), as ``dtype``
+        (default: as stored).
+
+        Read in blocks of about ``block_bytes`` straight into the result, so that converting a
+        float16 cache to float32 holds no second full-size copy."""
         self._check_layer(layer)
-        return self._read(f"codes/{layer}", None if rows is None else np.sort(np.asarray(rows)))
+        name = f"codes/{layer}"
+        ds = self._f[name]
+        rows = np.arange(len(ds)) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+        out = np.empty((len(rows), *ds.shape[1:]), dtype=np.dtype(dtype or ds.dtype))
+        step = max(1, block_bytes // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+        for lo in range(0, len(rows), step):
+            r = rows[lo:lo + step]
+            span = int(r[-1] - r[0]) + 1
+            if span <= 4 * len(r):  # one contiguous read, then the rows wanted from it
+                out[lo:lo + len(r)] = self._read(name, slice(int(r[0]), int(r[-1]) + 1))[r - r[0]]
+            else:
+                out[lo:lo + len(r)] = self._read(name, r)
+        return out
 
     def verify(self, block_bytes: int = 64 << 20) -> int:
         """Read every dataset whole, in blocks of rows, so that a damaged chunk shows now, not in

@@ -58,6 +58,7 @@ def _checked_by(module: str, parser: str):
 
 _C_GRID = _checked_by("cnncodes.pipelines.probes.classifiers", "parse_c_grid")
 _PCA = _checked_by("cnncodes.pipelines.probes.classifiers", "parse_pca")
+_K_GRID = _checked_by("cnncodes.pipelines.probes.knn", "parse_k_grid")
 _POOL = _checked_by("cnncodes.extractor.pooling", "parse_pooling")
 
 
@@ -357,8 +358,8 @@ def _fit_options(fn):
         click.option("--allow-incomplete", is_flag=True,
                      help="Use the finished rows of an incomplete cache."),
         click.option("--solver", type=click.Choice(["auto", "sklearn", "torch"]), default="auto",
-                     show_default=True, help="torch: every fold x C fitted at once as one batched "
-                     "problem (GPU when present); auto: torch for codes of >= 256 dimensions without --pca."),
+                     show_default=True, help="torch: the folds of each C fitted at once as one batched "
+                     "problem (GPU when present); auto: torch unless --pca."),
         click.option("--n-jobs", "-j", type=int, default=1, show_default=True,
                      help="Folds fitted in parallel (threads; the codes are shared, not copied)."),
         click.option("--report", "report_dir", type=click.Path(file_okay=False),
@@ -373,8 +374,8 @@ def _fit_options(fn):
     return fn
 
 
-def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allow_incomplete, solver,
-         n_jobs, report_dir, out, overwrite, as_json) -> None:
+def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete, report_dir, out, overwrite,
+         as_json, c_grid=None, pca=None, solver="auto", n_jobs=1, k_grid=None, temperature=None) -> None:
     from cnncodes.extractor.files import check_writable
 
     from cnncodes.pipelines.probes.artifacts import save_model
@@ -387,7 +388,7 @@ def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allo
             check_writable(path, folder=is_folder)
     r = fit_linear_probe(cache, layer, classifier, c_grid=c_grid, folds=folds, seed=seed, norm=norm,
                          pca=pca, holdout=holdout, allow_incomplete=allow_incomplete, n_jobs=n_jobs,
-                         solver=solver)
+                         solver=solver, k_grid=k_grid, temperature=temperature)
     summary = r.as_dict()
     if out:  # the model first: an optional report that fails must not lose the fit
         summary["model_file"] = str(save_model(r, out, overwrite=overwrite))
@@ -399,7 +400,7 @@ def _fit(classifier, cache, layer, c_grid, folds, seed, norm, pca, holdout, allo
     click.echo(f"{classifier} on {r.layer} of {cache}: {r.n_train} training rows, {r.n_test} test rows"
                + (f" ({', '.join(f'{v} {k}' for k, v in r.excluded.items())} excluded)"
                   if r.excluded else ""))
-    click.echo(f"{'C':>10}  {'CV accuracy':>18}")
+    click.echo(f"{r.hyper:>10}  {'CV accuracy':>18}")
     for g in r.grid:
         mark = "  <- chosen" if g["C"] == r.C else ""
         click.echo(f"{g['C']:>10g}  {g['mean']:>9.4f} +- {g['std']:.4f}{mark}")
@@ -430,6 +431,43 @@ def fit_svm(**kw) -> None:
       cnncodes fit-svm -c codes.h5 --c-grid 0.01,0.1,1 --norm power --report reports/svm --out svm.joblib
     """
     _fit("svm", **kw)
+
+
+@cli.command("fit-knn")
+@click.option("--cache", "-c", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="HDF5 cache written by `cnncodes extract`.")
+@click.option("--layer", "-l", help="Layer of the cache [default: its only layer, or penultimate].")
+@click.option("--k-grid", callback=_K_GRID, help="Comma-separated k values [default: 1,5,10,20,50,100,200].")
+@click.option("--temperature", "-t", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True,
+              help="Votes weigh exp(cosine similarity / T) (DINO's 0.07).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Stratified, shuffled cross-validation folds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds (and holdout).")
+@click.option("--norm", type=click.Choice(["l2", "power"]), default="l2", show_default=True,
+              help="Rows to unit length (power: signed sqrt first); similarity is their dot product.")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Without a test split in the cache: keep this stratified share as the test.")
+@click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write per-class metrics, a confusion matrix (PNG, CSV) and fit.json here.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="Save the model (its training codes, k and T, with a .sha256 sidecar) for `predict`.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@_fail_cleanly
+def fit_knn(**kw) -> None:
+    """k-nearest-neighbour probe on cached CNN codes (cosine similarity), k chosen by CV.
+
+    The k most similar training codes vote, each with weight exp(similarity / T), as in DINO's
+    k-NN evaluation. Cross-validation is leakage-free like the linear probes': a held-out row's
+    neighbours are only the training rows of its fold. Runs on CUDA when present.
+
+    \b
+    Examples:
+      cnncodes fit-knn --cache cache/digits-efficientnet_lite0.h5 --layer stage5
+      cnncodes fit-knn -c codes.h5 --k-grid 10,20,50 --temperature 0.1 --out knn.joblib --json
+    """
+    _fit("knn", **kw)
 
 
 @cli.command("fit-softmax")
@@ -498,7 +536,8 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
 @click.option("--layers", "-l", default="all-stages", show_default=True,
               help="all-stages (stage1..stage5, and penultimate when it differs) or a comma list of layers.")
 @click.option("--classifier", "classifiers", default="svm,softmax", show_default=True,
-              help="svm, softmax or both (comma-separated).")
+              help="svm, softmax and/or knn (comma-separated; knn: cosine k-NN, k cross-validated "
+                   "over 1..200, T 0.07).")
 @click.option("--cache", "-c", type=click.Path(dir_okay=False),
               help="Cache to reuse and extend (one --model) [default: cache/<data>-<model>.h5].")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),

@@ -42,9 +42,9 @@ def write_fit_report(result, directory: str | Path) -> dict[str, Path]:
         for name, row in zip(result.classes, cm):
             w.writerow([name] + row.tolist())
     plot_confusion(cm, result.classes, files["confusion_png"],
-                   f"{result.classifier} on {result.layer}, C={result.C:g} ({what})")
+                   f"{result.classifier} on {result.layer}, {result.chosen()} ({what})")
     summary = result.as_dict()
-    summary.update({"evaluated_on": what, "c_grid": [g["C"] for g in result.grid],
+    summary.update({"evaluated_on": what, f"{result.hyper.lower()}_grid": [g["C"] for g in result.grid],
                     "fold_of_train_row": dict(zip(map(int, result.train_rows), map(int, result.fold_of_row))),
                     "test_rows": [int(r) for r in result.test_rows], "versions": library_versions(),
                     "recipe": result.cache})

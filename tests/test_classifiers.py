@@ -72,7 +72,9 @@ def test_normalisation_is_fitted_inside_each_fold(tmp_path, monkeypatch):
         seen.append({tuple(np.round(row, 5)) for row in np.asarray(data)})
         return original(self, data, y, **kw)
     monkeypatch.setattr(StandardScaler, "fit", spy)
-    r = fit_linear_probe(tmp_path / "c.h5", c_grid="0.1,1", folds=3)
+    # the scikit-learn path's Pipeline (the batched solver's per-fold moments are checked
+    # against it in test_torch_linear.py)
+    r = fit_linear_probe(tmp_path / "c.h5", c_grid="0.1,1", folds=3, solver="sklearn")
     rows = [tuple(np.round(row, 5)) for row in X]
     for k in range(3):
         held = {rows[i] for i in np.flatnonzero(r.fold_of_row == k)}

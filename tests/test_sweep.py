@@ -153,8 +153,8 @@ def test_sweep_command_prints_the_table_and_json(swept, r18_weights):
     r = run(*base, "--json")
     out = json.loads(r.output)
     assert len(out["rows"]) == 10 and out["best"]["layer"] and out["files"]["html"].endswith("index.html")
-    r = run(*base, "--classifier", "knn")
-    assert r.exit_code == 1 and "--classifier takes svm and/or softmax" in r.output
+    r = run(*base, "--classifier", "lda")
+    assert r.exit_code == 1 and "--classifier takes svm, softmax, knn" in r.output
     r = run("sweep", root, "-m", "resnet18", "-m", "alexnet", "--cache", tmp / "c.h5")
     assert r.exit_code == 1 and "works with one --model" in r.output
 
@@ -206,3 +206,15 @@ def test_a_cache_without_depth_attributes_gets_them_from_a_probe(swept, r18_weig
     df = result.table
     want = df[df["classifier"] == "svm"].set_index("layer")["relative_depth"]
     assert list(again.table["relative_depth"]) == [want["stage2"], want["stage4"]]
+
+
+def test_sweep_with_the_knn_probe_reuses_the_cache_and_reports_k(swept, r18_weights):
+    _, root, tmp = swept
+    result = sweep(root, ["resnet18"], "stage4,stage5", ["knn", "svm"], weights=str(r18_weights),
+                   cache=tmp / "c.h5", report=tmp / "knn", folds=2, progress=False)
+    df = result.table
+    assert result.caches["resnet18"]["state"] == "up to date"
+    knn = df[df["classifier"] == "knn"]
+    assert list(knn["layer"]) == ["stage4", "stage5"] and knn["fitted"].all()
+    assert knn["C"].isin([1, 5, 10, 20, 50, 100, 200]).all()  # the chosen k
+    assert "C (k for knn)" in (tmp / "knn" / "sweep.md").read_text()

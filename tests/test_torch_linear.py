@@ -24,3 +24,134 @@ def test_same_solution_as_scikit_learn(loss, ref):
     assert agree >= 0.97
     if loss == "log_loss":  # unpenalised intercepts in both: the same optimum
         np.testing.assert_allclose(mine.coef_, ref.coef_, atol=2e-3)
+
+
+def _problem(n, d, k=3, seed=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    X = rng.normal(0, 1, (k, d))[y] * 0.7 + rng.normal(0, 1, (n, d)) + offset
+    return X.astype(np.float32), y
+
+
+@pytest.mark.parametrize("loss,ref", [
+    ("squared_hinge", lambda C: LinearSVC(C=C, dual=True, max_iter=200000, tol=1e-10)),
+    ("log_loss", lambda C: LogisticRegression(C=C, max_iter=20000, tol=1e-12))])
+@pytest.mark.parametrize("n,d", [(36, 400), (200, 30)])  # the dual (n < d) and the primal form
+def test_both_forms_reach_scikit_learns_optimum(loss, ref, n, d):
+    X, y = _problem(n, d, offset=2.0)
+    mine = TorchLinearClassifier(loss=loss, C=0.3, tol=1e-7, max_iter=3000).fit(X, y)
+    theirs = ref(0.3).fit(X.astype(np.float64), y)
+    scale = np.abs(theirs.coef_).max()
+    np.testing.assert_allclose(mine.coef_, theirs.coef_, atol=3e-3 * scale)
+    if loss == "log_loss":  # softmax intercepts are defined up to a common constant
+        mine.intercept_, theirs.intercept_ = (a.intercept_ - a.intercept_.mean() for a in (mine, theirs))
+    np.testing.assert_allclose(mine.intercept_, theirs.intercept_, atol=3e-3 * max(1, scale))
+
+
+@pytest.mark.parametrize("classifier", ["svm", "softmax"])
+@pytest.mark.parametrize("norm", ["standard", "l2"])
+@pytest.mark.parametrize("n,d", [(48, 300), (240, 24)])
+def test_cv_path_fits_each_fold_as_scikit_learn_would(classifier, norm, n, d):
+    """Every fold's model of the batched path is the model scikit-learn fits on that fold's
+    rows alone (normalisation fitted on them too), and the refit is the model on all rows."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from cnncodes.pipelines.probes.classifiers import make_pipeline
+    from cnncodes.pipelines.probes.torch_linear import CV_TOL, CVPath, model_weights
+    X, y = _problem(n, d, seed=1, offset=1.0)
+    splits = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
+    path = CVPath(X, y, splits, classifier, norm)
+    grid = (0.01, 1.0)
+    scores, oof = path.run(grid)
+    for g, C in enumerate(grid):
+        for f, (train, held) in enumerate(splits):
+            ref = make_pipeline(classifier, C, norm, n_samples=len(train), n_features=d)
+            if classifier == "svm":
+                ref.set_params(clf__dual=True, clf__max_iter=100000, clf__tol=1e-8)
+            else:
+                ref.set_params(clf__max_iter=10000, clf__tol=1e-10)
+            ref.fit(X[train], y[train])
+            agree = (ref.predict(X[held]) == oof[g, held]).mean()
+            assert agree >= 0.9, (C, f, agree)
+            assert abs(scores[g][f] - (ref.predict(X[held]) == y[held]).mean()) <= 0.1
+    final = path.refit(1.0, tol=1e-6, max_iter=2000)
+    ref = make_pipeline(classifier, 1.0, norm, n_samples=n, n_features=d)
+    ref.set_params(**({"clf__dual": True, "clf__max_iter": 100000, "clf__tol": 1e-8} if classifier == "svm"
+                      else {"clf__max_iter": 10000, "clf__tol": 1e-10}))
+    ref.fit(X, y)
+    assert (final.predict(X) == ref.predict(X)).mean() >= 0.97
+    np.testing.assert_allclose(final.decision_function(X), ref.decision_function(X), atol=0.05, rtol=0.05)
+    assert CV_TOL > 0 and model_weights  # the names the docs refer to exist
+
+
+def test_dual_form_for_few_wide_rows_is_small_and_quick():
+    """36 rows of 20,000-d codes: the n x n form, seconds and megabytes (no d x d matrix)."""
+    import time
+
+    from sklearn.model_selection import StratifiedKFold
+
+    from cnncodes.pipelines.probes.torch_linear import CVPath, FoldBases
+    X, y = _problem(36, 20000, k=3)
+    splits = list(StratifiedKFold(2, shuffle=True, random_state=0).split(X, y))
+    t0 = time.perf_counter()
+    path = CVPath(X, y, splits, "svm", "standard")
+    scores, _ = path.run((0.01, 1.0))
+    assert isinstance(path.design, FoldBases) and path.design.Phi.shape == (2, 36, 18)
+    pipe = path.refit(1.0)
+    assert pipe.named_steps["clf"].coef_.shape == (3, 20000)
+    assert time.perf_counter() - t0 < 60  # a hang guard only; the benchmark measures speed
+
+
+def test_threads_for_the_solver_are_the_cores_left_free():
+    import os
+
+    from cnncodes.pipelines.probes.torch_linear import _running_elsewhere, threads_for_solver
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= threads_for_solver() <= cores
+    others = _running_elsewhere()
+    assert others is None or others >= 0
+
+
+def test_lbfgs_minimises_a_badly_scaled_quadratic():
+    import torch
+
+    from cnncodes.pipelines.probes.torch_linear import lbfgs
+    h = torch.logspace(-2, 2, 50)
+    target = torch.linspace(-1, 1, 50)
+
+    def fun(x):
+        r = x - target
+        return float((h * r * r).sum() / 2), h * r
+    x, evals = lbfgs(fun, torch.zeros(50), max_iter=500, tol=1e-7)
+    torch.testing.assert_close(x, target, atol=1e-3, rtol=0)  # float32, 4 decades of curvature
+    assert evals < 500
+
+
+@pytest.mark.parametrize("loss,ref", [("squared_hinge",
+                                       LinearSVC(C=0.2, dual=True, max_iter=100000, tol=1e-10)),
+                                      ("log_loss", LogisticRegression(C=0.2, max_iter=10000, tol=1e-12))])
+def test_two_classes_are_scikit_learns_binary_problem(loss, ref):
+    """Binary softmax is binomial logistic regression at the same C; a binary SVM's coef_ is
+    the positive class's one-vs-rest weights (not twice them)."""
+    X, y = _problem(150, 6, k=2, offset=1.0)
+    mine = TorchLinearClassifier(loss=loss, C=0.2, tol=1e-7, max_iter=3000).fit(X, y)
+    ref.fit(X.astype(np.float64), y)
+    assert mine.coef_.shape == ref.coef_.shape == (1, 6)
+    np.testing.assert_allclose(mine.coef_, ref.coef_, atol=2e-3 * np.abs(ref.coef_).max())
+    np.testing.assert_allclose(mine.decision_function(X), ref.decision_function(X), atol=5e-3, rtol=5e-3)
+
+
+def test_large_feature_means_keep_float32_precision():
+    """Codes far from zero (mean 1e4, spread 1): the blocks are centred before the product."""
+    from cnncodes.pipelines.probes.classifiers import make_pipeline
+    from cnncodes.pipelines.probes.torch_linear import CVPath
+    X, y = _problem(200, 10, offset=0.0)
+    X = (X + 1e4).astype(np.float32)
+    path = CVPath(X, y, [(np.arange(100, 200), np.arange(100)), (np.arange(100), np.arange(100, 200))],
+                  "softmax", "standard")
+    path.run((1.0,))
+    mine = path.refit(1.0, tol=1e-7, max_iter=3000)
+    ref = make_pipeline("softmax", 1.0, "standard").set_params(clf__tol=1e-12, clf__max_iter=10000).fit(X, y)
+    np.testing.assert_allclose(mine.decision_function(X) - mine.decision_function(X).mean(1, keepdims=True),
+                               ref.decision_function(X) - ref.decision_function(X).mean(1, keepdims=True),
+                               atol=5e-3)

@@ -49,7 +49,7 @@ class SavedModel:
 
     @property
     def has_proba(self) -> bool:
-        return hasattr(self.pipeline, "predict_proba") and self.classifier == "softmax"
+        return hasattr(self.pipeline, "predict_proba") and self.classifier in ("softmax", "knn")
 
 
 def sidecar(path: Path) -> Path:

@@ -25,7 +25,8 @@ from cnncodes.extractor.recipe import Recipe
 
 from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
 
-CLASSIFIERS = ("svm", "softmax")
+CLASSIFIERS = ("svm", "softmax", "knn")
+LINEAR = ("svm", "softmax")
 NORMS = ("standard", "l2", "power", "none")
 DEFAULT_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 C_RANGE = (1e-8, 1e8)
@@ -80,8 +81,8 @@ def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=N
     ``dual`` of LinearSVC is chosen by shape (the dual problem is smaller when there are fewer
     samples than features), as liblinear's documentation advises.
     """
-    if classifier not in CLASSIFIERS:
-        raise SettingsError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}.")
+    if classifier not in LINEAR:
+        raise SettingsError(f"classifier must be one of {', '.join(LINEAR)}, got {classifier!r}.")
     if norm not in NORMS:
         raise SettingsError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}.")
     steps = []
@@ -138,10 +139,29 @@ class FitResult:
     solver: str = "sklearn"
     y_train: np.ndarray | None = field(default=None, repr=False)
     cv_pred: np.ndarray | None = field(default=None, repr=False)  # out-of-fold, best C
+    temperature: float | None = None                                 # k-NN only
+
+    @property
+    def hyper(self) -> str:
+        """The name of the cross-validated hyper-parameter: ``C``, or ``k`` for the k-NN probe
+        (whose value ``C`` then holds)."""
+        return "k" if self.classifier == "knn" else "C"
+
+    def chosen(self) -> str:
+        """``C=0.1`` or ``k=20``."""
+        return f"{self.hyper}={self.C:g}"
 
     def as_dict(self) -> dict:
-        """The summary as plain JSON-ready values."""
+        """The summary as plain JSON-ready values (for k-NN, ``k`` and ``grid[].k`` instead of C)."""
         r = lambda v: None if v is None else round(float(v), 6)
+        out = self._as_dict(r)
+        if self.classifier == "knn":
+            out["k"] = int(out.pop("C"))
+            out["grid"] = [{"k": int(g.pop("C")), **g} for g in out["grid"]]
+            out["temperature"] = self.temperature
+        return out
+
+    def _as_dict(self, r) -> dict:
         return {"layer": self.layer, "classifier": self.classifier, "C": self.C,
                 "cv_accuracy": r(self.cv_accuracy), "cv_std": r(self.cv_std),
                 "test_accuracy": r(self.test_accuracy), "balanced_accuracy": r(self.balanced_accuracy),
@@ -193,15 +213,19 @@ def split_rows(codes: Codes, holdout: float | None, seed: int) -> tuple[np.ndarr
 def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *, c_grid=None,
                      folds: int = 5, seed: int = 0, norm: str = "standard", pca=None,
                      holdout: float | None = None, allow_incomplete: bool = False,
-                     n_jobs: int = 1, solver: str = "auto") -> FitResult:
-    """Cross-validate C on the training rows, refit with the best C, score once on the test rows.
+                     n_jobs: int = 1, solver: str = "auto", k_grid=None,
+                     temperature: float | None = None) -> FitResult:
+    """Cross-validate C (k for ``knn``) on the training rows, refit with the best value, score
+    once on the test rows.
 
     Parameters
     ----------
     cache : path or Codes
         An HDF5 cache (or codes already loaded with :func:`pipelines.codes.load_codes`).
-    classifier : {'svm', 'softmax'}
-        LinearSVC or multinomial logistic regression.
+    classifier : {'svm', 'softmax', 'knn'}
+        LinearSVC, multinomial logistic regression, or the cosine k-NN probe
+        (:mod:`.knn`: ``norm`` l2 or power, ``k_grid`` instead of ``c_grid``, votes weighted
+        by exp(similarity / ``temperature``)).
     c_grid : sequence of float or str, optional
         Default: 1e-4 .. 1e2, one value per decade.
     folds, seed : int
@@ -212,8 +236,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     holdout : float, optional
         Without test split in the cache, keep this stratified share aside as the test.
     solver : {'auto', 'sklearn', 'torch'}
-        ``torch`` fits every fold x C at once as one batched problem (float32, GPU if present);
-        ``auto`` uses it for codes of 256 or more dimensions without PCA.
+        ``torch`` fits every fold of a C at once as one batched problem (float32, GPU if present);
+        ``auto`` uses it unless PCA is asked for.
 
     Examples
     --------
@@ -222,8 +246,24 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     (0.1, 0.921, 0.931)
     """
     t0 = time.perf_counter()
-    grid = parse_c_grid(c_grid if not isinstance(c_grid, (list, tuple))
-                        else ",".join(str(float(c)) for c in c_grid))
+    knn = classifier == "knn"
+    if classifier not in CLASSIFIERS:
+        raise SettingsError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}.")
+    if knn:
+        from cnncodes.pipelines.probes import knn as knn_probe
+        grid = knn_probe.parse_k_grid(k_grid)
+        temperature = knn_probe.DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+        if not temperature > 0:
+            raise SettingsError(f"--temperature must be > 0, got {temperature}.")
+        if norm == "standard":  # the linear probes' default: k-NN compares directions
+            norm = "l2"
+        if norm not in knn_probe.KNN_NORMS or parse_pca(pca) is not None:
+            raise SettingsError(f"the k-NN probe takes --norm {' or '.join(knn_probe.KNN_NORMS)} (cosine "
+                                f"similarity of unit rows) and no --pca, got --norm {norm}.")
+        solver = "torch"
+    else:
+        grid = parse_c_grid(c_grid if not isinstance(c_grid, (list, tuple))
+                            else ",".join(str(float(c)) for c in c_grid))
     if folds < 2:
         raise SettingsError(f"--folds must be >= 2, got {folds}.")
     if solver not in SOLVERS:
@@ -232,34 +272,48 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         raise SettingsError("--solver torch does not do PCA; use --solver sklearn with --pca.")
     codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete)
     train, test = split_rows(codes, holdout, seed)
-    X, y = codes.X[train], codes.y[train]
+    # every row trains (no test split): the codes themselves, not a copy
+    X = codes.X if len(train) == len(codes.y) else codes.X[train]
+    y = codes.y[train]
     _check_classes(y, codes.classes, folds)
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     fold_of_row = np.empty(len(y), dtype=np.int64)
     splits = list(cv.split(X, y))
     for k, (_, held) in enumerate(splits):
         fold_of_row[held] = k
-    if solver == "auto":
-        # Measured on the digits cache (1,437 rows, 2 CPU cores): torch is 3.3x faster on the
-        # 1,280-d penultimate codes (SVM grid: 16.6 s vs 54.3 s, same CV accuracy to 0.1
-        # point) but 3x slower on 40-d codes, where one liblinear fit takes milliseconds.
-        solver = "torch" if parse_pca(pca) is None and X.shape[1] >= 256 else "sklearn"
-    if solver == "torch":
-        from cnncodes.pipelines.probes.torch_linear import cv_scores_batched
-        scores, oof, warm = cv_scores_batched(X, y, splits, grid, classifier, norm)
+    if knn:
+        scores, oof = knn_probe.cv_knn(X, y, fold_of_row, grid, temperature, norm)
+    elif solver == "auto":
+        # Measured (benchmarks/classify.py, README table): the batched solver is faster than
+        # scikit-learn on every width from 16 to 21,952 dimensions and every case tried, at the
+        # same CV accuracy; PCA is a scikit-learn pipeline step, so it keeps that solver.
+        solver = "torch" if parse_pca(pca) is None else "sklearn"
+    if knn:
+        pass
+    elif solver == "torch":
+        from cnncodes.pipelines.probes.torch_linear import CVPath
+        path = CVPath(X, y, splits, classifier, norm)
+        scores, oof = path.run(grid)
     else:
         scores, oof = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs)
     table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()),
               "folds": [round(float(v), 6) for v in s]}
              for c, s in zip(grid, scores)]
-    best = max(table, key=lambda g: (round(g["mean"], 10), -g["C"]))  # ties: the stronger regularisation
-    final = make_pipeline(classifier, best["C"], norm, pca, n_samples=len(y), n_features=X.shape[1],
-                          seed=seed, solver=solver)
-    if solver == "torch":  # start the refit from the folds' solution at the chosen C
-        final.set_params(clf__init=warm[grid.index(best["C"])])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        final.fit(X, y)
+    # ties: the stronger regularisation (the smaller C, the larger k)
+    best = max(table, key=lambda g: (round(g["mean"], 10), g["C"] if knn else -g["C"]))
+    if knn:
+        from sklearn.pipeline import Pipeline as _Pipeline
+        final = _Pipeline(make_pipeline("softmax", 1.0, norm).steps[:-1] +
+                          [("clf", knn_probe.CosineKNNClassifier(int(best["C"]), temperature))]).fit(X, y)
+    elif solver == "torch":  # the same rows, no copy; starts from the folds' solution at that C
+        final = path.refit(best["C"])
+        del path
+    else:
+        final = make_pipeline(classifier, best["C"], norm, pca, n_samples=len(y), n_features=X.shape[1],
+                              seed=seed, solver=solver)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            final.fit(X, y)
     y_test = y_pred = None
     acc = bal = f1 = None
     if len(test):
@@ -271,8 +325,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     return FitResult(codes.layer, classifier, best["C"], best["mean"], best["std"], table, acc, bal, f1,
                      len(train), len(test), time.perf_counter() - t0, seed, folds, norm, parse_pca(pca),
                      codes.classes, final, fold_of_row, codes.rows[train], codes.rows[test], y_test,
-                     y_pred, codes.excluded, cache_summary(codes), solver=solver, y_train=y,
-                     cv_pred=oof[grid.index(best["C"])])
+                     y_pred, codes.excluded, cache_summary(codes), solver="knn" if knn else solver, y_train=y,
+                     cv_pred=oof[grid.index(best["C"])], temperature=temperature if knn else None)
 
 
 def cache_summary(codes: Codes) -> dict:

@@ -77,9 +77,11 @@ def load_codes(path: str | Path, layer: str | None = None, allow_incomplete: boo
         excluded = {"failed": int((status == FAILED).sum()), "pending": int((status == 0).sum()),
                     "unlabelled": int(((status == DONE) & (labels < 0)).sum())}
         rows = np.flatnonzero(keep)
-        X = c.codes(layer, rows).astype(np.float32, copy=False)
+        X = c.codes(layer, rows, dtype=np.float32)
         all_paths = c.paths
-        bad = ~np.isfinite(X).all(axis=1)
+        step = max(1, (16 << 20) // max(1, X[:1].nbytes))  # blocks: no n x D mask of booleans
+        bad = np.concatenate([~np.isfinite(X[lo:lo + step]).all(axis=1) for lo in range(0, len(X), step)]
+                             or [np.zeros(0, bool)])
         if bad.any():
             names = [all_paths[r] for r in rows[bad][:5]]
             raise CodesError(f"{int(bad.sum())} rows of layer '{layer}' hold NaN or infinite codes "

@@ -5,7 +5,8 @@ the file is the one that was written, not who wrote it. The pipelines cnncodes f
 a few arrays each (a scaler's mean and scale, PCA's components, a linear layer's weights), so
 they are stored as an ``.npz`` archive of arrays plus one JSON description, read back with
 ``allow_pickle=False`` into the same scikit-learn estimators. Only a pipeline of other steps
-falls back to joblib. The torch solver's fitted model is read back as the scikit-learn
+falls back to joblib. The k-NN probe is stored the same way, as its training codes, labels, k
+and T. The torch solver's fitted model is read back as the scikit-learn
 estimator of the same loss (LinearSVC or multinomial LogisticRegression), whose decision
 function and probabilities are the same formulas; reading a model never imports torch.
 """
@@ -52,6 +53,10 @@ def _step_arrays(name: str, step) -> tuple[dict, dict[str, np.ndarray]]:
             raise NotArrays(f"step {name!r}: one-vs-rest LogisticRegression")
         return {"kind": kind, "C": float(step.C)}, {"coef": step.coef_, "intercept": step.intercept_,
                                                     "classes": step.classes_}
+    if type(step).__name__ == "CosineKNNClassifier" and type(step).__module__.endswith("probes.knn"):
+        return ({"kind": "cosine_knn", "k": int(step.k), "temperature": float(step.temperature)},
+                {"train_codes": step.train_codes_, "train_labels": step.train_labels_,
+                 "classes": step.classes_})
     raise NotArrays(f"step {name!r}: {type(step).__name__}")
 
 
@@ -86,6 +91,11 @@ def _step_from(spec: dict, a: dict[str, np.ndarray]):
     elif kind in ("logistic", "linear_svc"):
         step = LogisticRegression(C=spec["C"]) if kind == "logistic" else LinearSVC(C=spec["C"])
         step.coef_, step.intercept_, step.classes_ = a["coef"], a["intercept"], a["classes"]
+    elif kind == "cosine_knn":
+        from cnncodes.pipelines.probes.knn import CosineKNNClassifier
+        step = CosineKNNClassifier(k=spec["k"], temperature=spec["temperature"])
+        step.train_codes_, step.train_labels_, step.classes_ = (a["train_codes"], a["train_labels"],
+                                                                a["classes"])
     else:
         raise ValueError(f"unknown pipeline step kind {kind!r}")
     if spec.get("n_features_in"):

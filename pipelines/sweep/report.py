@@ -178,7 +178,8 @@ def plot_sweep(df: pd.DataFrame, path: Path) -> None:
 
 def table_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """The table a person reads: the main columns, formatted."""
-    head = ["model", "layer", "classifier", "dim", "depth", "LogME", "CV acc", "+-", "C", "test acc", "fit s"]
+    head = ["model", "layer", "classifier", "dim", "depth", "LogME", "CV acc", "+-", "C (k for knn)",
+            "test acc", "fit s"]
     rows = []
     for _, r in df.iterrows():
         rows.append([r["model"], r["layer"], r["classifier"], str(r["dim"]), f"{r['relative_depth']:.0%}",

@@ -207,7 +207,9 @@ def _fit_rows(settings: SweepSettings, model: str, codes: dict, depth: dict, sco
             bar.set_postfix_str(f"{clf} on {name}")
             record = _fit(settings, codes[name], name, clf, model)
             fit_records[(model, name, clf)] = record
-            row.update({col: record["metrics"][key] for col, key in _METRIC_COLUMNS.items()})
+            metrics = record["metrics"]
+            row.update({col: metrics.get(key, metrics.get("k")) if key == "C" else metrics[key]
+                        for col, key in _METRIC_COLUMNS.items()})  # the k-NN probe's k in column C
             row["model_file"] = record["model_file"]
             bar.update()
         rows.append(row)

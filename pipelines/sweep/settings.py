@@ -93,11 +93,15 @@ class SweepSettings:
         classifiers = list(dict.fromkeys(classifiers))
         bad = [c for c in classifiers if c not in CLASSIFIERS]
         if bad or not classifiers:
-            raise SettingsError(f"--classifier takes {' and/or '.join(CLASSIFIERS)} (comma-separated), "
+            raise SettingsError(f"--classifier takes {', '.join(CLASSIFIERS)} (comma-separated), "
                                 f"got {bad or 'none'}.")
         if cache is not None and len(models) > 1:
             raise SettingsError("--cache names one cache, so it works with one --model; drop it to give "
                                 "each backbone its default cache.")
+        if "knn" in classifiers and options.get("norm", "standard") not in ("standard", "l2", "power"):
+            raise SettingsError(f"the k-NN probe compares unit rows: --norm {options['norm']} "
+                                f"does not apply; "
+                                f"use l2, power, or the default.")
         prescreen = options.get("prescreen")
         if prescreen is not None and prescreen < 1:
             raise SettingsError(f"--prescreen must be >= 1, got {prescreen}.")
