@@ -273,12 +273,12 @@ def main() -> None:
             result = {}
         result.update({"benchmark": "classify", "format": 2, "device": "cpu", "cpus": os.cpu_count(),
                        "grid": GRID, "folds": 5, "targets": TARGETS})
-        for section in args.only.split(","):
-            result[section] = {"date": time.strftime("%Y-%m-%d"), "rows": globals()[section](args)}
         from cnncodes.extractor.provenance import library_versions
         result["versions"] = library_versions()
         saved.parent.mkdir(exist_ok=True)
-        saved.write_text(json.dumps(result, indent=2) + "\n")
+        for section in args.only.split(","):  # saved after each: an interrupted run keeps the rest
+            result[section] = {"date": time.strftime("%Y-%m-%d"), "rows": globals()[section](args)}
+            saved.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     print(table)
     if args.update_readme or args.readme_only:

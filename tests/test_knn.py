@@ -112,3 +112,14 @@ def test_power_norm_is_what_cross_validation_and_the_model_use():
     power, _ = cv_knn(X, y, fold, (5,), 0.07, norm="power")
     by_hand, _ = cv_knn(signed_sqrt(X), y, fold, (5,), 0.07, norm="l2")
     np.testing.assert_allclose(power, by_hand)
+
+
+@pytest.mark.gpu
+def test_the_search_on_cuda_finds_the_same_neighbours():
+    X, y = _data(n=300)
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    fold = np.arange(300) % 3
+    s_cpu, i_cpu = top_k(U, U, 10, fold, fold, device="cpu")
+    s_gpu, i_gpu = top_k(U, U, 10, fold, fold, device="cuda")
+    np.testing.assert_allclose(s_cpu, s_gpu, atol=1e-5)
+    assert (i_cpu == i_gpu).mean() > 0.99

@@ -155,3 +155,20 @@ def test_large_feature_means_keep_float32_precision():
     np.testing.assert_allclose(mine.decision_function(X) - mine.decision_function(X).mean(1, keepdims=True),
                                ref.decision_function(X) - ref.decision_function(X).mean(1, keepdims=True),
                                atol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("classifier", ["svm", "softmax"])
+@pytest.mark.parametrize("n,d", [(40, 300), (300, 20)])
+def test_the_cv_path_on_cuda_matches_the_cpu(classifier, n, d):
+    from sklearn.model_selection import StratifiedKFold
+
+    from cnncodes.pipelines.probes.torch_linear import CVPath
+    X, y = _problem(n, d, seed=2)
+    splits = list(StratifiedKFold(2, shuffle=True, random_state=0).split(X, y))
+    cpu, gpu = (CVPath(X, y, splits, classifier, "standard", device=dev) for dev in ("cpu", "cuda"))
+    (s_cpu, _), (s_gpu, _) = cpu.run((0.1, 1.0)), gpu.run((0.1, 1.0))
+    assert gpu.X.is_cuda
+    np.testing.assert_allclose(np.array(s_cpu), np.array(s_gpu), atol=0.05)
+    np.testing.assert_allclose(cpu.refit(1.0).decision_function(X), gpu.refit(1.0).decision_function(X),
+                               atol=0.02, rtol=0.02)
