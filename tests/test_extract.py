@@ -165,8 +165,11 @@ def _big_folder(root, n=120):
 
 def _cli(*args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A suite started in the background by a shell without job control inherits SIGINT ignored,
+    # and so would the child (Python then never raises KeyboardInterrupt): restore the default.
     return subprocess.Popen([sys.executable, "-m", "cnncodes", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_shards(out, n, proc, timeout=120):
@@ -179,9 +182,7 @@ def _wait_for_shards(out, n, proc, timeout=120):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_identical_result(tmp_path, r18_weights, sig):
-    # enough images that the run cannot finish between the third shard and the signal (120 once
-    # did, on a quick moment of the CI machine: the signal then found no process)
-    n = 360
+    n = 120
     data = _big_folder(tmp_path / "big", n)
     ref = tmp_path / "ref.h5"
     _extract(data, ref, r18_weights, batch_size=2)
