@@ -73,6 +73,17 @@ def parse_pca(value) -> int | str | None:
 SOLVERS = ("auto", "sklearn", "torch")
 
 
+def normalisation_steps(norm: str) -> list:
+    """The (unfitted) normalisation steps of every probe's Pipeline, by ``--norm``."""
+    if norm == "standard":
+        return [("scale", StandardScaler())]
+    if norm == "l2":
+        return [("l2", Normalizer())]
+    if norm == "power":
+        return [("sqrt", FunctionTransformer(signed_sqrt)), ("l2", Normalizer())]
+    return []
+
+
 def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=None, *,
                   n_samples: int | None = None, n_features: int | None = None, seed: int = 0,
                   solver: str = "sklearn") -> Pipeline:
@@ -85,13 +96,7 @@ def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=N
         raise SettingsError(f"classifier must be one of {', '.join(LINEAR)}, got {classifier!r}.")
     if norm not in NORMS:
         raise SettingsError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}.")
-    steps = []
-    if norm == "standard":
-        steps.append(("scale", StandardScaler()))
-    elif norm == "l2":
-        steps.append(("l2", Normalizer()))
-    elif norm == "power":
-        steps += [("sqrt", FunctionTransformer(signed_sqrt)), ("l2", Normalizer())]
+    steps = normalisation_steps(norm)
     pca = parse_pca(pca)
     if pca is not None:
         steps.append(("pca", PCA(n_components=None if pca == "whiten" else pca,
@@ -302,8 +307,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     # ties: the stronger regularisation (the smaller C, the larger k)
     best = max(table, key=lambda g: (round(g["mean"], 10), g["C"] if knn else -g["C"]))
     if knn:
-        from sklearn.pipeline import Pipeline as _Pipeline
-        final = _Pipeline(make_pipeline("softmax", 1.0, norm).steps[:-1] +
+        final = Pipeline(normalisation_steps(norm) +
                           [("clf", knn_probe.CosineKNNClassifier(int(best["C"]), temperature))]).fit(X, y)
     elif solver == "torch":  # the same rows, no copy; starts from the folds' solution at that C
         final = path.refit(best["C"])

@@ -15,6 +15,12 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+
+def normalise_rows(X, norm: str = "l2") -> np.ndarray:
+    """Unit rows (after the signed square root for ``power``), as a new float32 array."""
+    from cnncodes.pipelines.probes.torch_linear import normalise_rows as blockwise  # imports torch
+    return blockwise(X, norm)
+
 DEFAULT_K_GRID = (1, 5, 10, 20, 50, 100, 200)
 DEFAULT_TEMPERATURE = 0.07   # DINO's k-NN evaluation
 KNN_NORMS = ("l2", "power")
@@ -37,18 +43,6 @@ def parse_k_grid(text) -> tuple[int, ...]:
     return grid
 
 
-def unit_rows(X: np.ndarray, norm: str = "l2") -> np.ndarray:
-    """Rows scaled to unit length (after the signed square root for ``power``), as a new
-    float32 array, a block of rows at a time."""
-    from cnncodes.pipelines.probes.torch_linear import normalise_rows
-    return normalise_rows(X, norm)
-
-
-def _device(device: str):
-    from cnncodes.extractor.devices import resolve_device
-    return resolve_device(device, accelerators=("cuda",))
-
-
 def top_k(queries, keys, k: int, query_groups=None, key_groups=None, device: str = "auto"):
     """The ``k`` most similar keys of every query (dot products of unit rows).
 
@@ -58,6 +52,8 @@ def top_k(queries, keys, k: int, query_groups=None, key_groups=None, device: str
     keys allowed) have similarity -inf and index -1.
     """
     import torch
+
+    from cnncodes.pipelines.probes.torch_linear import _device  # CUDA or the CPU, as the solver
     dev = _device(device)
     Q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32), device=dev)
     K = torch.as_tensor(np.ascontiguousarray(keys, dtype=np.float32), device=dev)
@@ -127,13 +123,13 @@ class CosineKNNClassifier(ClassifierMixin, BaseEstimator):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
         self.classes_, self.train_labels_ = np.unique(y, return_inverse=True)
-        self.train_codes_ = unit_rows(X)
+        self.train_codes_ = normalise_rows(X)
         return self
 
     def predict_proba(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        sims, idx = top_k(unit_rows(X), self.train_codes_, self.k, device=self.device)
+        sims, idx = top_k(normalise_rows(X), self.train_codes_, self.k, device=self.device)
         labels = np.where(idx >= 0, self.train_labels_[np.maximum(idx, 0)], -1)
         return vote(sims, labels, self.k, len(self.classes_), self.temperature)
 
@@ -153,7 +149,7 @@ def cv_knn(X: np.ndarray, y: np.ndarray, fold_of_row: np.ndarray, k_grid, temper
     predictions per k, from one leakage-free search (a row's neighbours are the training rows
     of the fold that holds it out: every row outside its own fold)."""
     classes, idx = np.unique(y, return_inverse=True)
-    U = unit_rows(X, norm)
+    U = normalise_rows(X, norm)
     sims, nn = top_k(U, U, max(k_grid), fold_of_row, fold_of_row, device=device)
     labels = np.where(nn >= 0, idx[np.maximum(nn, 0)], -1)
     folds = int(fold_of_row.max()) + 1

@@ -689,37 +689,30 @@ class CVPath:
             problem = BatchedProblem(design, self.y, everything, len(self.classes), self.loss)
             omega, b = problem.solve(C, init, max_iter=max_iter, tol=tol)
             W, intercept = model_weights(design, spans, omega, b, 0)
-            mu, sd = _moments(self.X, everything) if standard else (None, None)
+            # the refit's standardisation, as its design computed it (no second pass over X)
+            if spans is None:
+                mu, sd = design.offset, design.scale
+            else:
+                mu, sd = spans[0].offset[None], spans[0].scale[None]
         clf = TorchLinearClassifier.from_weights(self.loss, C, self.classes, W.cpu().numpy(),
                                                  intercept.cpu().numpy(), max_iter=max_iter, tol=tol)
         return Pipeline(_norm_steps(self.norm, self.X.shape[1], mu, sd, len(self.y)) + [("clf", clf)])
 
 
 def _norm_steps(norm: str, D: int, mu, sd, n: int) -> list:
-    """The fitted normalisation steps of the Pipeline, named as ``make_pipeline`` names them."""
-    from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
-
-    from cnncodes.pipelines.probes.classifiers import signed_sqrt
-    zeros = np.zeros((1, D))
-    if norm == "standard":
-        s = StandardScaler()
-        s.mean_ = mu[0].double().cpu().numpy()
-        s.scale_ = sd[0].double().cpu().numpy()
-        s.var_ = s.scale_ ** 2
-        s.n_samples_seen_, s.n_features_in_ = n, D
-        return [("scale", s)]
-    if norm == "l2":
-        return [("l2", Normalizer().fit(zeros))]
-    if norm == "power":
-        return [("sqrt", FunctionTransformer(signed_sqrt).fit(zeros)), ("l2", Normalizer().fit(zeros))]
-    return []
-
-
-def cv_scores_batched(X: np.ndarray, y: np.ndarray, splits, grid, classifier: str, norm: str,
-                      device: str = "auto"):
-    """Cross-validated accuracy of every C (rows) in every fold (columns), fitted all at once,
-    and the out-of-fold predictions per C; see :class:`CVPath` (which also refits)."""
-    return CVPath(X, y, splits, classifier, norm, device).run(grid)
+    """``classifiers.normalisation_steps``, fitted: the scaler takes the moments the solver used
+    (fitting it again would be another pass over the codes); the rest are stateless."""
+    from cnncodes.pipelines.probes.classifiers import normalisation_steps
+    steps = normalisation_steps(norm)
+    for _, step in steps:
+        if norm == "standard":
+            step.mean_ = mu[0].double().cpu().numpy()
+            step.scale_ = sd[0].double().cpu().numpy()
+            step.var_ = step.scale_ ** 2
+            step.n_samples_seen_, step.n_features_in_ = n, D
+        else:
+            step.fit(np.zeros((1, D)))
+    return steps
 
 
 class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
