@@ -266,24 +266,61 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+def _heads(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The classifier's Linear modules: timm's ``get_classifier()`` (both heads of a distilled
+    DeiT), else the last ``Linear``."""
+    get = getattr(model, "get_classifier", None)
+    try:
+        own = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - a model's own method; without an answer the last Linear is it
+        own = None
+    own = own if isinstance(own, (tuple, list)) else (own,)
+    ids = {id(m) for m in own if isinstance(m, nn.Linear)}
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+    named = [(n, m) for n, m in linears if id(m) in ids]
+    return named or linears[-1:]
+
+
+def timm_filter(model: nn.Module) -> Callable | None:
+    """timm's ``checkpoint_filter_fn`` of the model's module, which timm itself applies to the
+    files it loads: it maps other key layouts and resamples positional embeddings (and patch
+    embeddings) to the model's input size."""
+    import sys
+    if not type(model).__module__.startswith("timm."):
+        return None
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    return fn if callable(fn) else None
 
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a weights file into ``model``, resizing the classifier head if its class count differs.
 
     A fine-tuned checkpoint has a head sized to its own classes; the backbone is what matters
-    for CNN codes, so the last ``Linear`` is replaced by one of the file's shape.
+    for CNN codes, so the classifier's ``Linear`` modules are replaced by ones of the file's
+    shape. A timm model's file goes through timm's own filter first: a ViT's positional
+    embeddings saved at another input size are resampled to the model's patch grid (the
+    preprocessing's crop), as timm does when it loads pretrained weights.
     """
     sd = read_state_dict(path)
+    fn = timm_filter(model)
+    if fn is not None:
+        before = {k: tuple(v.shape) for k, v in sd.items() if k in ("pos_embed", "patch_embed.proj.weight")}
+        try:
+            sd = fn(sd, model)
+        except Exception as e:  # noqa: BLE001 - timm's filter is written for timm's files: keep ours as is
+            log.warning("%s: timm's checkpoint filter of %s failed (%s); loading the file as it is",
+                        path, type(model).__name__, e)
+        for k, shape in before.items():
+            if k in sd and tuple(sd[k].shape) != shape:
+                log.info("%s: %s resampled from %s to %s by timm", path, k, shape, tuple(sd[k].shape))
     own = model.state_dict()
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    head = _last_linear(model)
-    if head and mismatched and all(k.startswith(head[0] + ".") for k in mismatched):
-        out_features, in_features = sd[head[0] + ".weight"].shape
-        _set_module(model, head[0], nn.Linear(in_features, out_features))
+    heads = _heads(model)
+    if heads and mismatched and all(any(k.startswith(h + ".") for h, _ in heads) for k in mismatched):
+        for h, _ in heads:
+            if h + ".weight" in sd:
+                out_features, in_features = sd[h + ".weight"].shape
+                _set_module(model, h, nn.Linear(in_features, out_features))
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -659,11 +696,12 @@ def _timm_rows(pattern: str, pretrained: bool) -> list[dict]:
 
 
 def list_layers(model: str = DEFAULT_MODEL, weights: str | None = "none") -> tuple[list, dict]:
-    """Every tappable layer of ``model`` (name, type, shape, stride) and what each alias means.
+    """Every tappable layer of ``model`` (name, type, kind, shape, stride) and what each alias
+    means: ``stageK``, ``penultimate`` and ``block:K`` for every block.
 
     Weights do not change shapes, so the default builds the architecture without loading any.
     """
     from .layers import Probe
     bb = load_backbone(model, weights)
     probe = Probe(bb.model, bb.input_size, model)
-    return probe.layers, probe.aliases()
+    return probe.layers, {**probe.aliases(), **{f"block:{k}": b for k, b in enumerate(probe.blocks)}}

@@ -218,7 +218,8 @@ def tune_cpu_allocator() -> bool:
 def cpu_micro_batch(probe: Probe, taps: list[Tap]) -> int:
     """Images per CPU forward pass so that the largest activation stays under the mmap threshold."""
     deepest = max(t.order for t in taps)
-    biggest = max((int(np.prod(l.shape)) * 4 for l in probe.layers if l.order <= deepest), default=1)
+    biggest = max((max(l.numel, int(np.prod(l.shape))) * 4 for l in probe.layers if l.order <= deepest),
+                  default=1)
     return max(1, _MICRO_BATCH_BYTES // biggest)
 
 

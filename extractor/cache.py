@@ -12,8 +12,11 @@ Layout (readable with plain h5py)::
     /images/sha256  str   hex sha256 of the bytes the row's codes were made from ("" while pending)
     /images/size    int64 their size, and /images/mtime_ns the file's mtime then (-1 while pending)
     /classes        str   class names; the index is the label
-    /codes/<layer>  N x D float32|float16, chunked, gzip, resizable; attrs: module, kind,
-                    pooling, unpooled_shape, stride, dim
+    /codes/<layer>  N x D float32|float16, chunked, gzip, resizable; attrs: module, hook
+                    (output | input), kind (map | map-channels-last | tokens | vector),
+                    prefix_tokens, patch_tokens, class_token (tokens), grid, pooling,
+                    unpooled_shape, stride, dim (caches before 0.1's token models: kind
+                    holds output | input, and there is no hook)
 
 Root attributes: ``format``, ``schema_version``, ``model``, ``weights`` (JSON), ``weights_sha256``,
 ``preprocessing`` (JSON), ``pooling``, ``dtype``, ``precision``, ``layers`` (JSON list),

@@ -17,8 +17,10 @@ from .backbones import Backbone
 from .batching import DecodedImages, Encoder, encoded_batches, micro_batch_size, row_blocks
 from .cache import LayerSpec
 from .devices import resolve_device, resolve_precision
+from .errors import PoolingError
 from .fusion import fold_batchnorm
 from .images import ImageTable
+from .layer_kinds import VECTOR
 from .layers import Probe, Tap, Tapper
 from .pooling import Pooling, parse_pooling
 from .recipe import Recipe
@@ -33,14 +35,25 @@ def backbone_recipe(bb: Backbone, pooling: Pooling, dtype: str, precision: str,
                   table.list_fingerprint() if table is not None else None)
 
 
-def layer_specs(taps: list[Tap], pooling: Pooling, input_size: int) -> list[LayerSpec]:
+def layer_specs(taps: list[Tap], pooling: Pooling, input_size: int,
+                probe: Probe | None = None) -> list[LayerSpec]:
+    """The cache's description of each tap's codes; a :class:`PoolingError` naming the layers
+    that can be pooled so when ``pooling`` means nothing for one of them."""
     for t in taps:
-        pooling.check(t.shape, t.name)
-    return [LayerSpec(t.name, pooling.dim(t.shape),
-                      {"module": t.module, "kind": t.kind,
-                       "pooling": str(pooling) if len(t.shape) == 3 else "none",
+        why = pooling.refusal(t.layout)
+        if why:
+            can = probe.poolable(pooling) if probe is not None else []
+            more = f" ({len(can) - 8} more)" if len(can) > 8 else ""
+            if can:
+                hint = f" Layers that can take --pool {pooling}: {', '.join(can[:8])}{more}."
+            else:
+                hint = f" No map or token layer of this model can take --pool {pooling}." if probe else ""
+            raise PoolingError(f"'{t.name}' is {why}.{hint}")
+    return [LayerSpec(t.name, pooling.dim(t.layout),
+                      {"module": t.module, "hook": t.hook, **t.layout.to_attrs(),
+                       "pooling": str(pooling) if t.layout.kind != VECTOR else "none",
                        "unpooled_shape": list(t.shape), "stride": t.stride or -1,
-                       "dim": pooling.dim(t.shape), "input_size": input_size,
+                       "dim": pooling.dim(t.layout), "input_size": input_size,
                        "relative_depth": t.relative_depth, "flops": int(t.flops)})
             for t in taps]
 
@@ -98,7 +111,7 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
     table = ImageTable(_P("/"), paths, np.full(len(paths), -1, dtype=np.int64), [""] * len(paths), [])
     probe = Probe(bb.model, bb.input_size, bb.name)
     taps = probe.resolve(list(layers))
-    dims = {s.name: s.dim for s in layer_specs(taps, pooling, bb.input_size)}
+    dims = {s.name: s.dim for s in layer_specs(taps, pooling, bb.input_size, probe)}
     out = {name: np.zeros((len(paths), d), np.dtype(dtype)) for name, d in dims.items()}
     errors = [""] * len(paths)
     if not paths:

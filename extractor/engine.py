@@ -29,7 +29,14 @@ from .batching import encoded_batches, row_blocks
 from .cache import DONE, FAILED, PENDING, create_cache, open_cache
 from .devices import check_dtype, resolve_device, resolve_precision
 from .encoding import backbone_recipe, layer_specs, make_encoder
-from .errors import CacheLockedError, CacheWriteError, CnnCodesError, ImageDecodeError, SettingsError
+from .errors import (
+    CacheLockedError,
+    CacheWriteError,
+    CnnCodesError,
+    ImageDecodeError,
+    IncompatibleCacheError,
+    SettingsError,
+)
 from .files import dataset_name, slug
 from .images import ImageTable, file_digest, find_images
 from .journal import Journal, discard_cache
@@ -223,8 +230,29 @@ class _CacheRun:
     def __init__(self, job: _Job, path: Path, layers, create: bool, replace: bool = False):
         self.job, self.path, self.create, self.replace = job, path, create, replace
         self.taps = job.probe.resolve(list(layers))
-        self.specs = layer_specs(self.taps, job.pooling, job.bb.input_size)
+        self.specs = layer_specs(self.taps, job.pooling, job.bb.input_size, job.probe)
         self.processed, self.failures, self.loop_seconds = 0, [], 0.0
+        if not create:
+            self._check_modules()
+
+    def _check_modules(self) -> None:
+        """A resumed cache's layers must come from the modules they were read from: a name
+        can change meaning between versions (an alias resolved anew), and rows of two modules
+        under one name would be taken for one layer."""
+        with open_cache(self.path) as c:
+            for spec in self.specs:
+                if spec.name not in c.layers:
+                    continue
+                have = c.layer_attrs(spec.name)
+                was = (have.get("module"), have.get("hook", spec.attrs["hook"]),
+                       int(have.get("dim", spec.dim)))
+                now = (spec.attrs["module"], spec.attrs["hook"], spec.dim)
+                if was != now:
+                    raise IncompatibleCacheError(
+                        f"{self.path}: layer '{spec.name}' holds codes of module '{was[0]}' ({was[2]}-d), "
+                        f"but '{spec.name}' now means '{now[0]}' ({now[2]}-d).", path=self.path,
+                        reasons=[f"layer {spec.name}: module {was[0]} -> {now[0]}"],
+                        remedy="Rerun with --overwrite to extract it anew, or choose another --out.")
 
     @property
     def dims(self) -> dict[str, int]:

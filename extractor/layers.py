@@ -2,18 +2,27 @@
 
 A tap is read with forward hooks, not torch.fx: FX cannot trace many models (timm's TF "same"
 padding models such as ``tf_efficientnet_lite0``). The probe runs the model once on a dummy
-batch to learn every module's output shape, stride and execution order; that order defines
-"deepest", and a hook on the deepest tap raises to cut the forward pass short, so nothing after
-it is computed.
+batch to learn every module's output, its kind (a feature map, a channels-last map, a token
+sequence, a vector or an internal tensor: :mod:`.layer_kinds`), stride and execution order;
+that order defines "deepest", and a hook on the deepest tap raises to cut the forward pass
+short, so nothing after it is computed.
 
-Names: any module name (``layer3``, ``blocks.4``, ``features.28``), or a generic alias:
-``stage1``..``stage5`` (the last module whose output has stride 2, 4, 8, 16, 32) and
-``penultimate`` (the input of the classifier, i.e. the pooled features that feed it).
+Names: any module name (``layer3``, ``blocks.4``, ``features.28``), or an alias:
+
+- ``stage1``..``stage5``: for CNNs and hierarchical transformers (Swin), the end of the stage at
+  stride 2, 4, 8, 16, 32; for transformers whose blocks all work on one token grid (ViT, DeiT,
+  DINOv2), ``stage1``..``stage4`` are the ends of the four quarters of the blocks;
+- ``penultimate``: the input of the classifier, i.e. the pre-logits features (after the final
+  norm and the model's own pooling);
+- ``block:K``: the K-th block (``block:-1`` the last); blocks are the modules held in the
+  model's ``Sequential``/``ModuleList`` trunks that contain no other block (ViT's ``blocks.K``,
+  Swin's ``layers.S.blocks.J``, ResNet's ``layer2.1``).
 """
 from __future__ import annotations
 
 import difflib
 import math
+import re
 import threading
 from dataclasses import dataclass
 
@@ -22,9 +31,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import LayerNotFoundError
+from .layer_kinds import INTERNAL, MAP, MAP_NHWC, TOKENS, VECTOR, Classifier, Layout, Record, layout_of_shape
 from .pooling import Pooling
 
+_PROBE_BATCH = 2
 ALIASES = ("stage1", "stage2", "stage3", "stage4", "stage5", "penultimate")
+_BLOCK = re.compile(r"block:(-?[0-9]+)")
+_LISTS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def is_alias(name: str) -> bool:
+    """``stageK``, ``penultimate`` or ``block:K``."""
+    return name in ALIASES or bool(_BLOCK.fullmatch(name))
 
 
 @dataclass
@@ -33,17 +51,28 @@ class LayerInfo:
 
     name: str          # module name
     type: str          # module class name
-    shape: tuple       # unpooled output shape without the batch dim: (C, H, W) or (D,)
-    stride: int | None  # nominal stride (a power of two) of a feature map, else None
+    shape: tuple       # unpooled output shape without the batch dim: (C, H, W), (H, W, C), (T, D) or (D,)
+    stride: int | None  # nominal stride (a power of two) of a feature map or token grid, else None
     order: int         # position in execution order (when the module's forward returned)
     start: int = 0     # when the module's forward began (a counter shared with ``order``)
     in_stride: int | None = None  # nominal stride of its input
     flops: int = 0     # forward FLOPs of the whole model spent when this module's forward returned
     relative_depth: float = 0.0  # ``flops`` as a share of the whole forward pass
+    layout: Layout | None = None  # what the output is (map, channels-last map, tokens, vector)
+    numel: int = 0     # elements of the output per image (internal tensors included)
+    params: int = 0    # parameters of the module itself (not of its children)
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = layout_of_shape(self.shape)
 
     @property
     def depth(self) -> int:
         return self.name.count(".")
+
+    @property
+    def kind(self) -> str:
+        return self.layout.kind
 
 
 @dataclass
@@ -52,12 +81,17 @@ class Tap:
 
     name: str     # the name it is stored under (as requested: 'layer3', 'stage4', 'penultimate')
     module: str   # the module it reads
-    kind: str     # 'output' (forward hook) or 'input' (forward pre-hook, for 'penultimate')
+    hook: str     # 'output' (forward hook) or 'input' (forward pre-hook, for 'penultimate')
     shape: tuple
     stride: int | None
     order: int
     relative_depth: float = 0.0  # share of the model's forward FLOPs spent up to this tap
     flops: int = 0               # forward FLOPs per image spent up to this tap
+    layout: Layout | None = None
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = layout_of_shape(self.shape)
 
 
 def _first_tensor(out):
@@ -70,10 +104,18 @@ def _first_tensor(out):
     return None
 
 
-def _nominal_stride(size: int, out: int) -> int | None:
-    """A feature map's stride as a power of two; None for 1x1 maps (global pools), whose
-    "stride" is only the input size."""
-    return 2 ** round(math.log2(size / out)) if out > 1 else None
+def _classifier_module(model: nn.Module) -> nn.Module | None:
+    """timm's own answer to "which module is the classifier": a Linear (the CLS head of a
+    distilled DeiT, whose ``get_classifier`` also returns the distillation head), or the
+    Identity of a model built without classes (MIM-pretrained EVA-02), whose input is then the
+    pre-logits features all the same."""
+    get = getattr(model, "get_classifier", None)
+    try:
+        c = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - a model's own method; without an answer the last Linear is it
+        return None
+    c = c[0] if isinstance(c, (tuple, list)) and c else c
+    return c if isinstance(c, (nn.Linear, nn.Identity)) else None
 
 
 class Probe:
@@ -83,78 +125,133 @@ class Probe:
         self.model_name = model_name
         self.input_size = input_size
         self.layers: list[LayerInfo] = []
-        self.classifier: tuple[str, int] | None = None  # (module, input dim) of the last Linear
-        seen = set()
+        self.classifier: tuple[str, int] | None = None  # (module, input dim) of the classifier
+        records: list[Record] = []
+        flops: dict[str, int] = {}
         linears = []
         handles = []
         clock = [0]
-        starts: dict[str, tuple[int, int | None]] = {}
+        starts: dict[str, tuple[int, tuple | None, int]] = {}
+        modules = dict(model.named_modules())
 
         def pre_hook(name):
             def fn(module, args):
                 if name not in starts:
                     t = _first_tensor(args)
-                    in_stride = _nominal_stride(input_size, t.shape[-1]) if t is not None and t.ndim == 4 \
-                        else None
-                    starts[name] = (clock[0], in_stride, counter.get_total_flops())
+                    starts[name] = (clock[0], tuple(t.shape) if t is not None else None,
+                                    counter.get_total_flops())
                     clock[0] += 1
             return fn
 
         def hook(name):
             def fn(module, args, out):
                 t = _first_tensor(out)
-                if name in seen or t is None:
+                if name in flops or t is None:
                     return
-                seen.add(name)
-                shape = tuple(t.shape[1:])
-                stride = _nominal_stride(input_size, shape[-1]) if len(shape) == 3 else None
-                start, in_stride, _ = starts.get(name, (clock[0], None, 0))
-                self.layers.append(LayerInfo(name, type(module).__name__, shape, stride, clock[0],
-                                             start, in_stride, counter.get_total_flops()))
+                flops[name] = counter.get_total_flops()
+                start, in_shape, _ = starts.get(name, (clock[0], None, 0))
+                records.append(Record(name, module, tuple(t.shape), in_shape, clock[0], start))
                 clock[0] += 1
-                if isinstance(module, nn.Linear):
-                    linears.append((name, int(args[0].flatten(1).shape[1]) if args else module.in_features))
+                own_head = own is not None and module is own
+                if (own_head or isinstance(module, nn.Linear)) and args and args[0].ndim == 2:
+                    # a classifier reads one vector per image; a Linear on tokens is inside a block
+                    linears.append((name, int(args[0].flatten(1).shape[1]), own_head))
             return fn
 
-        for name, module in model.named_modules():
+        for name, module in modules.items():
             if name:
                 handles.append(module.register_forward_pre_hook(pre_hook(name)))
                 handles.append(module.register_forward_hook(hook(name)))
         was_training = model.training
         model.eval()
+        own = _classifier_module(model)
+        # Parameters that require grad make the FLOP counter's module tracker hook autograd on
+        # module inputs built from them (CaiT's and PiT's class tokens), which fails in
+        # inference mode: the probe needs no grad. (So no other thread may train the model
+        # while it is probed, as none may while its modules carry the probe's hooks.)
+        grads = [(p, p.requires_grad) for p in model.parameters()]
         # torch's own FLOP counter (convolutions and matrix products, which are nearly all of a
-        # CNN's work) read at every hook gives each layer's relative depth.
+        # network's work) read at every hook gives each layer's relative depth.
         counter = FlopCounterMode(display=False)
         try:
+            for p, _ in grads:
+                p.requires_grad_(False)
             with torch.inference_mode(), counter:
                 param = next(model.parameters(), None)
-                x = torch.zeros(1, 3, input_size, input_size,
+                # two images: an output whose first dimension is not 2 is not one row per image
+                x = torch.zeros(_PROBE_BATCH, 3, input_size, input_size,
                                 device=param.device if param is not None else "cpu")
                 model(x)
         finally:
             for h in handles:
                 h.remove()
+            for p, g in grads:
+                p.requires_grad_(g)
             model.train(was_training)
+        kinds = Classifier(model, records, batch=_PROBE_BATCH)
+        for r in records:
+            layout = kinds.layouts[r.name]
+            inp = kinds.input_layout(r)
+            self.layers.append(LayerInfo(r.name, type(r.module).__name__, layout.shape,
+                                         layout.stride(input_size), r.order, r.start,
+                                         inp.stride(input_size) if inp else None,
+                                         int(flops[r.name]) // _PROBE_BATCH, layout=layout,
+                                         numel=math.prod(r.out_shape) // _PROBE_BATCH,
+                                         params=sum(p.numel() for p in r.module.parameters(recurse=False))))
         self.by_name = {l.name: l for l in self.layers}
-        self.total_flops = int(counter.get_total_flops())
-        self._input_flops = {name: int(v[2]) for name, v in starts.items()}
+        self.total_flops = int(counter.get_total_flops()) // _PROBE_BATCH  # per image
+        self._input_flops = {name: int(v[2]) // _PROBE_BATCH for name, v in starts.items()}
         for info in self.layers:
             info.relative_depth = self.relative_depth(info.flops)
-        if linears:
-            self.classifier = linears[-1]
+        named = [lin[:2] for lin in linears if lin[2]]
+        if named or linears:
+            self.classifier = (named or [lin[:2] for lin in linears])[-1]
+        self.blocks = self._find_blocks(modules)
 
     def relative_depth(self, flops: int) -> float:
         """``flops`` spent so far as a share of the whole forward pass (0..1)."""
         return round(flops / self.total_flops, 6) if self.total_flops else 0.0
 
+    def _find_blocks(self, modules: dict[str, nn.Module]) -> list[LayerInfo]:
+        """The network's blocks, in execution order: modules held in a ``Sequential``,
+        ``ModuleList`` or ``ModuleDict`` that have modules of their own, are no such list
+        themselves (a stage of blocks is a list), put out a map or tokens, and hold no other
+        block (Swin's blocks, not its stages)."""
+        found = []
+        for info in self.layers:
+            parent = modules.get(info.name.rpartition(".")[0]) if "." in info.name else None
+            m = modules[info.name]
+            if isinstance(parent, _LISTS) and not isinstance(m, _LISTS) and next(m.children(), None) \
+                    is not None and info.kind in (MAP, MAP_NHWC, TOKENS):
+                found.append(info)
+        names = {b.name for b in found}
+        parent = {b.name: b.name.rpartition(".")[0] for b in found}
+        # inside a block, a module that is the only block among other modules of its parent is
+        # a part of that block (RegNet's squeeze-excitation), not a block of its own
+        lone = {b for b in names if any(b.startswith(o + ".") for o in names)
+                and sum(parent[o] == parent[b] for o in names) == 1
+                and len(list(modules[parent[b]].children())) > 1}
+        names -= lone
+        return [b for b in found if b.name in names and not any(o.startswith(b.name + ".") for o in names)]
+
+    def is_token_model(self) -> bool:
+        """Whether the deepest block works on tokens (ViT, DeiT, DINOv2; hybrids with a CNN stem)."""
+        return bool(self.blocks) and self.blocks[-1].kind == TOKENS
+
     def aliases(self) -> dict[str, LayerInfo]:
-        """``stageK`` and ``penultimate`` -> the layer each means for this model."""
+        """``stageK`` and ``penultimate`` -> the layer each means for this model (``block:K``
+        is :meth:`block`)."""
         out = {}
-        strides = sorted({l.stride for l in self.layers if l.stride})
-        for k in range(1, 6):
-            at_s = [l for l in self.layers if l.stride == 2 ** k]
-            if at_s:
-                out[f"stage{k}"] = self._stage_end(2 ** k, at_s, strides)
+        if self.is_token_model():
+            tokens = [b for b in self.blocks if b.kind == TOKENS]
+            for k in range(1, 5):
+                out[f"stage{k}"] = tokens[math.ceil(k * len(tokens) / 4) - 1]
+        else:
+            strides = sorted({l.stride for l in self.layers if l.stride and l.kind in (MAP, MAP_NHWC)})
+            for k in range(1, 6):
+                at_s = [l for l in self.layers if l.stride == 2 ** k and l.kind in (MAP, MAP_NHWC)]
+                if at_s:
+                    out[f"stage{k}"] = self._stage_end(2 ** k, at_s, strides)
         if self.classifier:
             name, dim = self.classifier
             out["penultimate"] = LayerInfo(name, "input of " + self.by_name[name].type, (dim,), None,
@@ -162,6 +259,19 @@ class Probe:
                                            flops=self._input_flops.get(name, self.by_name[name].flops))
             out["penultimate"].relative_depth = self.relative_depth(out["penultimate"].flops)
         return out
+
+    def block(self, name: str) -> LayerInfo:
+        """``block:K`` -> the K-th block (negative K counts from the last)."""
+        k = int(_BLOCK.fullmatch(name).group(1))
+        if not self.blocks:
+            raise LayerNotFoundError(f"{self.model_name} has no blocks for '{name}' (no module in a "
+                                     f"Sequential or ModuleList holds modules of its own); pick a layer "
+                                     f"from 'cnncodes list-layers --model {self.model_name}'.")
+        if not -len(self.blocks) <= k < len(self.blocks):
+            raise LayerNotFoundError(f"{self.model_name} has {len(self.blocks)} blocks: '{name}' is out of "
+                                     f"range (block:0..block:{len(self.blocks) - 1}, or block:-1 for the "
+                                     f"last).")
+        return self.blocks[k]
 
     def _stage_end(self, s: int, at_s: list[LayerInfo], strides: list[int]) -> LayerInfo:
         """The last module at stride ``s`` that a person would call the end of that stage.
@@ -182,41 +292,56 @@ class Probe:
                     return before[-1]
         return at_s[-1]
 
+    def lookup(self, name: str, aliases: dict[str, LayerInfo] | None = None) -> LayerInfo:
+        """The layer a module name or an alias means; a one-line error when it means none."""
+        aliases = self.aliases() if aliases is None else aliases
+        if _BLOCK.fullmatch(name):
+            return self.block(name)
+        if name == "penultimate" and name not in aliases:
+            raise LayerNotFoundError(
+                f"{self.model_name} has no Linear classifier, so 'penultimate' is not "
+                f"defined for it; pick a layer from 'cnncodes list-layers'.")
+        if name in ALIASES:
+            if name not in aliases:
+                have = ", ".join(a for a in aliases if a.startswith("stage")) or "none"
+                what = "four quarters of its blocks" if self.is_token_model() else \
+                    f"no module with the stride of {name} at input size {self.input_size}"
+                raise LayerNotFoundError(f"{self.model_name} has no {name}: it has {what} (its stages: "
+                                         f"{have}).")
+            return aliases[name]
+        if name in self.by_name:
+            return self.by_name[name]
+        close = difflib.get_close_matches(name, list(self.by_name) + list(ALIASES), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise LayerNotFoundError(
+            f"'{name}' is not a layer of {self.model_name}.{hint} "
+            f"Run 'cnncodes list-layers --model {self.model_name}'.")
+
     def resolve(self, names) -> list[Tap]:
         """Resolve requested names (module names or aliases) to taps, in the order given."""
         aliases = self.aliases()
         taps = []
         for name in names:
-            if name == "penultimate":
-                if name not in aliases:
-                    raise LayerNotFoundError(
-                        f"{self.model_name} has no Linear classifier, so 'penultimate' is not "
-                        f"defined for it; pick a layer from 'cnncodes list-layers'.")
-                info = aliases[name]
-                taps.append(Tap(name, info.name, "input", info.shape, None, info.order,
-                                info.relative_depth, info.flops))
-            elif name in ALIASES:
-                if name not in aliases:
-                    have = ", ".join(a for a in aliases if a.startswith("stage")) or "none"
-                    raise LayerNotFoundError(
-                        f"{self.model_name} has no module with the stride of {name} at input "
-                        f"size {self.input_size} (its stages: {have}).")
-                info = aliases[name]
-                taps.append(Tap(name, info.name, "output", info.shape, info.stride, info.order,
-                                info.relative_depth, info.flops))
-            elif name in self.by_name:
-                info = self.by_name[name]
-                taps.append(Tap(name, name, "output", info.shape, info.stride, info.order,
-                                info.relative_depth, info.flops))
-            else:
-                close = difflib.get_close_matches(name, list(self.by_name) + list(ALIASES), n=3, cutoff=0.6)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise LayerNotFoundError(
-                    f"'{name}' is not a layer of {self.model_name}.{hint} "
-                    f"Run 'cnncodes list-layers --model {self.model_name}'.")
+            info = self.lookup(name, aliases)
+            hook = "input" if name == "penultimate" else "output"
+            taps.append(Tap(name, info.name, hook, info.shape, info.stride, info.order,
+                            info.relative_depth, info.flops, info.layout))
         if len({t.name for t in taps}) != len(taps):
             raise LayerNotFoundError("a layer is requested twice: " + ", ".join(names))
         return taps
+
+    def poolable(self, pooling: Pooling) -> list[str]:
+        """Names a person would pick (aliases, blocks, top-level modules) whose maps or tokens
+        ``pooling`` applies to (vectors, which every pooling passes through, are left out)."""
+        aliases = self.aliases()
+        top = min((l.depth for l in self.layers), default=0)
+        picks = [*aliases, *(b.name for b in self.blocks), *(l.name for l in self.layers if l.depth == top)]
+        out = []
+        for name in dict.fromkeys(picks):
+            info = aliases.get(name) or self.by_name.get(name)
+            if info is not None and info.kind not in (INTERNAL, VECTOR) and not pooling.refusal(info.layout):
+                out.append(name)
+        return out
 
 
 class _StopForward(Exception):
@@ -242,18 +367,23 @@ class Tapper:
         self.model = model
         self.taps = taps
         self.pooling = pooling
-        self._last = max(taps, key=lambda t: t.order).name
+        # taps of one module (``block:-1`` and ``stage4`` of a ViT) share one hook; the forward
+        # pass stops after the deepest module's output (its input, for 'penultimate', comes first)
+        self._groups: dict[tuple[str, str], list[Tap]] = {}
+        for t in taps:
+            self._groups.setdefault((t.module, t.hook), []).append(t)
+        self._last = max(self._groups, key=lambda k: (self._groups[k][0].order, k[1] == "output"))
         self._local = threading.local()  # .out: this thread's pooled activations
         self._handles = []
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
-        for tap in self.taps:
-            m = modules[tap.module]
-            if tap.kind == "input":
-                self._handles.append(m.register_forward_pre_hook(self._make(tap, pre=True)))
+        for (module, hook), taps in self._groups.items():
+            m = modules[module]
+            if hook == "input":
+                self._handles.append(m.register_forward_pre_hook(self._make(taps, (module, hook), pre=True)))
             else:
-                self._handles.append(m.register_forward_hook(self._make(tap, pre=False)))
+                self._handles.append(m.register_forward_hook(self._make(taps, (module, hook), pre=False)))
         return self
 
     def __exit__(self, *exc):
@@ -261,14 +391,15 @@ class Tapper:
             h.remove()
         self._handles = []
 
-    def _make(self, tap: Tap, pre: bool):
+    def _make(self, taps: list[Tap], key: tuple[str, str], pre: bool):
         def fn(module, args, out=None):
             got = self._local.__dict__.setdefault("out", {})
-            if tap.name in got:  # a module called twice: the first call is the tap
+            if taps[0].name in got:  # a module called twice: the first call is the tap
                 return
             t = args[0].flatten(1) if pre else _first_tensor(out)
-            got[tap.name] = self.pooling(t) if self.pooling.kind != "none" else t.flatten(1).clone()
-            if tap.name == self._last:
+            for tap in taps:
+                got[tap.name] = self.pooling(t, tap.layout)
+            if key == self._last:
                 raise _StopForward
         if pre:
             return lambda module, args: fn(module, args)

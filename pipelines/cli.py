@@ -172,41 +172,56 @@ def list_models_cmd(pattern, family, pretrained, where, as_json) -> None:
 @click.option("--all", "show_all", is_flag=True, help="Also list the modules inside each block.")
 @_fail_cleanly
 def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
-    """Print every tappable layer with its output shape, stride and relative depth.
+    """Print every tappable layer with its kind, output shape, stride and relative depth.
 
-    Shapes are at the model's input size; depth is the share of the forward pass's FLOPs
-    spent when the layer's output is ready.
+    Shapes are at the model's input size, per image: feature maps as CxHxW, channels-last maps
+    (Swin) as HxWxC, token sequences as PREFIX+PATCHES tokens x D (ViT: 1+196 tokens x 192),
+    vectors as D. Depth is the share of the forward pass's FLOPs spent when the layer's output
+    is ready. Internal tensors (inside attention modules) cannot be tapped.
 
     \b
     Any name printed here, or an alias, is a valid --layer for `extract`:
-      stage1..stage5  the last module whose output has stride 2, 4, 8, 16, 32
-      penultimate     the pooled features that feed the classifier
+      stage1..stage5  CNNs and Swin: the end of the stage at stride 2, 4, 8, 16, 32;
+                      ViT/DeiT/DINOv2: stage1..stage4 end each quarter of the blocks
+      penultimate     the pre-logits features that feed the classifier
+      block:K         the K-th block (block:-1 the last)
 
     \b
-    Example:
+    Examples:
       cnncodes list-layers --model resnet18
+      cnncodes list-layers --model timm:vit_small_patch16_224.augreg_in21k_ft_in1k
     """
     from cnncodes.extractor import list_layers
     layers, aliases = list_layers(model)
+    blocks = {a: l for a, l in aliases.items() if a.startswith("block:")}
+    named = {a: l for a, l in aliases.items() if a not in blocks}
     if as_json:
         _echo_json({"model": model,
-                    "layers": [{"name": l.name, "type": l.type, "shape": list(l.shape), "stride": l.stride,
-                                "relative_depth": l.relative_depth} for l in layers],
+                    "layers": [{"name": l.name, "type": l.type, "kind": l.kind, "shape": list(l.shape),
+                                "stride": l.stride, "relative_depth": l.relative_depth,
+                                **{k: v for k, v in l.layout.to_attrs().items() if k != "kind"}}
+                               for l in layers],
                     "aliases": {a: l.name for a, l in aliases.items()}})
         return
     depth = min(l.name.count(".") for l in layers) + 1
-    shown = layers if show_all else [l for l in layers if l.name.count(".") <= depth
-                                     or l.name in {a.name for a in aliases.values()}]
+    picked = {l.name for l in aliases.values()}
+    shown = layers if show_all else [l for l in layers if (l.name.count(".") <= depth or l.name in picked)
+                                     and l.kind != "internal"]
     width = max(len(l.name) for l in shown)
-    click.echo(f"{'layer':<{width}}  {'type':<20}  {'output shape':<16}  stride  depth")
+    click.echo(f"{'layer':<{width}}  {'type':<20}  {'kind':<7}  {'output shape':<24}  stride  depth")
     for l in shown:
-        click.echo(f"{l.name:<{width}}  {l.type[:20]:<20}  {'x'.join(map(str, l.shape)):<16}  "
+        kind = {"map-channels-last": "map"}.get(l.kind, l.kind)
+        click.echo(f"{l.name:<{width}}  {l.type[:20]:<20}  {kind:<7}  {l.layout.describe():<24}  "
                    f"{l.stride or '-'!s:>6}  {l.relative_depth:>5.0%}")
     if not show_all and len(shown) < len(layers):
         click.echo(f"({len(layers) - len(shown)} inner modules hidden; --all shows them)")
     click.echo("\naliases:")
-    for a, l in aliases.items():
-        click.echo(f"  {a:<12} -> {l.name} ({'x'.join(map(str, l.shape))})")
+    for a, l in named.items():
+        click.echo(f"  {a:<12} -> {l.name} ({l.layout.describe()})")
+    if blocks:
+        first, last = next(iter(blocks.values())), list(blocks.values())[-1]
+        click.echo(f"  {'block:K':<12} -> block:0 = {first.name} .. block:{len(blocks) - 1} = block:-1 = "
+                   f"{last.name} ({len(blocks)} blocks)")
 
 
 @cli.command("extract")
@@ -219,9 +234,10 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--weights", "-w", default="DEFAULT", show_default=True,
               help="DEFAULT, a torchvision enum name (IMAGENET1K_V2), a file, or none.")
 @click.option("--layer", "-l", "layers", multiple=True, default=["penultimate"], show_default=True,
-              help="Layer name or alias (stage1..stage5, penultimate); repeat for several.")
+              help="Layer name or alias (stage1..stage5, penultimate, block:K); repeat for several.")
 @click.option("--pool", default="avg", show_default=True, callback=_POOL,
-              help="avg | max | avgmax | grid:K | spp:1,2,4 | none")
+              help="avg | max | avgmax | grid:K | spp:1,2,4 | none; for token layers also cls | "
+                   "mean | cls+mean (avg, max, mean: over the patch tokens).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Storage type of the codes.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
@@ -255,6 +271,7 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
       cnncodes extract data/digits
       cnncodes extract photos/ --model resnet50 --layer layer3 --layer penultimate --pool avgmax
       cnncodes extract manifest.csv --model timm:resnet18 --weights r18.pth --out cache/r18.h5
+      cnncodes extract photos/ -m timm:deit_small_patch16_224.fb_in1k -l stage3 -l block:-1 --pool cls+mean
     """
     from cnncodes.extractor import ExtractionInterrupted, extract
     try:
@@ -318,9 +335,15 @@ def info_cmd(cache: str, check: bool, as_json: bool) -> None:
                f"{s['classes']} classes; splits " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
     for name, l in s["layers"].items():
         stride = l.get("stride", -1)
+        unpooled = "x".join(map(str, l.get("unpooled_shape", [])))
+        if l.get("kind") == "tokens":
+            unpooled = (f"{l.get('prefix_tokens', 0)}+{l.get('patch_tokens')} tokens x "
+                        f"{l['unpooled_shape'][-1]}")
+        elif l.get("kind") in ("map", "map-channels-last", "vector"):  # older caches: "output"/"input"
+            unpooled = f"{l['kind']} {unpooled}"
         click.echo(f"  layer {name:<12} {l['dim']:>6}-d  module {l.get('module')}, "
-                   f"unpooled {'x'.join(map(str, l.get('unpooled_shape', [])))}, "
-                   f"stride {stride if stride > 0 else '-'}")
+                   f"unpooled {unpooled}, "
+                   f"pooling {l.get('pooling', s['pooling'])}, stride {stride if stride > 0 else '-'}")
     state = "complete" if s["complete"] else "INCOMPLETE"
     extra = (f"; {s['unmerged_rows']} rows of an interrupted run await the next `extract`"
              if s["unmerged_rows"] else "")
@@ -547,7 +570,7 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Without a test split: keep this stratified share as the test.")
 @click.option("--pool", default="avg", show_default=True, callback=_POOL,
-              help="Pooling of feature maps, as for extract.")
+              help="Pooling of feature maps and token layers, as for extract (cls, mean, cls+mean ...).")
 @_sweep_options
 @_fail_cleanly
 def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, prescreen, holdout, pool,
@@ -632,7 +655,7 @@ def _train_options(fn):
                      help="End a stage after N epochs without a new best val accuracy (0: never)."),
         click.option("--bn", type=click.Choice(["frozen", "train"]), default="frozen", show_default=True,
                      help="Batch norm in frozen parts: frozen = eval mode, statistics kept; "
-                          "train = re-estimated."),
+                          "train = re-estimated. LayerNorm (ViT, Swin) has no statistics: no effect there."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
@@ -673,17 +696,21 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
     """Fine-tune a pretrained network on DATA in stages, freezing the early layers.
 
     The classifier is replaced by a new head sized to DATA's classes. Each stage START:EPOCHS
-    trains START and everything after it (head = the head alone, stage5 = the whole last stage,
-    all = everything) with --lr, the head at --lr x --head-lr-mult. Stages unfreeze from the top
-    down. Writes metrics.jsonl, curves.png, confusion.png, result.json, best.pt and last.pt into
-    --out; best.pt is a valid --weights for extract and finetune. Kill it and rerun with
-    --resume: it continues from the last finished epoch and ends with the same weights.
+    trains START and everything after it (head = the head alone, a module or block:K = that
+    module on, stage5 = the whole last stage, all = everything) with --lr, the head at --lr x
+    --head-lr-mult. Stages unfreeze from the top down. Transformers work the same way
+    (stage4 of a ViT = its last quarter of blocks; its class token and positional embeddings
+    train with all); they have LayerNorm, not batch norm, so --bn changes nothing for them.
+    Writes metrics.jsonl, curves.png, confusion.png, result.json, best.pt and last.pt into --out;
+    best.pt is a valid --weights for extract and finetune. Kill it and rerun with --resume: it
+    continues from the last finished epoch and ends with the same weights.
 
     \b
     Examples:
       cnncodes finetune data/birds --stages head:3,stage5:3,all:4 --out runs/birds
       cnncodes finetune data/birds --freeze-until layer4 --epochs 5 --model resnet50
       cnncodes finetune data/birds --stages all:10 --from-scratch --lr 0.01
+      cnncodes finetune data/birds -m timm:deit_small_patch16_224.fb_in1k --stages head:2,block:-4:3
       torchrun --nproc_per_node 4 -m cnncodes finetune data/birds --out runs/birds-ddp
       cnncodes extract data/birds --weights runs/birds/best.pt --layer penultimate
     """

@@ -75,7 +75,7 @@ def _trainable_tops(model) -> set[str]:
 
 def test_each_stage_trains_its_start_and_everything_after(resnet):
     model, probe, head = resnet
-    assert head == "fc" and model.fc.out_features == 5
+    assert head == ("fc",) and model.fc.out_features == 5
     stages = resolve_stages(probe, parse_stages("head:1,stage5:1,layer3:1,layer2.1:1,all:1"))
     expected = [{"fc"}, {"layer4", "fc"}, {"layer3", "layer4", "fc"}, {"layer2", "layer3", "layer4", "fc"},
                 {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"}]

@@ -27,7 +27,7 @@ def test_vectors_pass_through_and_canonical_names():
     assert str(parse_pooling(" SPP:1, 2,4")) == "spp:1,2,4"
 
 
-@pytest.mark.parametrize("bad", ["mean", "grid", "grid:0", "grid:1,2", "spp:a", "avg:2"])
+@pytest.mark.parametrize("bad", ["median", "cls:2", "grid", "grid:0", "grid:1,2", "spp:a", "avg:2"])
 def test_bad_specs_are_explained(bad):
     with pytest.raises(PoolingError, match="pooling|grid|spp|sizes"):
         parse_pooling(bad)

@@ -73,15 +73,18 @@ def warmup_cosine(total: int, warmup: int):
     return factor
 
 
-def make_optimizer(model: nn.Module, head: str, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, heads: tuple[str, ...], cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """Two parameter groups: the trainable backbone at ``lr`` and the head at ``lr *
     head_lr_mult``. From scratch every parameter is new, so all train at the head's rate (as
     d2l's scratch baseline does: 10x the fine-tuned backbone's rate)."""
     head_lr = cfg.lr * cfg.head_lr_mult
     body_lr = head_lr if cfg.from_scratch else cfg.lr
-    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(head + ".")]
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not any(n.startswith(h + ".")
+                                                                                  for h in heads)]
     groups = [{"params": body, "lr": body_lr, "name": "backbone"}] if body else []
-    groups.append({"params": list(model.get_submodule(head).parameters()), "lr": head_lr, "name": "head"})
+    groups.append({"params": [p for h in heads for p in model.get_submodule(h).parameters()], "lr": head_lr,
+                   "name": "head"})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=head_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":

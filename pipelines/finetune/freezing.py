@@ -4,10 +4,11 @@ the batch-norm policy of frozen parts.
 A stage is ``START:EPOCHS``. ``START`` says where the trainable part of the network begins:
 
 - ``head``: only the new classifier head trains;
-- a module name (``layer4``, ``blocks.5``): that module and every module that runs after it;
+- a module name (``layer4``, ``blocks.5``) or a block (``block:-3``): that module and every
+  module that runs after it;
 - a stage alias (``stage5``): that whole stage, i.e. everything after the end of the previous
   stage (``extract``'s ``stage4`` is the *end* of stage 4, so ``stage5`` starts right after it);
-- ``all``: the whole network.
+- ``all``: the whole network (of a ViT, also its class token and positional embeddings).
 
 "Runs after" is execution order, as measured by the same probe that names layers for
 ``extract`` (forward hooks, so it works where torch.fx cannot trace). Stages must unfreeze from
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from cnncodes.extractor.errors import CnnCodesError, LayerNotFoundError
-from cnncodes.extractor.layers import ALIASES, Probe
+from cnncodes.extractor.layers import ALIASES, Probe, is_alias
 
 
 class FinetuneError(CnnCodesError, ValueError):
@@ -84,16 +85,17 @@ def resolve_stages(probe: Probe, stages: list[tuple[str, int]]) -> list[Stage]:
             start = prev[0].order + 0.5 if prev else -1
             first = min((l for l in probe.layers if l.start > start), key=lambda l: l.start, default=None)
             resolved.append(Stage(name, epochs, start, first.name if first else None))
-        elif name in probe.by_name:
-            resolved.append(Stage(name, epochs, probe.by_name[name].start, name))
+        elif name in probe.by_name or is_alias(name):  # a module, or block:K
+            info = probe.lookup(name, aliases)
+            resolved.append(Stage(name, epochs, info.start, info.name))
         else:
             choices = ["head", "all"] + [a for a in aliases if a.startswith("stage")] + list(probe.by_name)
             close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise LayerNotFoundError(
                 f"stage start '{name}' is not a layer of {probe.model_name}.{hint} Valid starts: head, "
-                f"all, {', '.join(a for a in aliases if a.startswith('stage'))} or a module name from "
-                f"'cnncodes list-layers --model {probe.model_name} --all'.")
+                f"all, {', '.join(a for a in aliases if a.startswith('stage'))}, block:K or a module name "
+                f"from 'cnncodes list-layers --model {probe.model_name} --all'.")
     for before, after in zip(resolved, resolved[1:]):
         if after.start > before.start:
             top_down = ",".join(f"{s.name}:{s.epochs}" for s in sorted(resolved, key=lambda s: -s.start))
@@ -104,22 +106,57 @@ def resolve_stages(probe: Probe, stages: list[tuple[str, int]]) -> list[Stage]:
     return resolved
 
 
-def replace_head(model: nn.Module, probe: Probe, num_classes: int) -> str:
-    """Swap the classifier (the last ``Linear`` to run) for a fresh one with ``num_classes``
-    outputs; returns its module name."""
+def replace_head(model: nn.Module, probe: Probe, num_classes: int) -> tuple[str, ...]:
+    """Swap the classifier for a fresh one with ``num_classes`` outputs; returns the names of
+    the new head's modules.
+
+    A timm model resets its own classifier (``reset_classifier``: a distilled DeiT's two heads,
+    a Swin's ``head.fc``); elsewhere the last ``Linear`` to run is replaced.
+    """
     if probe.classifier is None:
         raise FinetuneError(f"{probe.model_name} has no Linear classifier to replace.")
+    reset = getattr(model, "reset_classifier", None)
+    if callable(reset) and classifier_names(model):
+        reset(num_classes)
+        heads = classifier_names(model)
+        if heads and all(model.get_submodule(h).out_features == num_classes for h in heads):
+            return heads
     name, dim = probe.classifier
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, nn.Linear(dim, num_classes))
-    return name
+    return (name,)
 
 
-def frozen_modules(model: nn.Module, probe: Probe, stage: Stage, head: str) -> set[str]:
-    """Names of the modules whose parameters stay fixed in ``stage`` (the head never does)."""
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The module names of timm's ``get_classifier()`` Linear heads (none for other models)."""
+    get = getattr(model, "get_classifier", None)
+    try:
+        heads = get() if callable(get) else ()
+    except Exception:  # noqa: BLE001 - a model's own method; without an answer there is no timm head
+        return ()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    names = {id(m): n for n, m in model.named_modules()}
+    return tuple(names[id(h)] for h in heads if isinstance(h, nn.Linear) and id(h) in names)
+
+
+def _in_head(name: str, heads: tuple[str, ...]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
+def frozen_modules(model: nn.Module, probe: Probe, stage: Stage, heads: tuple[str, ...]) -> set[str]:
+    """Names of the modules whose parameters stay fixed in ``stage`` (the head never does).
+
+    The model's own parameters (a ViT's class token and positional embeddings, used before its
+    first block) are frozen with its first module: they train only in a stage that starts there.
+    """
     frozen = set()
+    first = min((l.start for l in probe.layers), default=0)
     for name, _ in model.named_modules():
-        if not name or name == head or name.startswith(head + "."):
+        if _in_head(name, heads):
+            continue
+        if not name:
+            if stage.start > first:
+                frozen.add(name)
             continue
         info = probe.by_name.get(name)
         if info is None or info.start < stage.start:

@@ -123,8 +123,12 @@ class _Run(Passes):
         r = recipe_settings(self.cfg)
         r.update({"weights": self.bb.weights, "classes": self.splits.classes,
                   "data_fingerprint": self.splits.table.fingerprint(), "world_size": self.ctx.world,
-                  "stages": [s.as_dict() for s in self.stages], "head": self.head,
+                  "stages": [s.as_dict() for s in self.stages], "head": ",".join(self.head),
                   "splits": self.splits.sizes()})
+        if next(self.model.parameters(recurse=False), None) is not None:
+            # a ViT's class token and positional embeddings: frozen with its first module since
+            # token models arrived (they always trained before), so older runs are not resumed
+            r["root_parameters"] = "frozen with the first module"
         return r
 
     # --- files ---------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def sweep_layers(model: str, spec="all-stages") -> list[str]:
     """The layer names a sweep of ``model`` covers.
 
     ``all-stages`` is ``stage1``..``stage5`` and ``penultimate``, leaving out ``penultimate``
-    when it is only the pooled last stage (ResNets, EfficientNets: the same codes twice).
+    when it is only the pooled last stage (ResNets, EfficientNets: the same codes twice), i.e.
+    when no module with parameters (a ViT's final norm) runs between the two.
     Otherwise a comma-separated list (or a sequence) of names and aliases, as for ``extract``.
     """
     if isinstance(spec, str) and spec != "all-stages":
@@ -61,11 +62,13 @@ def sweep_layers(model: str, spec="all-stages") -> list[str]:
         if not spec:
             raise SettingsError("--layers must name at least one layer, or be all-stages.")
         return list(dict.fromkeys(spec))
-    _, aliases = list_layers(model)
+    layers, aliases = list_layers(model)
     names = [s for s in STAGES if s in aliases]
     pen = aliases.get("penultimate")
     last = aliases[names[-1]] if names else None
-    if pen is not None and not (last is not None and pen.flops <= last.flops * 1.001):
+    between = [l for l in layers if last is not None and pen is not None and l.start > last.order
+               and l.order < pen.order and l.params]
+    if pen is not None and not (last is not None and pen.flops <= last.flops * 1.001 and not between):
         names.append("penultimate")
     return names
 
