@@ -5,11 +5,18 @@ One run, same images, same machine, each program in its own process:
 
 - 512 evenly spaced images of ../shared/datasets/caltech101-mini/train (the peers' --limit 512),
   EfficientNet-Lite0 (packaged ImageNet weights), taps blocks.4 and blocks.6, average pooling;
-- ``naive`` and ``tuned``: ../shared/peers/extract_peer.py;
-- ``cnncodes``: the real CLI writing a real HDF5 cache;
+- ``naive``, ``tuned`` and ``onnx``: ../shared/peers/extract_peer.py (``onnx``: the tuned
+  peer's truncated pass exported with torch.onnx.export and run by ONNX Runtime);
+- ``cnncodes``: the real CLI writing a real HDF5 cache, with ``--runtime auto`` (the fastest
+  installed inference runtime, OpenVINO here) and with ``--runtime torch`` (PyTorch's own
+  forward pass, the rate before runtimes);
 - ``ceiling``: the same truncated, BN-folded model cnncodes runs, timed on tensors decoded
   beforehand, on all cores at once and as one single-threaded pass per core, the faster of the
   two (what cnncodes would reach if decoding and writing were free);
+- ``runtime ceiling``: the same for the runtime ``auto`` picks (its compiled graph on
+  pre-decoded uint8 batches, one request per core);
+- codes: per layer, the largest difference of each runtime's codes to PyTorch's on the same
+  photos, relative to the layer's largest value;
 - memory: peak RSS of `cnncodes extract` on 500 and on 2,000 images (it should stream).
 
 Throughput is images / seconds of each program's own extraction loop (model loading excluded
@@ -41,7 +48,8 @@ SHARED = REPO.parent / "shared"
 CALTECH = SHARED / "datasets" / "caltech101-mini"
 PEER = SHARED / "peers" / "extract_peer.py"
 LAYERS = ["blocks.4", "blocks.6"]
-TARGETS = {"vs_naive": 1.8, "vs_tuned": 1.1, "of_ceiling": 0.85, "memory_ratio": 1.10}
+TARGETS = {"vs_naive": 1.8, "vs_tuned": 1.1, "of_ceiling": 0.85, "memory_ratio": 1.10,
+           "vs_onnx": 1.5, "vs_torch_runtime": 1.25, "of_runtime_ceiling": 0.8}
 
 
 def evenly_spaced(files: list[Path], n: int) -> list[Path]:
@@ -81,9 +89,10 @@ def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
     return json.loads(out_chunks[start:]), wall, usage.ru_maxrss / 1024
 
 
-def cnncodes_cmd(manifest: Path, out: Path, device: str, batch_size: int) -> list[str]:
+def cnncodes_cmd(manifest: Path, out: Path, device: str, batch_size: int, runtime: str = "auto") -> list[str]:
     cmd = [sys.executable, "-m", "cnncodes", "extract", str(manifest), "--out", str(out),
-           "--overwrite", "--quiet", "--json", "--device", device, "--batch-size", str(batch_size)]
+           "--overwrite", "--quiet", "--json", "--device", device, "--batch-size", str(batch_size),
+           "--runtime", runtime]
     for layer in LAYERS:
         cmd += ["--layer", layer]
     return cmd
@@ -159,6 +168,61 @@ def ceiling(manifest: Path, device: str, batch_size: int) -> dict:
             "schedules_images_per_s": {k: round(len(table) / v, 2) for k, v in schedules.items()}}
 
 
+def runtime_ceiling(manifest: Path, batch_size: int) -> dict:
+    """In-process: the graph ``--runtime auto`` compiles, on uint8 batches decoded beforehand
+    (as the decoders hand them over), one request per core at a time, after a warm-up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from cnncodes.extractor import runtimes
+    from cnncodes.extractor.batching import collate
+    from cnncodes.extractor.encoding import PreparedNetwork
+    from cnncodes.extractor.images import Content
+    from cnncodes.extractor.layers import Probe
+    from cnncodes.extractor.pooling import parse_pooling
+
+    from cnncodes import extractor
+    table = extractor.find_images(manifest)
+    bb = extractor.load_backbone()
+    taps = Probe(bb.model, bb.input_size).resolve(LAYERS)
+    wanted = runtimes.resolve_runtime("auto", torch.device("cpu"), "fp32")
+    prepared = PreparedNetwork(bb, taps, parse_pooling("avg"), torch.device("cpu"), wanted)
+    rt = prepared.tapper
+    if rt is None:
+        return {"runtime": "torch", "images_per_s": None}
+    split = bb.split
+    batches = []
+    for lo in range(0, len(table), batch_size):
+        items = [(i, split.pil(extractor.load_rgb(table.absolute(i))), "", Content())
+                 for i in range(lo, min(lo + batch_size, len(table)))]
+        x = collate(items)[1]
+        batches.append(x if rt.takes_uint8 else split.batch(x))
+    n = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(rt, batches[:n]))  # warm-up: every lane's request
+        t0 = time.perf_counter()
+        list(pool.map(rt, batches))
+        dt = time.perf_counter() - t0
+    return {"runtime": prepared.runtime, "images": len(table), "seconds": round(dt, 3),
+            "images_per_s": round(len(table) / dt, 2)}
+
+
+def code_differences(torch_cache: Path, caches: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Per runtime and layer: max |runtime - torch| / max |torch| over the same images."""
+    import h5py
+    import numpy as np
+    out = {}
+    with h5py.File(torch_cache) as ref:
+        for name, path in caches.items():
+            with h5py.File(path) as f:
+                out[name] = {"runtime": str(f.attrs["runtime"])}
+                for layer in LAYERS:
+                    a, b = f["codes"][layer][()], ref["codes"][layer][()]
+                    out[name][layer] = float(np.abs(a - b).max() / np.abs(b).max())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -169,6 +233,7 @@ def main() -> None:
     ap.add_argument("--readme-only", action="store_true",
                     help="rebuild the README table from the saved JSON without running anything")
     ap.add_argument("--ceiling-only", metavar="MANIFEST", help=argparse.SUPPRESS)
+    ap.add_argument("--runtime-ceiling-only", metavar="MANIFEST", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.readme_only:
         saved = json.loads((HERE / "results" / f"extract-{args.device}.json").read_text())
@@ -177,6 +242,9 @@ def main() -> None:
         return
     if args.ceiling_only:
         print(json.dumps(ceiling(Path(args.ceiling_only), args.device, args.batch_size)))
+        return
+    if args.runtime_ceiling_only:
+        print(json.dumps(runtime_ceiling(Path(args.runtime_ceiling_only), args.batch_size)))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
@@ -189,18 +257,28 @@ def main() -> None:
     peer = lambda kind: [sys.executable, str(PEER), "--peer", kind, "--images", str(CALTECH / "train"),
                          "--limit", str(args.images), "--batch-size", str(args.batch_size)] + \
         [a for layer in LAYERS for a in ("--layer", layer)]
-    runs = {"naive": [], "tuned": [], "cnncodes": [], "ceiling": []}
+    runs = {"naive": [], "tuned": [], "onnx": [], "cnncodes": [], "cnncodes-torch": [], "ceiling": [],
+            "runtime-ceiling": []}
     for r in range(args.repeats):
         for name in runs:
-            if name in ("naive", "tuned"):
+            if name in ("naive", "tuned", "onnx"):
                 cmd = peer(name)
             elif name == "cnncodes":
                 cmd = cnncodes_cmd(manifest, tmp / "codes.h5", args.device, args.batch_size)
-            else:
+            elif name == "cnncodes-torch":
+                cmd = cnncodes_cmd(manifest, tmp / "codes-torch.h5", args.device, args.batch_size, "torch")
+            elif name == "ceiling":
                 cmd = [sys.executable, str(HERE / "extract.py"), "--ceiling-only", str(manifest),
                        "--device", args.device, "--batch-size", str(args.batch_size)]
+            else:
+                cmd = [sys.executable, str(HERE / "extract.py"), "--runtime-ceiling-only", str(manifest),
+                       "--batch-size", str(args.batch_size)]
             res, wall, rss = run_measured(cmd)
+            if res.get("images_per_s") is None:  # no runtime installed: no runtime ceiling
+                runs[name].append({"images_per_s": None, "runtime": res.get("runtime")})
+                continue
             runs[name].append({"images_per_s": res["images_per_s"], "seconds": res["seconds"],
+                               **({"runtime": res["runtime"]} if "runtime" in res else {}),
                                "process_wall_s": round(wall, 2), "peak_rss_mib": round(rss, 1),
                                **({"schedules_images_per_s": res["schedules_images_per_s"]}
                                   if "schedules_images_per_s" in res else {})})
@@ -213,10 +291,24 @@ def main() -> None:
         mem[n] = {"images": res["images"], "peak_rss_mib": round(rss, 1), "images_per_s": res["images_per_s"]}
         print(f"memory {n}: {rss:.0f} MiB peak", file=sys.stderr)
 
-    med = {k: statistics.median(x["images_per_s"] for x in v) for k, v in runs.items()}
+    others = {}
+    for rt in ("openvino", "onnxruntime"):
+        try:
+            run_measured(cnncodes_cmd(manifest, tmp / f"codes-{rt}.h5", args.device, args.batch_size, rt))
+            others[rt] = tmp / f"codes-{rt}.h5"
+        except SystemExit:
+            print(f"{rt}: not installed or cannot run", file=sys.stderr)
+    codes = code_differences(tmp / "codes-torch.h5", others)
+
+    med = {k: statistics.median(x["images_per_s"] for x in v) if all(x["images_per_s"] for x in v) else None
+           for k, v in runs.items()}
     ratios = {"vs_naive": med["cnncodes"] / med["naive"], "vs_tuned": med["cnncodes"] / med["tuned"],
-              "of_ceiling": med["cnncodes"] / med["ceiling"],
-              "memory_ratio": mem[2000]["peak_rss_mib"] / mem[500]["peak_rss_mib"]}
+              "of_ceiling": med["cnncodes-torch"] / med["ceiling"],  # PyTorch's path vs its own ceiling
+              "memory_ratio": mem[2000]["peak_rss_mib"] / mem[500]["peak_rss_mib"],
+              "vs_onnx": med["cnncodes"] / med["onnx"],
+              "vs_torch_runtime": med["cnncodes"] / med["cnncodes-torch"],
+              "of_runtime_ceiling": med["cnncodes"] / med["runtime-ceiling"] if med["runtime-ceiling"]
+              else 0.0}
     met = {k: (v <= TARGETS[k] if k == "memory_ratio" else v >= TARGETS[k]) for k, v in ratios.items()}
     import torch
     result = {
@@ -226,7 +318,7 @@ def main() -> None:
         "settings": {"images": args.images, "batch_size": args.batch_size, "layers": LAYERS,
                      "pooling": "avg", "model": "efficientnet_lite0", "repeats": args.repeats},
         "median_images_per_s": {k: round(v, 2) for k, v in med.items()},
-        "runs": runs, "memory": mem,
+        "runs": runs, "memory": mem, "codes_vs_torch": codes,
         "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets": TARGETS, "met": met,
         "versions": __import__("cnncodes.extractor.provenance", fromlist=["x"]).library_versions(),
         "date": time.strftime("%Y-%m-%d"),
@@ -243,6 +335,7 @@ def main() -> None:
 def markdown(r: dict) -> str:
     m, x, t, ok = r["median_images_per_s"], r["ratios"], r["targets"], r["met"]
     yes = lambda k: "yes" if ok[k] else "**no**"
+    runtime = next((run.get("runtime") for run in r["runs"]["cnncodes"] if run.get("runtime")), "?")
     rows = [
         "| extract, 512 Caltech images, Lite0 `blocks.4`+`blocks.6` | images/s (median of "
         f"{r['settings']['repeats']}) | cnncodes is | target | met |",
@@ -251,13 +344,26 @@ def markdown(r: dict) -> str:
         f"{yes('vs_naive')} |",
         f"| peer `tuned` | {m['tuned']:.1f} | {x['vs_tuned']:.2f}x | >= {t['vs_tuned']}x | "
         f"{yes('vs_tuned')} |",
-        f"| forward-only ceiling | {m['ceiling']:.1f} | {x['of_ceiling']:.2f} of it | >= {t['of_ceiling']} | "
-        f"{yes('of_ceiling')} |",
-        f"| **cnncodes** | **{m['cnncodes']:.1f}** | | | |",
+        f"| peer `onnx` (ONNX Runtime) | {m['onnx']:.1f} | {x['vs_onnx']:.2f}x | >= {t['vs_onnx']}x | "
+        f"{yes('vs_onnx')} |",
+        f"| `cnncodes extract --runtime torch` (PyTorch's forward pass) | {m['cnncodes-torch']:.1f} | "
+        f"{x['vs_torch_runtime']:.2f}x | >= {t['vs_torch_runtime']}x | {yes('vs_torch_runtime')} |",
+        f"| forward-only ceiling, PyTorch | {m['ceiling']:.1f} | `--runtime torch` reaches "
+        f"{x['of_ceiling']:.2f} of it | >= {t['of_ceiling']} | {yes('of_ceiling')} |",
+        f"| forward-only ceiling, {runtime} | {(m['runtime-ceiling'] or 0):.1f} | "
+        f"{x['of_runtime_ceiling']:.2f} of it | >= {t['of_runtime_ceiling']} | {yes('of_runtime_ceiling')} |",
+        f"| **cnncodes** (`--runtime auto`: {runtime}) | **{m['cnncodes']:.1f}** | | | |",
         f"| peak memory, 2,000 vs 500 images | {r['memory'][2000]['peak_rss_mib']:.0f} vs "
         f"{r['memory'][500]['peak_rss_mib']:.0f} MiB | {x['memory_ratio']:.2f}x | <= {t['memory_ratio']}x | "
         f"{yes('memory_ratio')} |",
     ]
+    codes = r.get("codes_vs_torch") or {}
+    if codes:
+        rows += ["", "| codes vs PyTorch's (max difference / layer's max, 512 photos) | "
+                 + " | ".join(f"`{layer}`" for layer in LAYERS) + " |",
+                 "|---|" + "---:|" * len(LAYERS)]
+        rows += [f"| {v['runtime']} | " + " | ".join(f"{v[layer]:.1e}" for layer in LAYERS) + " |"
+                 for v in codes.values()]
     dev = r["machine"]["gpu"] or f"{r['machine']['cpus']}-core CPU"
     return "\n".join(rows) + (f"\n\n({r['device']}: {dev}, {r['date']}; "
                               f"`python benchmarks/extract.py --repeats {r['settings']['repeats']}`)")

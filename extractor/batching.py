@@ -72,8 +72,9 @@ class Encoder:
     Use as a context manager (it holds the forward hooks). Safe to call from several threads.
     """
 
-    def __init__(self, net, taps, pooling, split, dev, prec, micro, dims, np_dtype):
-        self.tapper = Tapper(net, taps, pooling)
+    def __init__(self, net, taps, pooling, split, dev, prec, micro, dims, np_dtype, tapper=None):
+        # ``tapper``: the network on an inference runtime (:mod:`.runtimes`), else PyTorch's hooks
+        self.tapper = tapper if tapper is not None else Tapper(net, taps, pooling)
         self.split, self.dev, self.micro, self.dims, self.np_dtype = split, dev, micro, dims, np_dtype
         self.prec = prec
 
@@ -97,9 +98,10 @@ class Encoder:
             x = x.contiguous(memory_format=torch.channels_last if dev.type in ("cpu", "cuda")
                              else torch.contiguous_format)
             good = np.flatnonzero(ok)
+            normalise = self.split and not getattr(self.tapper, "takes_uint8", False)
             for lo in range(0, len(x), self.micro):
                 part = x[lo:lo + self.micro]
-                if self.split:  # per micro-batch: the float copy is still in cache for the stem
+                if normalise:  # per micro-batch: the float copy is still in cache for the stem
                     part = self.split.batch(part)
                 with autocast(self.prec):
                     feats = self.tapper(part)

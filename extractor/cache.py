@@ -269,7 +269,7 @@ class Cache:
             "schema_version": int(self.attrs["schema_version"]), "model": self.attrs.get("model"),
             "weights": self.attrs.get("weights"), "preprocessing": self.attrs.get("preprocessing"),
             "pooling": self.attrs.get("pooling"), "dtype": self.attrs.get("dtype"),
-            "precision": self.attrs.get("precision"),
+            "precision": self.attrs.get("precision"), "runtime": self.attrs.get("runtime") or "torch",
             "layers": {name: {"dim": int(self._f["codes"][name].shape[1]),
                               **{k: v for k, v in self.layer_attrs(name).items() if k != "dim"}}
                        for name in self.layers},

@@ -12,6 +12,7 @@ from .errors import SettingsError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")  # what runs the network: extractor.runtimes
 
 
 def _mps_available() -> bool:

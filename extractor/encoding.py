@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def backbone_recipe(bb: Backbone, pooling: Pooling, dtype: str, precision: str,
-                    table: ImageTable | None = None) -> Recipe:
+                    table: ImageTable | None = None, runtime: str = "torch") -> Recipe:
     """The :class:`Recipe` of codes that ``bb`` makes with these settings (of ``table``'s images)."""
     return Recipe(bb.name, bb.weights, bb.preprocessing, str(pooling), dtype, precision, bb.input_size,
-                  table.list_fingerprint() if table is not None else None)
+                  table.list_fingerprint() if table is not None else None, runtime)
 
 
 def layer_specs(taps: list[Tap], pooling: Pooling, input_size: int,
@@ -81,23 +81,44 @@ def prepare_model(bb: Backbone, taps: list[Tap], device: torch.device, fold_bn: 
     return model
 
 
+class PreparedNetwork:
+    """The network a run computes with: batch norm folded and on its device (PyTorch), or that
+    network compiled by an inference runtime (:mod:`.runtimes`); ``runtime`` is the label the
+    recipe records."""
+
+    def __init__(self, bb: Backbone, taps: list[Tap], pooling: Pooling, dev, runtime: str = "torch",
+                 strict: bool = False):
+        from .runtimes import compile_taps
+        self.net = prepare_model(bb, taps, dev)
+        self.tapper, self.runtime = None, "torch"
+        if runtime != "torch":
+            self.tapper, self.runtime = compile_taps(runtime, self.net, taps, pooling, bb.input_size, bb.name,
+                                                     max(1, torch.get_num_threads()), strict, bb.split)
+            if self.runtime == "torch":
+                self.tapper = None
+
+
 def make_encoder(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, dev, prec: str,
                  batch_size: int, dims: dict[str, int], dtype: str,
-                 table: ImageTable) -> tuple[Encoder, DecodedImages]:
+                 table: ImageTable, prepared: PreparedNetwork | None = None) -> tuple[Encoder, DecodedImages]:
     """The prepared network as an :class:`Encoder`, and the decoding of ``table``'s images."""
-    net = prepare_model(bb, taps, dev)
-    micro = micro_batch_size(dev, batch_size, probe, taps)
+    prepared = prepared or PreparedNetwork(bb, taps, pooling, dev)
+    # a runtime takes the whole batch: its kernels do not page-fault as PyTorch's large
+    # activations do, so the allocator-friendly micro-batches are PyTorch's alone
+    micro = batch_size if prepared.tapper is not None else micro_batch_size(dev, batch_size, probe, taps)
     split = bb.split  # per-image PIL part in the decoders, float arithmetic per batch in the encoder
     dataset = DecodedImages(table, split.pil if split else bb.transform)
-    return Encoder(net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype)), dataset
+    return Encoder(prepared.net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype),
+                   prepared.tapper), dataset
 
 
 def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str = "auto",
-                  precision: str = "auto", batch_size: int = 32, dtype: str = "float32"):
+                  precision: str = "auto", batch_size: int = 32, dtype: str = "float32",
+                  runtime: str | None = None):
     """Codes of image files in memory, with no cache: ``({layer: N x D}, errors)``.
 
     ``errors[i]`` is "" for an image that decoded, else its error (its codes are zeros). The
-    same decoding, taps, pooling and network preparation as :func:`extract`.
+    same decoding, taps, pooling, network preparation and runtime choice as :func:`extract`.
 
     Examples
     --------
@@ -116,7 +137,11 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
     errors = [""] * len(paths)
     if not paths:
         return out, errors
-    encoder, dataset = make_encoder(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table)
+    from .runtimes import requested, resolve_runtime
+    wanted = resolve_runtime(runtime, dev, prec)
+    prepared = PreparedNetwork(bb, taps, pooling, dev, wanted, strict=requested(runtime) != "auto")
+    encoder, dataset = make_encoder(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table,
+                                    prepared)
     with encoder:
         for rows, _, errs, codes, _ in encoded_batches(encoder, dataset,
                                                     row_blocks(np.arange(len(paths)), batch_size),

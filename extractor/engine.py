@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .batching import encoded_batches, row_blocks
-from .cache import DONE, FAILED, PENDING, create_cache, open_cache
+from .cache import DONE, FAILED, PENDING, create_cache, open_cache, read_attrs
 from .devices import check_dtype, resolve_device, resolve_precision
-from .encoding import backbone_recipe, layer_specs, make_encoder
+from .encoding import PreparedNetwork, backbone_recipe, layer_specs, make_encoder
 from .errors import (
     CacheLockedError,
     CacheWriteError,
@@ -45,6 +45,8 @@ from .plan import ADD_LAYERS, UP_TO_DATE, ExtractionPlan, plan_extraction
 from .pooling import Pooling, parse_pooling
 from .provenance import library_versions
 from .recipe import Recipe
+from .runtimes import RuntimeUnavailableError, label, resolve_runtime, runtime_version
+from .runtimes import requested as requested_runtime
 from .writer import CacheWriter
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class ExtractResult:
     warnings: list[str] = field(default_factory=list)
     setup_seconds: float = 0.0      # finding images, loading weights, probing, BN folding
     skipped: dict[str, int] = field(default_factory=dict)  # entries passed over by the scan, by reason
+    runtime: str = "torch"          # what ran the network: torch, or a runtime and its version
 
     @property
     def images_per_s(self) -> float:
@@ -92,14 +95,15 @@ class ExtractResult:
                 "images_per_s": round(self.images_per_s, 2), "device": self.device,
                 "layers": self.layers, "complete": self.complete,
                 "failures": [{"path": p, "error": e} for p, e in self.failures],
-                "warnings": self.warnings, "skipped": self.skipped}
+                "warnings": self.warnings, "skipped": self.skipped, "runtime": self.runtime}
 
 
 def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None = "DEFAULT",
             layers=("penultimate",), pool: str = "avg", dtype: str = "float32",
             device: str = "auto", precision: str = "auto", batch_size: int = 32,
             workers: int | None = None, strict: bool = False, overwrite: bool = False,
-            allow_overlap: bool = False, progress: bool | None = None) -> ExtractResult:
+            allow_overlap: bool = False, progress: bool | None = None,
+            runtime: str | None = None) -> ExtractResult:
     """Extract CNN codes of one or more layers for every image of ``data`` into an HDF5 cache.
 
     Resumes an interrupted run at the same ``out``; a finished one is left as is ("up to date").
@@ -134,6 +138,12 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         Replace whatever is at ``out`` (a cache of any recipe, or a file that is no cache).
     progress : bool, optional
         Show a progress bar on stderr; default when stderr is a terminal.
+    runtime : {'auto', 'torch', 'openvino', 'onnxruntime'}, optional
+        What runs the network (:mod:`.runtimes`); default ``$CNNCODES_RUNTIME``, else ``auto``:
+        on a CPU at fp32, the fastest
+        installed inference runtime whose codes match PyTorch's on a probe batch (a cache made
+        before keeps its own runtime), else PyTorch; the recipe records the runtime and its
+        version, so a cache is never resumed with another runtime's rows.
 
     Examples
     --------
@@ -157,8 +167,11 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         log.warning("input: %s", table.summary_of_skipped())
     out.parent.mkdir(parents=True, exist_ok=True)
     bb = load_backbone(model, weights)
-    job = _Job(bb, table, backbone_recipe(bb, pooling, dtype, prec, table), pooling, dev, prec, data,
-               batch_size, workers, strict, progress, t_start)
+    cached = _cached_runtime(out) if not overwrite else None
+    wanted = resolve_runtime(runtime, dev, prec, cached)
+    job = _Job(bb, table, backbone_recipe(bb, pooling, dtype, prec, table, wanted), pooling, dev, prec,
+               data, batch_size, workers, strict, progress, t_start,
+               strict_runtime=requested_runtime(runtime) != "auto")
     plan = plan_extraction(out, job.recipe, layers, overwrite=overwrite, table=table)
     if plan.replace or overwrite:  # an interrupted layer addition to the cache being replaced is stale too
         discard_cache(plan.companion)
@@ -168,13 +181,24 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     elif plan.new_layers:
         res = _add_layers(job, plan)
     else:
-        res = _CacheRun(job, out, plan.layers, create=plan.create, replace=plan.replace).run()
+        res = _CacheRun(job, out, plan.layers, create=plan.create, replace=plan.replace,
+                        fallback_ok=True).run()
     if strict and res.failed:  # --strict promises no failed image, also of an earlier run
         with open_cache(out) as c:
             row = int(np.flatnonzero(c.status == FAILED)[0])
             raise ImageDecodeError(f"{c.paths[row]}: {c.errors[row]} ({res.failed} images of {out} failed "
                                    f"to decode; stopped by --strict)")
     return res
+
+
+def _cached_runtime(out: Path) -> str | None:
+    """The runtime an existing cache at ``out`` was made with (None: no readable cache)."""
+    if not out.exists():
+        return None
+    try:
+        return Recipe.from_attrs(read_attrs(out)).runtime
+    except CnnCodesError:
+        return None
 
 
 def default_cache_path(data: str | os.PathLike, model: str) -> Path:
@@ -199,6 +223,7 @@ class _Job:
     strict: bool
     progress: bool | None
     t_start: float = field(default_factory=time.perf_counter)
+    strict_runtime: bool = False  # the runtime was named: no fallback to PyTorch
 
     @functools.cached_property
     def probe(self) -> Probe:  # a forward pass at the input size: only when a run needs it
@@ -217,7 +242,7 @@ class _Job:
                              int((status == FAILED).sum()), int((status == PENDING).sum()), processed, loop,
                              str(self.dev), layers, list(run.failures) if run else [],
                              list(self.bb.warnings) + skipped, time.perf_counter() - self.t_start - loop,
-                             {k: len(v) for k, v in self.table.skipped.items()})
+                             {k: len(v) for k, v in self.table.skipped.items()}, self.recipe.runtime)
 
 
 class _CacheRun:
@@ -227,13 +252,48 @@ class _CacheRun:
     interruption.
     """
 
-    def __init__(self, job: _Job, path: Path, layers, create: bool, replace: bool = False):
+    def __init__(self, job: _Job, path: Path, layers, create: bool, replace: bool = False,
+                 fallback_ok: bool = False, owner: Path | None = None):
         self.job, self.path, self.create, self.replace = job, path, create, replace
+        self.owner = owner or path  # the cache a person named (a companion's is the cache it extends)
+        self.fallback_ok = fallback_ok and create  # a new cache (not a companion) may record PyTorch
         self.taps = job.probe.resolve(list(layers))
         self.specs = layer_specs(self.taps, job.pooling, job.bb.input_size, job.probe)
         self.processed, self.failures, self.loop_seconds = 0, [], 0.0
         if not create:
             self._check_modules()
+        self.prepared = None
+
+    def _prepare(self) -> PreparedNetwork:
+        """The network, compiled by the recipe's runtime: for a new cache before its file is
+        written (an ``auto`` runtime that falls back to PyTorch is recorded as PyTorch), for an
+        existing one when it has rows to compute, which only the runtime that made the cache
+        may compute."""
+        job = self.job
+        if self.prepared is None:
+            wanted = job.recipe.runtime
+            if self.fallback_ok:
+                self.prepared = PreparedNetwork(job.bb, self.taps, job.pooling, job.dev, wanted,
+                                                job.strict_runtime)
+                job.recipe = job.recipe.replace(runtime=self.prepared.runtime)
+                return self.prepared
+            name = wanted.split()[0]
+            installed = label(name) if name == "torch" or runtime_version(name) else "not installed"
+            why = f"{name} here is {installed}" if installed != wanted else ""
+            if not why:
+                try:
+                    self.prepared = PreparedNetwork(job.bb, self.taps, job.pooling, job.dev, wanted,
+                                                    strict=True)
+                except RuntimeUnavailableError as e:
+                    why = str(e)
+            if why:
+                fix = f"Install it (pip install '{name}=={wanted.split()[1]}') to continue the cache, " \
+                    f"pass" if " " in wanted else "Pass"
+                raise IncompatibleCacheError(
+                    f"{self.owner} holds codes computed by {wanted}, which cannot compute its missing rows "
+                    f"({why}).", path=self.owner, reasons=[f"runtime: {wanted} cannot run"],
+                    remedy=f"{fix} --overwrite to extract it anew, or choose another --out.")
+        return self.prepared
 
     def _check_modules(self) -> None:
         """A resumed cache's layers must come from the modules they were read from: a name
@@ -277,6 +337,8 @@ class _CacheRun:
 
     def _run(self) -> ExtractResult:
         job = self.job
+        if self.create and len(job.table):  # before the file: its recipe records the runtime that runs
+            self._prepare()
         with CacheWriter(self.path, create=self._create_file if self.create else None) as writer:
             state = "created" if self.create else "resumed"
             try:
@@ -302,8 +364,8 @@ class _CacheRun:
     def _encode_into(self, writer: CacheWriter, pending: np.ndarray) -> None:
         job = self.job
         encoder, dataset = make_encoder(job.bb, job.probe, self.taps, job.pooling, job.dev, job.prec,
-                                     job.batch_size,
-                                     self.dims, job.recipe.dtype, job.table)
+                                        job.batch_size, self.dims, job.recipe.dtype, job.table,
+                                        self._prepare())
         t0 = time.perf_counter()
         try:
             with _BackgroundWriter(writer) as background, _Progress(len(pending), job.progress) as bar, \
@@ -431,7 +493,7 @@ def _add_layers(job: _Job, plan: ExtractionPlan) -> ExtractResult:
         with open_cache(part.path) as c:
             res = job.result(part.path, c.status, "layers added", {})
     else:
-        res = _CacheRun(job, part.path, part.layers, create=part.create).run()
+        res = _CacheRun(job, part.path, part.layers, create=part.create, owner=plan.path).run()
     with CacheWriter(plan.path) as writer:
         writer.add_layers_from(part.path)
         writer.commit()

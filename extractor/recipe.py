@@ -80,6 +80,9 @@ class Recipe:
         Side of the square network input.
     image_fingerprint : str, optional
         Of the image list the codes belong to (a cache's); None for a recipe without images.
+    runtime : str
+        What ran the network: ``torch``, or an inference runtime and its version
+        (``openvino 2026.4.1``); caches written before runtimes existed are ``torch``'s.
     """
 
     model: str
@@ -90,10 +93,12 @@ class Recipe:
     precision: str = "fp32"
     input_size: int | None = None
     image_fingerprint: str | None = field(default=None, compare=True)
+    runtime: str = "torch"
 
-    # What must be equal for codes to be interchangeable: a cache that is resumed or extended.
+    # What must be equal for codes to be interchangeable: a cache that is resumed or extended
+    # (the runtime too: rows of one cache are one runtime's, bitwise reproducible).
     CACHE_KEYS = ("model", "weights_sha256", "preprocessing", "pooling", "dtype", "precision",
-                  "image_fingerprint")
+                  "image_fingerprint", "runtime")
     # What a trained classifier needs of its inputs (storage type and autocast aside).
     FEATURE_KEYS = ("model", "weights_sha256", "preprocessing", "pooling")
     # What decides a fit's inputs in a sweep (the layer's module is added by the caller).
@@ -108,7 +113,7 @@ class Recipe:
         out = {"model": self.model, "weights": dict(self.weights or {}),
                "weights_sha256": self.weights_sha256,
                "preprocessing": self.preprocessing, "pooling": self.pooling, "dtype": self.dtype,
-               "precision": self.precision, "input_size": self.input_size}
+               "precision": self.precision, "input_size": self.input_size, "runtime": self.runtime}
         if self.image_fingerprint is not None:
             out["image_fingerprint"] = self.image_fingerprint
         return out
@@ -124,7 +129,7 @@ class Recipe:
         return cls(model=attrs.get("model"), weights=weights, preprocessing=attrs.get("preprocessing"),
                    pooling=attrs.get("pooling", "avg"), dtype=attrs.get("dtype", "float32"),
                    precision=attrs.get("precision", "fp32"), input_size=None if size is None else int(size),
-                   image_fingerprint=attrs.get("image_fingerprint"))
+                   image_fingerprint=attrs.get("image_fingerprint"), runtime=attrs.get("runtime") or "torch")
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)

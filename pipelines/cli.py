@@ -14,7 +14,7 @@ import sys
 import click
 
 # Plain name lists (torch-free), shared with the library's own validation.
-from cnncodes.extractor.devices import DEVICES, DTYPES, PRECISIONS
+from cnncodes.extractor.devices import DEVICES, DTYPES, PRECISIONS, RUNTIMES
 from cnncodes.extractor.errors import CnnCodesError
 
 EXIT_INTERRUPTED = 130
@@ -73,6 +73,12 @@ def _go_offline(ctx, param, value):
         os.environ["CNNCODES_OFFLINE"] = "1"
     return value
 
+
+_RUNTIME = click.option(
+    "--runtime", type=click.Choice(RUNTIMES), default=None,
+    help="What runs the network on a CPU: auto = OpenVINO, else ONNX Runtime when installed and its "
+         "codes match PyTorch's (a cache keeps the runtime it was made with), else PyTorch. "
+         "[default: $CNNCODES_RUNTIME, else auto]")
 
 _OFFLINE = click.option("--offline", is_flag=True, expose_value=False, callback=_go_offline, is_eager=True,
                         help="Never touch the network (as CNNCODES_OFFLINE=1): missing weights fail at once.")
@@ -243,6 +249,7 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True, help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
+@_RUNTIME
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
               help="Decoding worker processes [default: 0 on a CPU (one thread per core decodes a "
@@ -254,7 +261,7 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
-def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precision, batch_size,
+def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precision, runtime, batch_size,
                 workers, strict, overwrite, allow_overlap, quiet, as_json) -> None:
     """Extract CNN codes of one or more layers for every image of DATA into an HDF5 cache.
 
@@ -278,7 +285,7 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
         r = extract(data, out, model=model, weights=weights, layers=layers, pool=pool, dtype=dtype,
                     device=device, precision=precision, batch_size=batch_size, workers=workers,
                     strict=strict, overwrite=overwrite, allow_overlap=allow_overlap,
-                    progress=False if quiet else None)
+                    progress=False if quiet else None, runtime=runtime)
     except ExtractionInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -295,7 +302,7 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
     else:
         click.echo(f"{r.path}: {r.state}, {r.done}/{r.images} images done, {r.failed} failed; "
                    f"{r.processed} processed in {r.seconds:.1f}s ({r.images_per_s:.1f} img/s on "
-                   f"{r.device}); layers {dims}")
+                   f"{r.device}, {r.runtime}); layers {dims}")
 
 
 @cli.command("info")
@@ -329,7 +336,8 @@ def info_cmd(cache: str, check: bool, as_json: bool) -> None:
                + (f" (sha256 {weights['sha256'][:12]})" if weights.get('sha256') else ""))
     click.echo(f"  preprocessing resize {pre.get('resize')} {pre.get('interpolation')}, "
                f"crop {pre.get('crop')}, mean {pre.get('mean')}, std {pre.get('std')}")
-    click.echo(f"  pooling       {s['pooling']}, {s['dtype']}, precision {s['precision']}")
+    click.echo(f"  pooling       {s['pooling']}, {s['dtype']}, precision {s['precision']}, "
+               f"runtime {s.get('runtime') or 'torch'}")
     click.echo(f"  images        {s['images']}: {s['done']} done, {s['failed']} failed, "
                f"{s['pending']} pending; "
                f"{s['classes']} classes; splits " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
@@ -571,10 +579,11 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
               help="Without a test split: keep this stratified share as the test.")
 @click.option("--pool", default="avg", show_default=True, callback=_POOL,
               help="Pooling of feature maps and token layers, as for extract (cls, mean, cls+mean ...).")
+@_RUNTIME
 @_sweep_options
 @_fail_cleanly
 def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, prescreen, holdout, pool,
-              c_grid, folds, seed, norm, solver, device, batch_size, quiet, as_json) -> None:
+              runtime, c_grid, folds, seed, norm, solver, device, batch_size, quiet, as_json) -> None:
     """Which layer should the classifier read? Depth vs accuracy across layers and backbones.
 
     Extracts every requested layer in one forward pass per backbone (an existing cache gains
@@ -592,7 +601,7 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
     result = sweep(data, list(models), layers, [c.strip() for c in classifiers.split(",") if c.strip()],
                weights=list(weights), cache=cache, report=report_dir, c_grid=c_grid, folds=folds, seed=seed,
                norm=norm, solver=solver, holdout=holdout, prescreen=prescreen, pool=pool,
-               batch_size=batch_size, device=device, progress=False if quiet else None)
+               batch_size=batch_size, device=device, progress=False if quiet else None, runtime=runtime)
     _print_sweep(result, as_json=as_json)
 
 
@@ -753,10 +762,11 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
               help="Epochs of the unfrozen stage.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Report folder [default: reports/compare-<data>-<model>].")
+@_RUNTIME
 @_train_options
 @_fail_cleanly
-def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, report_dir, quiet, as_json,
-                **kw) -> None:
+def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, report_dir, runtime, quiet,
+                as_json, **kw) -> None:
     """Linear probe vs fine-tuning the top stage vs fine-tuning everything vs from scratch.
 
     Runs the strategies on the same splits and seed, and writes index.html, compare.md/.csv/.json
@@ -775,7 +785,7 @@ def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, repo
     result = compare(data, model, weights=weights, layer=layer, sweep_report=sweep_report, out=report_dir,
                      head_epochs=head_epochs, epochs=epochs,
                      strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-                     config=_config(data, "", **kw), progress=not quiet)
+                     config=_config(data, "", **kw), progress=not quiet, runtime=runtime)
     if as_json:
         _echo_json({"rows": json.loads(result.table.to_json(orient="records")),
                     "conclusion": result.conclusion, "files": result.files, "seconds": result.seconds})
@@ -821,9 +831,10 @@ def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write CSV here instead of stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@_RUNTIME
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @_fail_cleanly
-def predict_cmd(model_file, paths, out, overwrite, device, batch_size) -> None:
+def predict_cmd(model_file, paths, out, overwrite, device, runtime, batch_size) -> None:
     """Classify image files or folders with a saved model, extracting codes with its own recipe.
 
     Prints (or writes) CSV: path, label, score (probability for softmax, decision score for SVM)
@@ -842,7 +853,7 @@ def predict_cmd(model_file, paths, out, overwrite, device, batch_size) -> None:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
     if out:
         check_writable(out)  # before the extraction, not after it
-    rows = predict_images(model_file, paths, batch_size=batch_size, device=device)
+    rows = predict_images(model_file, paths, batch_size=batch_size, device=device, runtime=runtime)
 
     def write(fh):
         w = csv.writer(fh)

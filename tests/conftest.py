@@ -1,12 +1,18 @@
 """Shared fixtures: small generated image folders, fixed-weight tiny-ish models, shared data."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# PyTorch runs the network unless a test asks for a runtime (tests/test_runtimes.py): the suite
+# pins PyTorch's own codes, and an export per extraction would slow it down. Set for the whole
+# session (module-scoped fixtures extract before any function-scoped monkeypatch applies).
+os.environ["CNNCODES_RUNTIME"] = "torch"
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CALTECH = SHARED / "datasets" / "caltech101-mini"
@@ -39,6 +45,15 @@ def image_folder(tmp_path) -> Path:
         for i in range(4):
             write_image(root / cls / f"{i}.png", seed=10 * c + i)
     return root
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """root/<class>/<img>: 2 classes x 6 images, 48x40 px PNGs (enough rows for 2-fold CV)."""
+    for c, cls in enumerate(["a", "b"]):
+        for i in range(6):
+            write_image(tmp_path / "imgs" / cls / f"{i}.png", seed=100 * c + i, size=(48, 40))
+    return tmp_path / "imgs"
 
 
 @pytest.fixture

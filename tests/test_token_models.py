@@ -215,13 +215,6 @@ def test_no_module_after_the_deepest_token_tap_runs():
 
 # --- the cache, the command line, a sweep ------------------------------------------------------------
 
-@pytest.fixture
-def photos(tmp_path):
-    for c, cls in enumerate(["a", "b"]):
-        for i in range(6):
-            write_image(tmp_path / "imgs" / cls / f"{i}.png", seed=100 * c + i, size=(48, 40))
-    return tmp_path / "imgs"
-
 
 def test_cache_records_kind_tokens_and_pooling_and_resumes(photos, tmp_path):
     out = tmp_path / "c.h5"

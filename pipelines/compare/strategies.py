@@ -58,7 +58,7 @@ def _top_stage(model: str) -> str:
     return max(a for a in aliases if a.startswith("stage"))
 
 
-def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress) -> dict:
+def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress, runtime: str | None = None) -> dict:
     from cnncodes.extractor import extract
 
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
@@ -66,7 +66,7 @@ def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress) -> dict:
     t0 = time.perf_counter()
     try:
         ex = extract(data, out / "codes.h5", model=cfg.model, weights=cfg.weights, layers=[layer],
-                     device=cfg.device, batch_size=cfg.batch_size, progress=progress)
+                     device=cfg.device, batch_size=cfg.batch_size, progress=progress, runtime=runtime)
     except IncompatibleCacheError as e:
         raise e.with_remedy(f"Delete {e.path} (compare made it) or choose another --report.") from None
     codes = load_codes(ex.path, layer)
@@ -111,7 +111,7 @@ def _plans(base: FinetuneConfig, top: str, head_epochs: int, epochs: int) -> dic
 
 
 def _strategy_row(strategy: str, data, out: Path, base: FinetuneConfig, fingerprint: str, layer: str,
-                  plans: dict, progress) -> dict:
+                  plans: dict, progress, runtime: str | None = None) -> dict:
     """One strategy's row: read back when it was finished under the same settings, else run."""
     settings = {"data": str(data), "model": base.model, "weights": base.weights, "seed": base.seed,
                 "fingerprint": fingerprint}
@@ -125,7 +125,7 @@ def _strategy_row(strategy: str, data, out: Path, base: FinetuneConfig, fingerpr
     record = read_record(path, key)
     if record is None:
         log.info("compare: %s", strategy)
-        row = (_probe(data, out, base, layer, progress) if strategy == "probe"
+        row = (_probe(data, out, base, layer, progress, runtime) if strategy == "probe"
                else _finetune_row(strategy, cfg, what, progress))
         record = write_record(path, key, indent=2, row=row)
     return record["row"]
@@ -134,7 +134,7 @@ def _strategy_row(strategy: str, data, out: Path, base: FinetuneConfig, fingerpr
 def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer: str | None = None,
             sweep_report=None, out=None, head_epochs: int = 2, epochs: int = 3,
             strategies=STRATEGIES, config: FinetuneConfig | None = None,
-            progress: bool | None = None) -> CompareResult:
+            progress: bool | None = None, runtime: str | None = None) -> CompareResult:
     """Run the strategies and write the report.
 
     ``config`` carries the fine-tuning settings (learning rates, batch size, seed, ...); its
@@ -161,7 +161,7 @@ def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer
     (out / "strategies").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     fingerprint = splits.table.fingerprint()
-    df = pd.DataFrame([_strategy_row(s, data, out, base, fingerprint, layer, plans, progress)
+    df = pd.DataFrame([_strategy_row(s, data, out, base, fingerprint, layer, plans, progress, runtime)
                        for s in strategies])
     for c in COLUMNS:
         if c not in df:

@@ -71,7 +71,7 @@ def gather_images(inputs) -> list[Path]:
 
 
 def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size: int = 32,
-                   device: str = "auto") -> list[Prediction]:
+                   device: str = "auto", runtime: str | None = None) -> list[Prediction]:
     """Extract codes of new images with the model's own recipe and classify them.
 
     An image that cannot be decoded is a row with its error, not an exception.
@@ -91,7 +91,8 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
         raise IncompatibleCacheError(f"the backbone cnncodes builds for {m.path} "
                                      f"is not the one it was trained "
                                      f"on: " + "; ".join(diffs) + ".")
-    codes, errors = encode_images(bb, files, [m.layer], trained.pooling, device=device, batch_size=batch_size)
+    codes, errors = encode_images(bb, files, [m.layer], trained.pooling, device=device, batch_size=batch_size,
+                                  runtime=runtime)
     X = codes[m.layer]
     ok = np.array([not e for e in errors])
     out = [Prediction(str(f), None, None, e) for f, e in zip(files, errors)]

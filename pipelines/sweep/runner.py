@@ -77,7 +77,7 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
           weights="DEFAULT", cache=None, report=None, c_grid=None, folds: int = 5,
           seed: int = 0, norm: str = "standard", solver: str = "auto", holdout: float | None = None,
           prescreen: int | None = None, pool: str = "avg", batch_size: int = 32, device: str = "auto",
-          progress: bool | None = None) -> SweepResult:
+          progress: bool | None = None, runtime: str | None = None) -> SweepResult:
     """Extract, score and cross-validate every layer of every backbone; write the report.
 
     Parameters
@@ -117,7 +117,7 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
     settings = SweepSettings.from_arguments(
         data, models, layers, classifiers, weights=weights, cache=cache, report=report, c_grid=c_grid,
         progress=progress, folds=folds, seed=seed, norm=norm, solver=solver, holdout=holdout,
-        prescreen=prescreen, pool=pool, batch_size=batch_size, device=device)
+        prescreen=prescreen, pool=pool, batch_size=batch_size, device=device, runtime=runtime)
     return run_sweep(settings, t0)
 
 
@@ -150,7 +150,8 @@ def _extract_backbone(settings: SweepSettings, model: str, weights) -> tuple[dic
     log.info("extracting %s of %s into %s", ", ".join(names), model, path)
     try:
         ext = extract(settings.data, path, model=model, weights=weights, layers=names, pool=settings.pool,
-                      batch_size=settings.batch_size, device=settings.device, progress=settings.progress)
+                      batch_size=settings.batch_size, device=settings.device, progress=settings.progress,
+                      runtime=settings.runtime)
     except IncompatibleCacheError as e:  # sweep has no --overwrite or --out: name what it has
         raise e.with_remedy(f"Give sweep another --cache, or delete {e.path}.") from None
     codes = {name: load_codes(path, name) for name in names}

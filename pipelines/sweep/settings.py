@@ -48,7 +48,7 @@ class SweepSettings:
         As for :func:`~cnncodes.pipelines.probes.classifiers.fit_linear_probe`.
     prescreen : int, optional
         Cross-validate only the ``prescreen`` best layers by LogME of each backbone.
-    pool, batch_size, device
+    pool, batch_size, device, runtime
         As for :func:`~cnncodes.extractor.extract`.
     progress : bool
         Whether progress bars are shown.
@@ -72,6 +72,7 @@ class SweepSettings:
     batch_size: int = 32
     device: str = "auto"
     progress: bool = False
+    runtime: str | None = None
 
     @classmethod
     def from_arguments(cls, data, models=None, layers="all-stages",
@@ -80,7 +81,7 @@ class SweepSettings:
         """Check and normalise the arguments of :func:`~.runner.sweep`; ``models`` defaults to
         the embedded default backbone; ``options`` are the remaining keywords (``folds``,
         ``seed``, ``norm``, ``solver``, ``holdout``, ``prescreen``, ``pool``, ``batch_size``,
-        ``device``), kept as given.
+        ``device``, ``runtime``), kept as given.
 
         Raises
         ------
