@@ -182,7 +182,7 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def load_backbone(name: str = DEFAULT_MODEL, weights: str | None = "DEFAULT") -> Backbone:
+def load_backbone(name: str = DEFAULT_MODEL, weights: str | None = "DEFAULT", seed: int = 0) -> Backbone:
     """Build a model with its weights and preprocessing, without touching the network.
 
     Parameters
@@ -193,6 +193,10 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | None = "DEFAULT") ->
     weights : str or None
         ``DEFAULT``, a torchvision enum member name, a path to a state dict / checkpoint, or
         ``none`` (random initialisation; ``None`` means the same).
+    seed : int
+        Of the random initialisation under ``none``: the same network in every process (so a
+        cache of random codes resumes and extends with the same network), drawn from a forked
+        generator that leaves torch's global one as it was.
 
     Examples
     --------
@@ -201,6 +205,23 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | None = "DEFAULT") ->
     (224, 'none')
     """
     weights = "none" if weights is None else str(weights)
+    random = weights.lower() == "none"
+    with torch.random.fork_rng(devices=[], enabled=random):
+        if random:
+            torch.manual_seed(seed)
+        bb = _build(name, weights)
+    if random:
+        bb.weights["seed"] = seed
+    bb.model.eval()
+    if bb.weights["name"] != "none":
+        msg = untrained_warning(bb.model)
+        if msg:
+            bb.warnings.append(f"{name} with weights {bb.weights['name']}: {msg}")
+            log.warning(bb.warnings[-1])
+    return bb
+
+
+def _build(name: str, weights: str) -> Backbone:
     if name in EMBEDDED:
         bb = _embedded(name, weights)
     elif name.startswith("timm:"):
@@ -214,12 +235,6 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | None = "DEFAULT") ->
         raise ModelNotFoundError(
             f"'{name}' is not a known model.{hint} Run 'cnncodes list-models'; "
             f"timm architectures are named 'timm:<name>'.")
-    bb.model.eval()
-    if bb.weights["name"] != "none":
-        msg = untrained_warning(bb.model)
-        if msg:
-            bb.warnings.append(f"{name} with weights {bb.weights['name']}: {msg}")
-            log.warning(bb.warnings[-1])
     return bb
 
 

@@ -21,11 +21,13 @@ decodes while the other computes and the runtime's threads never fight the decod
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import queue
+import sys
 import warnings
 from pathlib import Path
 
@@ -86,7 +88,8 @@ def resolve_runtime(runtime: str | None, dev: torch.device, precision: str,
     """
     want = requested(runtime)
     if want not in RUNTIMES:
-        raise RuntimeUnavailableError(f"--runtime must be one of {', '.join(RUNTIMES)}, not '{want}'.")
+        where = "--runtime" if runtime else "CNNCODES_RUNTIME (the default of --runtime)"
+        raise RuntimeUnavailableError(f"{where} must be one of {', '.join(RUNTIMES)}, not '{want}'.")
     if want == "torch":
         return "torch"
     if want != "auto":
@@ -166,7 +169,7 @@ def export_onnx(net: torch.nn.Module, taps: list[Tap], pooling: Pooling, input_s
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8) if split is not None else \
         torch.zeros(2, 3, input_size, input_size)
-    with atomic_write(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+    with atomic_write(path) as tmp, torch.no_grad(), warnings.catch_warnings(), _no_stdout():
         warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in hooks
         # TorchScript tracing (dynamo=False): it follows the forward hooks and the exception
         # that stops the pass, which torch.export's graph capture does not.
@@ -175,6 +178,28 @@ def export_onnx(net: torch.nn.Module, taps: list[Tap], pooling: Pooling, input_s
                           dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
     log.info("exported the tapped network of %s to %s", model, path)
     return path
+
+
+@contextlib.contextmanager
+def _no_stdout():
+    """File descriptor 1 to /dev/null for the export: the TorchScript exporter writes its whole
+    IR graph to stdout when it fails (its log switch is always on in torch 2.x:
+    ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled``, not its result),
+    and a command printing ``--json`` must not get it. The failure itself is reported as one
+    line by :func:`compile_taps`."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no file descriptor 1 to redirect
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class RuntimeTaps:
@@ -232,12 +257,18 @@ class RuntimeTaps:
             else:
                 outs = self._session.run([f"tap{i}" for i in range(len(self.names))], {"x": a})
         except Exception as e:  # noqa: BLE001 - the runtimes' own error types: one line, not a traceback
-            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise RuntimeUnavailableError(f"{self.label} failed on a batch of {len(a)}: {why}") from None
+            raise RuntimeUnavailableError(f"{self.label} failed on a batch of {len(a)}: "
+                                          f"{_one_line(e)}") from None
         if len(outs) != len(self.names):
             raise RuntimeUnavailableError(f"{self.label} returned {len(outs)} outputs for "
                                           f"{len(self.names)} taps")
         return {n: torch.from_numpy(o) for n, o in zip(self.names, outs)}
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    """An exception as one line for people: its first line, shortened with an ellipsis."""
+    text = str(e).strip().splitlines()[0].strip() if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
 def differences(rt, net: torch.nn.Module, taps: list[Tap], pooling: Pooling, x: torch.Tensor,
@@ -294,7 +325,7 @@ def compile_taps(runtime: str, net: torch.nn.Module, taps: list[Tap], pooling: P
         log.info("%s runs %s (codes within %.1e of PyTorch's)", rt.label, model, diffs[worst])
         return rt, rt.label
     except Exception as e:  # noqa: BLE001 - export and compilers fail in many ways; each is one line
-        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        why = _one_line(e)
         if strict:
             raise RuntimeUnavailableError(f"--runtime {name} cannot run {model}: {why}") from None
         log.warning("runtime %s cannot run %s (%s): running it with PyTorch", name, model, why)

@@ -223,7 +223,8 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
         click.echo(f"({len(layers) - len(shown)} inner modules hidden; --all shows them)")
     click.echo("\naliases:")
     for a, l in named.items():
-        click.echo(f"  {a:<12} -> {l.name} ({l.layout.describe()})")
+        what = f"input of {l.name}" if a == "penultimate" else l.name  # the head's row shows its output
+        click.echo(f"  {a:<12} -> {what} ({l.layout.describe()})")
     if blocks:
         first, last = next(iter(blocks.values())), list(blocks.values())[-1]
         click.echo(f"  {'block:K':<12} -> block:0 = {first.name} .. block:{len(blocks) - 1} = block:-1 = "

@@ -100,3 +100,17 @@ def test_split_transform_is_bitwise_the_weights_own(name, weights):
     import pickle  # DataLoader workers started by spawn (macOS) receive it pickled
     again = pickle.loads(pickle.dumps(bb.split))
     assert torch.equal(ref, torch.stack([again(i) for i in imgs]))
+
+
+def test_random_weights_are_the_same_network_in_every_call_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_backbone("timm:test_resnet", "none")
+    b = load_backbone("timm:test_resnet", "none")
+    assert torch.rand(1) == before                       # the global generator did not move
+    same = lambda m, n: all(torch.equal(x, y) for x, y in zip(m.model.state_dict().values(),
+                                                              n.model.state_dict().values()))
+    assert same(a, b)
+    c = load_backbone("timm:test_resnet", "none", seed=1)
+    assert not same(a, c) and a.weights["seed"] == 0

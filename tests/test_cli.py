@@ -67,7 +67,7 @@ def test_missing_data_and_foreign_output(run, image_folder, tmp_path):
 
 def test_list_layers_and_models(run):
     r = run("list-layers", "--model", "resnet18")
-    assert r.exit_code == 0 and "layer3" in r.output and "penultimate  -> fc (512)" in r.output
+    assert r.exit_code == 0 and "layer3" in r.output and "penultimate  -> input of fc (512)" in r.output
     layers = json.loads(run("list-layers", "--model", "resnet18", "--json").output)
     assert layers["aliases"]["stage4"] == "layer3"
     models = {m["name"]: m for m in json.loads(run("list-models", "--json").output)}

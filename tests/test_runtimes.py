@@ -236,3 +236,12 @@ def test_predict_and_sweep_take_the_runtime(photos, tmp_path):
     r = run("predict", "--model", tmp_path / "svm.joblib", photos / "a", "--runtime", RUNTIMES[0])
     assert r.exit_code == 0, r.output
     assert len(r.stdout.strip().splitlines()) == 7
+
+
+@needs_runtime
+def test_a_failed_export_writes_nothing_to_stdout(photos, tmp_path, capfd):
+    # adaptive pooling to 3x3 of a 10x10 grid has no ONNX form: auto falls back to PyTorch
+    r = extract(photos, tmp_path / "c.h5", model="timm:test_vit", weights="none", layers=["stage2"],
+                pool="grid:3", runtime="auto", progress=False)
+    out, err = capfd.readouterr()
+    assert r.runtime == "torch" and out == "" and "Torch IR graph" not in err

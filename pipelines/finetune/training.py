@@ -111,7 +111,7 @@ class _Run(Passes):
         self.prec = resolve_precision(cfg.precision, self.dev)
         self.splits = make_splits(cfg.data, cfg.val_fraction, cfg.seed)
         torch.manual_seed(cfg.seed)  # random initialisation (from scratch) and the new head
-        self.bb = load_backbone(cfg.model, "none" if cfg.from_scratch else cfg.weights)
+        self.bb = load_backbone(cfg.model, "none" if cfg.from_scratch else cfg.weights, seed=cfg.seed)
         self.probe = Probe(self.bb.model, self.bb.input_size, cfg.model)
         self.stages = resolve_stages(self.probe, parse_stages(cfg.stages))
         self.model = self.bb.model
