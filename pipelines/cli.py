@@ -294,6 +294,10 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
         click.echo(f"failed: {path}: {err}", err=True)
     if len(r.failures) > 10:
         click.echo(f"... and {len(r.failures) - 10} more failed images (see /images/error)", err=True)
+    if r.images and not r.done and r.failed == r.images:  # nothing to learn from: a script must see it
+        first = f" (first: {r.failures[0][0]}: {r.failures[0][1]})" if r.failures else ""
+        raise click.ClickException(f"none of the {r.images} images of {data} could be decoded{first}; "
+                                   f"{r.path} records each one's error.")
     if as_json:
         _echo_json(r.as_dict())
         return

@@ -80,3 +80,14 @@ def test_sample_data_digits(run, tmp_path):
     assert len(list((tmp_path / "d").glob("*/*/*.png"))) == 1797
     assert sorted(p.name for p in (tmp_path / "d" / "train").iterdir()) == [str(i) for i in range(10)]
     assert "already there" in run("sample-data", "digits", tmp_path / "d").output
+
+
+def test_extract_exits_non_zero_when_no_image_decodes(tmp_path):
+    bad = tmp_path / "bad" / "x"
+    bad.mkdir(parents=True)
+    for i in range(2):
+        (bad / f"{i}.png").write_bytes(b"not a png")
+    r = CliRunner().invoke(cli, ["extract", str(tmp_path / "bad"), "-m", "timm:test_resnet", "-w", "none",
+                                 "-o", str(tmp_path / "c.h5"), "-q"])
+    assert r.exit_code == 1 and "none of the 2 images" in r.output and "Traceback" not in r.output
+    assert (tmp_path / "c.h5").exists()   # the failures are recorded, as for any failed image
