@@ -284,16 +284,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _heads(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The classifier's Linear modules: timm's ``get_classifier()`` (both heads of a distilled
     DeiT), else the last ``Linear``."""
-    get = getattr(model, "get_classifier", None)
-    try:
-        own = get() if callable(get) else None
-    except Exception:  # noqa: BLE001 - a model's own method; without an answer the last Linear is it
-        own = None
-    own = own if isinstance(own, (tuple, list)) else (own,)
-    ids = {id(m) for m in own if isinstance(m, nn.Linear)}
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    named = [(n, m) for n, m in linears if id(m) in ids]
-    return named or linears[-1:]
+    from .layers import own_classifiers
+    named = [(n, m) for n, m in own_classifiers(model) if isinstance(m, nn.Linear)]
+    return named or [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
 
 
 def timm_filter(model: nn.Module) -> Callable | None:

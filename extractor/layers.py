@@ -104,18 +104,19 @@ def _first_tensor(out):
     return None
 
 
-def _classifier_module(model: nn.Module) -> nn.Module | None:
-    """timm's own answer to "which module is the classifier": a Linear (the CLS head of a
-    distilled DeiT, whose ``get_classifier`` also returns the distillation head), or the
-    Identity of a model built without classes (MIM-pretrained EVA-02), whose input is then the
-    pre-logits features all the same."""
+def own_classifiers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm's own answer to "which modules are the classifier" (``get_classifier()``), as
+    ``(name, module)`` in its order: a distilled DeiT's CLS head, then its distillation head; the
+    Identity of a model built without classes (MIM-pretrained EVA-02). Empty for other models.
+    """
     get = getattr(model, "get_classifier", None)
     try:
-        c = get() if callable(get) else None
-    except Exception:  # noqa: BLE001 - a model's own method; without an answer the last Linear is it
-        return None
-    c = c[0] if isinstance(c, (tuple, list)) and c else c
-    return c if isinstance(c, (nn.Linear, nn.Identity)) else None
+        heads = get() if callable(get) else ()
+    except Exception:  # noqa: BLE001 - a model's own method; without an answer there is none
+        return []
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(h)], h) for h in heads if isinstance(h, (nn.Linear, nn.Identity)) and id(h) in names]
 
 
 class Probe:
@@ -164,7 +165,9 @@ class Probe:
                 handles.append(module.register_forward_hook(hook(name)))
         was_training = model.training
         model.eval()
-        own = _classifier_module(model)
+        # the first of timm's heads (the CLS head of a distilled DeiT, or the Identity of a model
+        # without classes, whose input is the pre-logits features all the same)
+        own = next((m for _, m in own_classifiers(model)), None)
         # Parameters that require grad make the FLOP counter's module tracker hook autograd on
         # module inputs built from them (CaiT's and PiT's class tokens), which fails in
         # inference mode: the probe needs no grad. (So no other thread may train the model

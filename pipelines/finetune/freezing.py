@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from cnncodes.extractor.errors import CnnCodesError, LayerNotFoundError
-from cnncodes.extractor.layers import ALIASES, Probe, is_alias
+from cnncodes.extractor.layers import ALIASES, Probe, is_alias, own_classifiers
 
 
 class FinetuneError(CnnCodesError, ValueError):
@@ -129,14 +129,7 @@ def replace_head(model: nn.Module, probe: Probe, num_classes: int) -> tuple[str,
 
 def classifier_names(model: nn.Module) -> tuple[str, ...]:
     """The module names of timm's ``get_classifier()`` Linear heads (none for other models)."""
-    get = getattr(model, "get_classifier", None)
-    try:
-        heads = get() if callable(get) else ()
-    except Exception:  # noqa: BLE001 - a model's own method; without an answer there is no timm head
-        return ()
-    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
-    names = {id(m): n for n, m in model.named_modules()}
-    return tuple(names[id(h)] for h in heads if isinstance(h, nn.Linear) and id(h) in names)
+    return tuple(n for n, m in own_classifiers(model) if isinstance(m, nn.Linear))
 
 
 def _in_head(name: str, heads: tuple[str, ...]) -> bool:
