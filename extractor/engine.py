@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .batching import encoded_batches, row_blocks
 from .cache import DONE, FAILED, PENDING, create_cache, open_cache, read_attrs
+from .device_decode import check_decode
 from .devices import check_dtype, resolve_device, resolve_precision
+from .distributed import Dist, RankFailedError, init_distributed
 from .encoding import PreparedNetwork, backbone_recipe, layer_specs, make_encoder
 from .errors import (
     CacheLockedError,
@@ -38,7 +40,7 @@ from .errors import (
     SettingsError,
 )
 from .files import dataset_name, slug
-from .images import ImageTable, file_digest, find_images
+from .images import ImageTable, find_images
 from .journal import Journal, discard_cache
 from .layers import Probe
 from .plan import ADD_LAYERS, UP_TO_DATE, ExtractionPlan, plan_extraction
@@ -47,7 +49,7 @@ from .provenance import library_versions
 from .recipe import Recipe
 from .runtimes import RuntimeUnavailableError, label, resolve_runtime, runtime_version
 from .runtimes import requested as requested_runtime
-from .writer import CacheWriter
+from .writer import CacheWriter, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
             device: str = "auto", precision: str = "auto", batch_size: int = 32,
             workers: int | None = None, strict: bool = False, overwrite: bool = False,
             allow_overlap: bool = False, progress: bool | None = None,
-            runtime: str | None = None) -> ExtractResult:
+            runtime: str | None = None, decode: str = "cpu") -> ExtractResult:
     """Extract CNN codes of one or more layers for every image of ``data`` into an HDF5 cache.
 
     Resumes an interrupted run at the same ``out``; a finished one is left as is ("up to date").
@@ -144,6 +146,13 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         installed inference runtime whose codes match PyTorch's on a probe batch (a cache made
         before keeps its own runtime), else PyTorch; the recipe records the runtime and its
         version, so a cache is never resumed with another runtime's rows.
+    decode : {'cpu', 'gpu'}
+        ``cpu``: Pillow and the weights' exact transform (bitwise reproducible). ``gpu``: on
+        CUDA, JPEGs decoded by nvJPEG and resized on the device (:mod:`.device_decode`).
+
+    Under ``torchrun`` every rank calls this with the same arguments: the ranks share the
+    cache's fixed row blocks, write journal shards beside it, and rank 0 commits the cache, the
+    one a single process makes (bitwise on a CPU); any world size resumes it.
 
     Examples
     --------
@@ -155,26 +164,62 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     check_dtype(dtype)
     if batch_size < 1:
         raise SettingsError(f"batch_size must be >= 1, got {batch_size}.")
-    layers = list(dict.fromkeys(layers or ["penultimate"]))
-    pooling = parse_pooling(pool)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    data = Path(data)
-    out = Path(out) if out else default_cache_path(data, model)
+    ranks = init_distributed(device)  # a no-op without torchrun
+    try:
+        return _run_extraction(ranks, t_start, Path(data), out, _Settings(
+            model, weights, layers, pool, dtype, device, precision, batch_size, workers, strict, overwrite,
+            allow_overlap, progress, runtime, decode))
+    finally:
+        ranks.close()
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """``extract``'s arguments, as given."""
+
+    model: str
+    weights: str | None
+    layers: tuple
+    pool: str
+    dtype: str
+    device: str
+    precision: str
+    batch_size: int
+    workers: int | None
+    strict: bool
+    overwrite: bool
+    allow_overlap: bool
+    progress: bool | None
+    runtime: str | None
+    decode: str
+
+
+def _run_extraction(ranks: Dist, t_start: float, data: Path, out, a: _Settings) -> ExtractResult:
+    layers = list(dict.fromkeys(a.layers or ["penultimate"]))
+    pooling = parse_pooling(a.pool)
+    dev = resolve_device(a.device)
+    if dev.type == "cuda" and ranks.world > 1:
+        dev = torch.device("cuda", ranks.local_rank)
+    prec = resolve_precision(a.precision, dev)
+    out = Path(out) if out else default_cache_path(data, a.model)
     # Never scan the output folder as data (`extract .` from the data root writes cache/ there).
-    table = find_images(data, exclude=out, allow_overlap=allow_overlap)
-    if table.skipped:
+    # Every rank reads the same image list (the rows are its order); rank 0 checks that they agree.
+    table = find_images(data, exclude=out, allow_overlap=a.allow_overlap)
+    if len(set(ranks.gather(table.list_fingerprint(), "reading the image list"))) > 1:
+        raise SettingsError(f"the ranks read different image lists from {data}: run torchrun on a file "
+                            f"system that every rank sees the same way.")
+    if table.skipped and ranks.main:
         log.warning("input: %s", table.summary_of_skipped())
     out.parent.mkdir(parents=True, exist_ok=True)
-    bb = load_backbone(model, weights)
-    cached = _cached_runtime(out) if not overwrite else None
-    wanted = resolve_runtime(runtime, dev, prec, cached)
-    job = _Job(bb, table, backbone_recipe(bb, pooling, dtype, prec, table, wanted), pooling, dev, prec,
-               data, batch_size, workers, strict, progress, t_start,
-               strict_runtime=requested_runtime(runtime) != "auto")
-    plan = plan_extraction(out, job.recipe, layers, overwrite=overwrite, table=table)
-    if plan.replace or overwrite:  # an interrupted layer addition to the cache being replaced is stale too
-        discard_cache(plan.companion)
+    with ranks.zero_first("loading the weights"):  # one download into a shared hub cache
+        bb = load_backbone(a.model, a.weights)
+    check_decode(a.decode, dev, bb.split, bb.name)
+    cached = ranks.decide(lambda: _cached_runtime(out) if not a.overwrite else None)
+    wanted = resolve_runtime(a.runtime, dev, prec, cached)
+    recipe = backbone_recipe(bb, pooling, a.dtype, prec, table, wanted, a.decode)
+    job = _Job(bb, table, recipe, pooling, dev, prec, data, a.batch_size, a.workers, a.strict, a.progress,
+               t_start, strict_runtime=requested_runtime(a.runtime) != "auto", ranks=ranks)
+    plan = ranks.decide(lambda: _plan(out, job, layers, a.overwrite), "planning")
     if plan.action == UP_TO_DATE:
         with open_cache(out) as c:
             res = job.result(out, c.status, "up to date", {n: int(c.layer_attrs(n)["dim"]) for n in c.layers})
@@ -183,12 +228,19 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     else:
         res = _CacheRun(job, out, plan.layers, create=plan.create, replace=plan.replace,
                         fallback_ok=True).run()
-    if strict and res.failed:  # --strict promises no failed image, also of an earlier run
+    if a.strict and res.failed and ranks.main:  # --strict promises no failed image, also of an earlier run
         with open_cache(out) as c:
             row = int(np.flatnonzero(c.status == FAILED)[0])
             raise ImageDecodeError(f"{c.paths[row]}: {c.errors[row]} ({res.failed} images of {out} failed "
                                    f"to decode; stopped by --strict)")
     return res
+
+
+def _plan(out: Path, job: _Job, layers, overwrite: bool) -> ExtractionPlan:
+    plan = plan_extraction(out, job.recipe, layers, overwrite=overwrite, table=job.table)
+    if plan.replace or overwrite:  # an interrupted layer addition to the cache being replaced is stale too
+        discard_cache(plan.companion)
+    return plan
 
 
 def _cached_runtime(out: Path) -> str | None:
@@ -224,6 +276,7 @@ class _Job:
     progress: bool | None
     t_start: float = field(default_factory=time.perf_counter)
     strict_runtime: bool = False  # the runtime was named: no fallback to PyTorch
+    ranks: Dist = field(default_factory=Dist)  # the torchrun ranks sharing the work (1 without)
 
     @functools.cached_property
     def probe(self) -> Probe:  # a forward pass at the input size: only when a run needs it
@@ -260,6 +313,7 @@ class _CacheRun:
         self.taps = job.probe.resolve(list(layers))
         self.specs = layer_specs(self.taps, job.pooling, job.bb.input_size, job.probe)
         self.processed, self.failures, self.loop_seconds = 0, [], 0.0
+        self._absorbed: list = []  # other ranks' shards applied while this rank computed
         if not create:
             self._check_modules()
         self.prepared = None
@@ -335,43 +389,118 @@ class _CacheRun:
         except OSError as e:  # a full disk, a read-only folder: the journal keeps what was saved
             raise _write_error(e, self.path, len(self.job.table)) from None
 
-    def _run(self) -> ExtractResult:
-        job = self.job
-        if self.create and len(job.table):  # before the file: its recipe records the runtime that runs
+    def _prepare_everywhere(self) -> None:
+        """:meth:`_prepare` on rank 0 first (it may fall back, and it fills the export cache),
+        then on the other ranks with the runtime rank 0 ended with."""
+        if self.prepared is not None:
+            return
+        ranks = self.job.ranks
+        runtime = ranks.decide(lambda: self._prepare().runtime, "preparing the network")
+        if not ranks.main:
+            self.job.recipe = self.job.recipe.replace(runtime=runtime)
+            self.fallback_ok = False
             self._prepare()
-        with CacheWriter(self.path, create=self._create_file if self.create else None) as writer:
-            state = "created" if self.create else "resumed"
+
+    def _open_writer(self, writer: CacheWriter) -> np.ndarray:
+        """Rank 0: the writing session opened (the file created, the journal replayed, changed
+        images put back to pending); returns the pending rows."""
+        writer.__enter__()
+        try:
+            t = self.job.table
+            stale, _ = writer.refresh(t.sizes, t.mtimes, t.digest)
+            pending = writer.pending_rows()
+        except BaseException:
+            writer.close()
+            raise
+        return pending, stale
+
+    def _run(self) -> ExtractResult:
+        job, ranks = self.job, self.job.ranks
+        if self.create and len(job.table):  # before the file: its recipe records the runtime that runs
+            self._prepare_everywhere()
+        if not ranks.main:
+            writer = ShardWriter(self.path)
+            pending, stale = ranks.decide(lambda: None, "opening the cache")
+            return self._run_beside(writer, pending, self._state(pending, stale))
+        writer = CacheWriter(self.path, create=self._create_file if self.create else None)
+        writer.keep_journal = ranks.world > 1  # the other ranks write into it until the end
+        try:
+            pending, stale = ranks.decide(lambda: self._open_writer(writer), "opening the cache")
+            state = self._state(pending, stale)
             try:
-                t = job.table
-                stale, _ = writer.refresh(t.sizes, t.mtimes, lambda row: file_digest(t.absolute(row)))
-                pending = writer.pending_rows()
-                if not len(pending) and not self.create and not stale:
-                    state = "up to date"  # only mtimes moved: recorded, nothing to extract
                 if len(pending):
+                    self._prepare_everywhere()
                     self._encode_into(writer, pending)
+                # each rank names the shards it wrote: rank 0 looks them up by name, as a network
+                # file system's cached listing of the journal may not show them yet
+                written = ranks.gather([], "finishing their rows")
+                self._take_others(writer.absorb([n for names in written for n in names], wait=60))
             except KeyboardInterrupt:
+                self._take_others(writer.absorb())
                 writer.commit()
                 res = job.result(self.path, writer.status, "interrupted", self.dims, self)
                 raise ExtractionInterrupted(
                     f"interrupted: {res.done + res.failed}/{res.images} images saved in {self.path}; "
                     f"rerun the same command to resume.", res) from None
-            except ImageDecodeError:
+            except (ImageDecodeError, RankFailedError):
                 writer.commit()
                 raise
             writer.commit()
+            ranks.share(writer.status.copy(), "committing the cache")
+            writer.keep_journal = False  # every rank is done with it
             return job.result(self.path, writer.status, state, self.dims, self)
+        finally:
+            writer.close()
 
-    def _encode_into(self, writer: CacheWriter, pending: np.ndarray) -> None:
+    def _state(self, pending: np.ndarray, stale: int) -> str:
+        if not len(pending) and not self.create and not stale:
+            return "up to date"  # only mtimes moved: recorded, nothing to extract
+        return "created" if self.create else "resumed"
+
+    def _run_beside(self, writer: ShardWriter, pending: np.ndarray, state: str) -> ExtractResult:
+        """A rank other than 0: its share of the rows into journal shards; rank 0 commits."""
         job = self.job
+        try:
+            if len(pending):
+                self._prepare_everywhere()
+                self._encode_into(writer, pending)
+            job.ranks.gather(writer.written, "finishing their rows")
+        except KeyboardInterrupt:
+            raise ExtractionInterrupted(f"interrupted: rank {job.ranks.rank} saved {self.processed} images "
+                                        f"into {writer.journal.dir}", job.result(
+                                            self.path, np.zeros(0, np.uint8), "interrupted", self.dims,
+                                            self)) from None
+        status = job.ranks.share(what="committing the cache")
+        return job.result(self.path, status, state, self.dims, self)
+
+    def _take_others(self, batches) -> None:
+        """Rank 0: count the rows and failures of the other ranks' shards it applied (during
+        the run, by the writer thread, and at its end)."""
+        batches, self._absorbed = self._absorbed + list(batches), []
+        for rows, status, errors in batches:
+            self.processed += len(rows)
+            self.failures.extend((self.job.table.paths[r], e) for r, s, e in
+                                 zip(rows.tolist(), status.tolist(), errors) if s == FAILED)
+
+    def _encode_into(self, writer, pending: np.ndarray) -> None:
+        job, ranks = self.job, self.job.ranks
         encoder, dataset = make_encoder(job.bb, job.probe, self.taps, job.pooling, job.dev, job.prec,
                                         job.batch_size, self.dims, job.recipe.dtype, job.table,
-                                        self._prepare())
+                                        self._prepare(), job.recipe.decode)
+        # Fixed row blocks, dealt out in turn: the codes of a block do not depend on which rank
+        # (or how many) computed it, and no row is computed twice or left out.
+        blocks = row_blocks(pending, job.batch_size)
+        mine = blocks[ranks.rank::ranks.world]
+        others = {b[0]: len(b) for i, b in enumerate(blocks) if i % ranks.world != ranks.rank}
         t0 = time.perf_counter()
         try:
-            with _BackgroundWriter(writer) as background, _Progress(len(pending), job.progress) as bar, \
+            with _BackgroundWriter(writer, self._absorbed) as background, \
+                    _Progress(len(pending), job.progress if ranks.main else False) as bar, \
+                    _OtherRanks(writer.journal, others, bar, background.absorb,
+                                active=ranks.main and ranks.world > 1), \
                     _sigterm_as_interrupt(), encoder, \
-                    contextlib.closing(encoded_batches(encoder, dataset, row_blocks(pending, job.batch_size),
-                                                       job.dev, job.workers)) as batches:
+                    contextlib.closing(encoded_batches(encoder, dataset, mine, job.dev,
+                                                       job.workers)) as batches:
                 # closing(): an interrupt stops the lanes (each finishes its batch) before the commit
                 for rows, ok, errs, codes, content in batches:
                     bad = [(job.table.paths[r], e) for r, e in zip(rows.tolist(), errs) if e]
@@ -385,20 +514,71 @@ class _CacheRun:
             self.loop_seconds = time.perf_counter() - t0
 
 
+class _OtherRanks:
+    """Rank 0 follows the other ranks: a thread watches the journal for their shards (named
+    after their first row), counts their rows in the progress bar and has the writer thread
+    apply them as they come (``absorb``), so little is left to apply when all are done."""
+
+    def __init__(self, journal: Journal, blocks: dict[int, int], bar: _Progress, absorb=None,
+                 active: bool = True):
+        self.journal, self.blocks, self.bar, self.active = journal, dict(blocks), bar, active
+        self.absorb = absorb
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="cnncodes-ranks", daemon=True)
+
+    def _watch(self) -> None:
+        while self.blocks and not self.stop.wait(0.5):
+            self._count()
+
+    def _count(self) -> None:
+        for shard in self.journal.shards():
+            try:
+                first = int(shard.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            n = self.blocks.pop(first, 0)
+            if n:
+                self.bar.update(n, 0)
+                if self.absorb is not None:
+                    self.absorb()
+
+    def __enter__(self):
+        if self.active:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.stop.set()
+            self.thread.join()
+
+
+_ABSORB = object()  # a request to the writer thread: apply the other ranks' new shards
+
+
 class _BackgroundWriter:
     """Journal shards and the working copy are written on a thread of their own while the next
     batch computes; a write error surfaces in the caller at the next batch or on exit."""
 
-    def __init__(self, writer: CacheWriter):
+    def __init__(self, writer, absorbed: list | None = None):
         self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.errors: list[BaseException] = []
+        self.absorbed = absorbed if absorbed is not None else []  # other ranks' shards applied
         self.thread = threading.Thread(target=self._loop, name="cnncodes-writer", daemon=True)
+
+    def absorb(self) -> None:
+        """Ask the writer thread to apply the other ranks' new shards (rank 0's CacheWriter)."""
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(_ABSORB)
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:
             try:
-                if not self.errors:
+                if item is _ABSORB:
+                    if not self.errors:
+                        self.absorbed.extend(self.writer.absorb())
+                elif not self.errors:
                     self.writer.add(*item)
             except RuntimeError as e:  # h5py's word for a write that failed (a full disk)
                 self.errors.append(OSError(errno.EIO, str(e).split("(")[0].strip(), str(self.writer.work)))
@@ -430,7 +610,7 @@ class _Progress:
                         disable={True: False, False: True, None: None}[progress])
 
     def update(self, n: int, failed: int) -> None:
-        self.bar.update(n)
+        self.bar.update(n)  # tqdm serialises updates from several threads
         if failed:
             self.bar.set_postfix(failed=failed, refresh=False)
 
@@ -482,26 +662,42 @@ def _add_layers(job: _Job, plan: ExtractionPlan) -> ExtractResult:
     copied into a working copy that replaces the cache in one rename. So a kill at any moment
     leaves the cache whole and the next run carries on where this one stopped.
     """
+    ranks = job.ranks
     if plan.finish_first:
         _CacheRun(job, plan.path, plan.layers, create=False).run()
+    part = ranks.decide(lambda: _companion_plan(job, plan), "planning the layer addition")
+    if part.action == UP_TO_DATE:  # finished before a kill stopped the merge
+        res = ranks.decide(lambda: _finished(job, part.path), "reading the finished layers")
+    else:
+        res = _CacheRun(job, part.path, part.layers, create=part.create, owner=plan.path).run()
+    dims = ranks.decide(lambda: _merge_layers(plan, part.path), "adding the layers to the cache")
+    return dataclasses.replace(res, path=plan.path, state="layers added", layers=dims,
+                               setup_seconds=time.perf_counter() - job.t_start - res.seconds)
+
+
+def _finished(job: _Job, path: Path) -> ExtractResult:
+    with open_cache(path) as c:
+        return job.result(path, c.status, "layers added", {})
+
+
+def _companion_plan(job: _Job, plan: ExtractionPlan) -> ExtractionPlan:
     part = plan_extraction(plan.companion, job.recipe, plan.new_layers, table=job.table)
     if part.action == ADD_LAYERS or set(part.layers) != set(plan.new_layers):
         # left by an addition of other layers that was killed: not this addition's companion
         discard_cache(part.path)
         part = plan_extraction(plan.companion, job.recipe, plan.new_layers, table=job.table)
-    if part.action == UP_TO_DATE:  # finished before a kill stopped the merge
-        with open_cache(part.path) as c:
-            res = job.result(part.path, c.status, "layers added", {})
-    else:
-        res = _CacheRun(job, part.path, part.layers, create=part.create, owner=plan.path).run()
+    return part
+
+
+def _merge_layers(plan: ExtractionPlan, companion: Path) -> dict[str, int]:
+    """Copy the finished companion's layers into the cache (one rename), then delete it."""
     with CacheWriter(plan.path) as writer:
-        writer.add_layers_from(part.path)
+        writer.add_layers_from(companion)
         writer.commit()
-    part.path.unlink()
+    companion.unlink()
     with open_cache(plan.path) as c:
         dims = {name: int(c.layer_attrs(name)["dim"]) for name in c.layers}
     missing = [name for name in plan.new_layers if name not in dims]
     if missing:  # a broken invariant, not bad input: say so loudly
         raise RuntimeError(f"adding {', '.join(missing)} to {plan.path} left them out")
-    return dataclasses.replace(res, path=plan.path, state="layers added", layers=dims,
-                               setup_seconds=time.perf_counter() - job.t_start - res.seconds)
+    return dims

@@ -65,10 +65,17 @@ class Journal:
         return self.dir / name
 
     def remove(self) -> None:
-        """Delete the journal folder and everything in it (the caller holds the lock)."""
-        for leftover in self.dir.iterdir():
-            leftover.unlink()
-        self.dir.rmdir()
+        """Delete the journal folder: its lock, shards and cut-off temporary files (the caller
+        holds the lock). A folder that is not empty after that (a file appeared meanwhile) is
+        left for the next session."""
+        for leftover in list(self.dir.iterdir()):
+            if leftover.name == "lock" or leftover.name.startswith(("rows-", ".rows-")):
+                leftover.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise
 
     @staticmethod
     def read(shard: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, np.ndarray], dict | None]:

@@ -46,6 +46,10 @@ class CacheWriter:
         self._lock_fd = None
         self._f = None
         self._ds: dict[str, h5py.Dataset] = {}
+        # journal shards whose rows are in the working copy, by name -> (inode, mtime): a shard
+        # renamed over one of the same name (a block computed again) is another shard
+        self._applied: dict[str, tuple[int, int]] = {}
+        self.keep_journal = False  # other ranks may still write into it: never remove it on close
 
     def __enter__(self):
         fd = self._lock_fd = lock_journal(self.journal)
@@ -67,7 +71,36 @@ class CacheWriter:
         shutil.copyfile(self.path, self.work)  # a working copy left by a killed session is stale
         self._f = h5py.File(self.work, "r+")
         self._status = self._f["images/status"][()]
-        for shard in self.journal.shards():  # replay what a killed session finished
+        self.absorb()  # replay what a killed session finished
+        return self
+
+    @staticmethod
+    def _identity(shard: Path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(shard)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def absorb(self, expected=(), wait: float = 0.0) -> list[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """Apply the journal's shards that this session has not applied yet: a killed session's,
+        or those that the other ranks of a torchrun extraction write beside this one's (see
+        :class:`ShardWriter`). Returns ``(rows, status, errors)`` of each.
+
+        ``expected`` names shards known to exist (the other ranks said so): each is looked up
+        by name, for up to ``wait`` seconds, because a network file system's cached listing of
+        the folder may not show another machine's files yet."""
+        import time
+        out = []
+        deadline = time.monotonic() + wait
+        named = [self.journal.dir / n for n in expected]
+        for shard in named:
+            while not shard.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        for shard in sorted(set(self.journal.shards()) | {p for p in named if p.exists()}):
+            ident = self._identity(shard)
+            if ident is None or self._applied.get(shard.name) == ident:
+                continue
             try:
                 batch = Journal.read(shard)
                 self._check_shard(*batch)
@@ -78,7 +111,9 @@ class CacheWriter:
                 shard.unlink()
                 continue
             self._apply(*batch)
-        return self
+            self._applied[shard.name] = ident
+            out.append(batch[:3])
+        return out
 
     def __exit__(self, *exc):
         self.close()
@@ -118,8 +153,9 @@ class CacheWriter:
         ``size`` and ``mtime_ns`` of the bytes the codes were made from."""
         rows = np.asarray(rows, dtype=np.int64)
         status = np.asarray(status, dtype=np.uint8)
-        self.journal.write(rows, status, errors, codes, content)
+        shard = self.journal.write(rows, status, errors, codes, content)
         self._apply(rows, status, errors, codes, content)
+        self._applied[shard.name] = self._identity(shard)
 
     @property
     def content(self) -> dict[str, np.ndarray] | None:
@@ -245,23 +281,50 @@ class CacheWriter:
         return names
 
     def commit(self) -> bool:
-        """Finalise the working copy and rename it over the cache; returns ``complete``."""
+        """Finalise the working copy and rename it over the cache; returns ``complete``.
+
+        Shards that appear in the journal meanwhile (another rank still writing) are applied
+        first; one renamed into place after that stays in the journal for the next session."""
+        self.absorb()
         complete = bool((self._status != PENDING).all())
         self._f.attrs["complete"] = complete
         self._close_file()
         publish(self.work, self.path)
         for shard in self.journal.shards():
-            shard.unlink()
+            if self._applied.get(shard.name) == self._identity(shard):
+                shard.unlink(missing_ok=True)
+        self._applied.clear()
         return complete
 
     def close(self) -> None:
+        if self._lock_fd is None:  # never opened (or closed): nothing here is this session's
+            return
         if self._f is not None:
             self._discard_file()  # commit() closes the file it publishes: this one is not wanted
         if self.work.exists():
             self.work.unlink()
         if self._lock_fd is not None:
-            if not self.journal.shards():
+            if not self.journal.shards() and not self.keep_journal:
                 self.journal.remove()
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class ShardWriter:
+    """What a torchrun rank other than 0 writes: journal shards only, beside those of rank 0's
+    :class:`CacheWriter` session, which holds the lock, applies them and commits the cache.
+    Each shard is renamed into place whole, so a rank killed at any moment loses at most the
+    batch it was computing. ``written`` names them (rank 0 looks each up by name)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.journal = Journal(self.path)
+        self.work = self.journal.dir  # what a failed write names
+        self.written: list[str] = []
+
+    def add(self, rows, status, errors, codes: dict[str, np.ndarray],
+            content: dict[str, np.ndarray] | None = None) -> None:
+        shard = self.journal.write(np.asarray(rows, dtype=np.int64), np.asarray(status, dtype=np.uint8),
+                                   errors, codes, content)
+        self.written.append(shard.name)

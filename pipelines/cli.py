@@ -231,9 +231,17 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
                    f"{last.name} ({len(blocks)} blocks)")
 
 
+def _existing_data(ctx, param, value):
+    # a path that exists, or a brace pattern of tar shards (whose shards find_images checks)
+    if value is not None and not os.path.exists(value) and not ("{" in value and "}" in value):
+        raise click.BadParameter(f"'{value}' does not exist (an image folder, a CSV manifest, .tar shards "
+                                 f"or a brace pattern of them).")
+    return value
+
+
 @cli.command("extract")
 @_OFFLINE
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data", callback=_existing_data)
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="Cache file [default: cache/<data>-<model>.h5].")
 @click.option("--model", "-m", default="efficientnet_lite0", show_default=True,
@@ -251,6 +259,9 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True, help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
 @_RUNTIME
+@click.option("--decode", type=click.Choice(("cpu", "gpu")), default="cpu", show_default=True,
+              help="cpu: Pillow and the weights' exact transform (bitwise reproducible). gpu: on CUDA, "
+                   "JPEGs decoded by nvJPEG and resized on the device (close, not bitwise; see README).")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
               help="Decoding worker processes [default: 0 on a CPU (one thread per core decodes a "
@@ -262,17 +273,23 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
-def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precision, runtime, batch_size,
-                workers, strict, overwrite, allow_overlap, quiet, as_json) -> None:
+def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precision, runtime, decode,
+                batch_size, workers, strict, overwrite, allow_overlap, quiet, as_json) -> None:
     """Extract CNN codes of one or more layers for every image of DATA into an HDF5 cache.
 
-    DATA is an image folder (ROOT/<class>/<image>, or ROOT/train|val|test/<class>/<image>) or a
-    CSV manifest with a header path,label[,split]. All layers come from one forward pass that
-    stops after the deepest of them. Images that fail to decode are recorded in the cache and
-    skipped (--strict stops instead).
+    DATA is an image folder (ROOT/<class>/<image>, or ROOT/train|val|test/<class>/<image>), a
+    CSV manifest with a header path,label[,split], or WebDataset tar shards: a folder of .tar
+    files or a brace pattern ('shards/train-{000000..000127}.tar'), each sample an image member
+    and a .cls/.txt/.json label member; images are read from the archives in place. All layers
+    come from one forward pass that stops after the deepest of them. Images that fail to decode
+    are recorded in the cache and skipped (--strict stops instead).
 
     Interrupt at any moment and rerun the same command: only missing images are processed.
     Rerunning a finished extraction does nothing.
+
+    Under torchrun (one node or many, a file system every rank sees), the ranks share the work
+    of one cache: each computes its share of the fixed row blocks, rank 0 commits the cache,
+    which is the one a single process makes; rerun with any number of processes to resume.
 
     \b
     Examples:
@@ -280,16 +297,25 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
       cnncodes extract photos/ --model resnet50 --layer layer3 --layer penultimate --pool avgmax
       cnncodes extract manifest.csv --model timm:resnet18 --weights r18.pth --out cache/r18.h5
       cnncodes extract photos/ -m timm:deit_small_patch16_224.fb_in1k -l stage3 -l block:-1 --pool cls+mean
+      cnncodes extract 'shards/train-{000000..000127}.tar' --out cache/train.h5
+      torchrun --nproc-per-node 8 -m cnncodes extract photos/ --out cache/photos.h5
     """
     from cnncodes.extractor import ExtractionInterrupted, extract
+    from cnncodes.extractor.distributed import is_main_process
+    main = is_main_process()
+    if not main:  # one summary, one progress bar: rank 0's (the others' errors still print)
+        logging.getLogger().setLevel(logging.ERROR)
+        quiet = True
     try:
         r = extract(data, out, model=model, weights=weights, layers=layers, pool=pool, dtype=dtype,
                     device=device, precision=precision, batch_size=batch_size, workers=workers,
                     strict=strict, overwrite=overwrite, allow_overlap=allow_overlap,
-                    progress=False if quiet else None, runtime=runtime)
+                    progress=False if quiet else None, runtime=runtime, decode=decode)
     except ExtractionInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(EXIT_INTERRUPTED)
+    if not main:
+        return
     for path, err in r.failures[:10]:
         click.echo(f"failed: {path}: {err}", err=True)
     if len(r.failures) > 10:

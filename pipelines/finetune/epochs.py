@@ -8,43 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from cnncodes.extractor.devices import autocast
+from cnncodes.extractor.distributed import Dist, init_distributed  # noqa: F401 - the run's ranks
 
 from cnncodes.pipelines.finetune.freezing import FinetuneError, set_train_mode
-
-
-@dataclass
-class Dist:
-    """This process's place in a DDP run (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; gloo on CPU, NCCL on GPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-        # NCCL for the CUDA tensors (gradients, buffers), gloo for the small CPU ones (sums,
-        # flags, objects): NCCL alone refuses CPU tensors.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def state_digest(model: nn.Module) -> str:
