@@ -10,13 +10,14 @@ uninterrupted run would have formed, and on the CPU its codes are bitwise identi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 
 import numpy as np
 import torch
 
 from .devices import autocast
-from .images import Content, ImageTable, load_rgb
+from .images import Content, ImageTable
 from .layers import Probe, Tap, Tapper
 
 
@@ -33,20 +34,40 @@ class DecodedImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         content = Content()
         try:
-            return i, self.transform(load_rgb(self.table.absolute(i), content)), "", content
+            return i, self.transform(self.table.load(i, content)), "", content
         except Exception as e:  # noqa: BLE001 - any decode error becomes a failed row
             return i, None, f"{type(e).__name__}: {e}".strip()[:500], content
 
 
+class EncodedImages(DecodedImages):
+    """Reads one row's encoded bytes into ``(row, bytes or None, error, Content)``, for a
+    decoder on the device (:mod:`.device_decode`)."""
+
+    def __init__(self, table: ImageTable):
+        super().__init__(table, None)
+
+    def __getitem__(self, i):
+        content = Content()
+        try:
+            data, mtime = self.table.read(i)
+        except OSError as e:
+            return i, None, f"{type(e).__name__}: {e}".strip()[:500], content
+        content.sha256, content.size, content.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), mtime
+        return i, data, "" if data else "OSError: empty file", content
+
+
 def collate(items):
-    """Decoded rows -> ``(rows, batch tensor or None, errors, content columns)``."""
+    """Decoded rows -> ``(rows, batch tensor or None, errors, content columns)`` (encoded rows:
+    a list of bytes or None per row instead of the batch)."""
     rows = np.array([item[0] for item in items], dtype=np.int64)
     content = {"sha256": np.array([item[3].sha256 for item in items], dtype="<U64"),
                "size": np.array([item[3].size for item in items], dtype=np.int64),
                "mtime_ns": np.array([item[3].mtime_ns for item in items], dtype=np.int64)}
     good = [item[1] for item in items if item[1] is not None]
     x = None
-    if good and good[0].dim() == 3:
+    if good and isinstance(good[0], bytes):
+        x = [item[1] for item in items]
+    elif good and good[0].dim() == 3:
         # Stacked as (N, H, W, C) and viewed as (N, C, H, W): a channels_last batch in one
         # copy (pil_to_tensor's CHW is itself a view of Pillow's HWC pixels).
         x = torch.stack([t.permute(1, 2, 0) for t in good]).permute(0, 3, 1, 2)
@@ -72,11 +93,14 @@ class Encoder:
     Use as a context manager (it holds the forward hooks). Safe to call from several threads.
     """
 
-    def __init__(self, net, taps, pooling, split, dev, prec, micro, dims, np_dtype, tapper=None):
+    def __init__(self, net, taps, pooling, split, dev, prec, micro, dims, np_dtype, tapper=None,
+                 decoder=None):
         # ``tapper``: the network on an inference runtime (:mod:`.runtimes`), else PyTorch's hooks
         self.tapper = tapper if tapper is not None else Tapper(net, taps, pooling)
         self.split, self.dev, self.micro, self.dims, self.np_dtype = split, dev, micro, dims, np_dtype
         self.prec = prec
+        self.decoder = decoder  # encoded bytes -> a uint8 batch on the device (--decode gpu)
+        self.lane_bytes = 0  # what one CPU lane holds (set by make_encoder): see cpu_lanes
 
     def __enter__(self):
         self.tapper.__enter__()
@@ -86,6 +110,8 @@ class Encoder:
         self.tapper.__exit__(*exc)
 
     def __call__(self, rows, x, errs, content=None):
+        if self.decoder is not None:
+            rows, x, errs, content = self.decoder(rows, x, errs, content)
         ok = np.array([not e for e in errs])
         codes = {name: np.zeros((len(rows), d), self.np_dtype) for name, d in self.dims.items()}
         if x is None:
@@ -126,7 +152,34 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _encode_lanes(encoder: Encoder, dataset, blocks, lanes: int):
+# All CPU lanes together hold at most this much (or a quarter of the available memory): each
+# holds a decoded batch and its forward pass's activations, and one lane per core of a 64-core
+# machine would otherwise hold several GB. Lanes beyond the cap become threads of the others.
+LANES_MEMORY = 2 * 1024 ** 3
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return LANES_MEMORY * 4
+
+
+def cpu_lanes(threads: int, lane_bytes: int) -> tuple[int, int]:
+    """``(lanes, threads per lane)`` for ``threads`` cores when one lane needs ``lane_bytes``."""
+    budget = min(LANES_MEMORY, _available_memory() // 4)
+    lanes = max(1, min(threads, budget // max(1, lane_bytes)))
+    return lanes, max(1, threads // lanes)
+
+
+def _encode_lanes(encoder: Encoder, dataset, blocks, lanes: int, lane_threads: int = 1):
     """CPU: ``lanes`` threads, each decoding a whole batch and computing it on one core.
 
     Two single-threaded forward passes side by side are as fast as one pass on both cores
@@ -144,7 +197,7 @@ def _encode_lanes(encoder: Encoder, dataset, blocks, lanes: int):
 
     # OpenMP's thread count is per calling thread: each lane sets its own, once
     pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="cnncodes-lane",
-                              initializer=torch.set_num_threads, initargs=(1,))
+                              initializer=torch.set_num_threads, initargs=(lane_threads,))
     pending = []
     try:
         with _torch_threads(1):
@@ -168,7 +221,8 @@ def encoded_batches(encoder: Encoder, dataset, blocks, dev: torch.device, worker
     if workers is None:
         workers = 0 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
     if workers == 0 and dev.type == "cpu":
-        return _encode_lanes(encoder, dataset, blocks, max(1, torch.get_num_threads()))
+        lanes, threads = cpu_lanes(max(1, torch.get_num_threads()), getattr(encoder, "lane_bytes", 0))
+        return _encode_lanes(encoder, dataset, blocks, lanes, threads)
     if workers == 0:
         return _encode(encoder, _threaded_batches(dataset, blocks, max(1, os.cpu_count() or 1)))
     return _encode(encoder, torch.utils.data.DataLoader(
@@ -195,7 +249,7 @@ def row_blocks(rows: np.ndarray, batch_size: int) -> list[list[int]]:
 _MMAP_THRESHOLD = 32 * 1024 * 1024
 
 
-_MICRO_BATCH_BYTES = 24 * 1024 * 1024
+MICRO_BATCH_BYTES = 24 * 1024 * 1024
 
 
 _allocator_tuned = False
@@ -222,7 +276,7 @@ def cpu_micro_batch(probe: Probe, taps: list[Tap]) -> int:
     deepest = max(t.order for t in taps)
     biggest = max((max(l.numel, int(np.prod(l.shape))) * 4 for l in probe.layers if l.order <= deepest),
                   default=1)
-    return max(1, _MICRO_BATCH_BYTES // biggest)
+    return max(1, MICRO_BATCH_BYTES // biggest)
 
 
 def micro_batch_size(dev: torch.device, batch_size: int, probe: Probe, taps: list[Tap]) -> int:

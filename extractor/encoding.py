@@ -14,7 +14,15 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .batching import DecodedImages, Encoder, encoded_batches, micro_batch_size, row_blocks
+from .batching import (
+    MICRO_BATCH_BYTES,
+    DecodedImages,
+    EncodedImages,
+    Encoder,
+    encoded_batches,
+    micro_batch_size,
+    row_blocks,
+)
 from .cache import LayerSpec
 from .devices import resolve_device, resolve_precision
 from .errors import PoolingError
@@ -29,10 +37,10 @@ log = logging.getLogger(__name__)
 
 
 def backbone_recipe(bb: Backbone, pooling: Pooling, dtype: str, precision: str,
-                    table: ImageTable | None = None, runtime: str = "torch") -> Recipe:
+                    table: ImageTable | None = None, runtime: str = "torch", decode: str = "cpu") -> Recipe:
     """The :class:`Recipe` of codes that ``bb`` makes with these settings (of ``table``'s images)."""
     return Recipe(bb.name, bb.weights, bb.preprocessing, str(pooling), dtype, precision, bb.input_size,
-                  table.list_fingerprint() if table is not None else None, runtime)
+                  table.list_fingerprint() if table is not None else None, runtime, decode)
 
 
 def layer_specs(taps: list[Tap], pooling: Pooling, input_size: int,
@@ -100,16 +108,27 @@ class PreparedNetwork:
 
 def make_encoder(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, dev, prec: str,
                  batch_size: int, dims: dict[str, int], dtype: str,
-                 table: ImageTable, prepared: PreparedNetwork | None = None) -> tuple[Encoder, DecodedImages]:
-    """The prepared network as an :class:`Encoder`, and the decoding of ``table``'s images."""
+                 table: ImageTable, prepared: PreparedNetwork | None = None,
+                 decode: str = "cpu") -> tuple[Encoder, DecodedImages]:
+    """The prepared network as an :class:`Encoder`, and the decoding of ``table``'s images
+    (``decode="gpu"``: the loader reads bytes, :mod:`.device_decode` decodes them on ``dev``)."""
     prepared = prepared or PreparedNetwork(bb, taps, pooling, dev)
     # a runtime takes the whole batch: its kernels do not page-fault as PyTorch's large
     # activations do, so the allocator-friendly micro-batches are PyTorch's alone
     micro = batch_size if prepared.tapper is not None else micro_batch_size(dev, batch_size, probe, taps)
     split = bb.split  # per-image PIL part in the decoders, float arithmetic per batch in the encoder
-    dataset = DecodedImages(table, split.pil if split else bb.transform)
-    return Encoder(prepared.net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype),
-                   prepared.tapper), dataset
+    decoder = None
+    if decode == "gpu":
+        from .device_decode import DeviceDecoder
+        decoder, dataset = DeviceDecoder(split, dev, table.paths), EncodedImages(table)
+    else:
+        dataset = DecodedImages(table, split.pil if split else bb.transform)
+    encoder = Encoder(prepared.net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype),
+                      prepared.tapper, decoder)
+    # a lane's uint8 batch (stacked: twice), its float micro-batch and the largest activations
+    pixels = 3 * bb.input_size ** 2
+    encoder.lane_bytes = 2 * batch_size * pixels + micro * pixels * 4 + 3 * MICRO_BATCH_BYTES
+    return encoder, dataset
 
 
 def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str = "auto",

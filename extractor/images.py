@@ -62,12 +62,41 @@ class ImageTable:
     sizes: list[int] = field(default_factory=list)
     mtimes: list[int] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> entries passed over
+    archives: object = None  # a .shards.TarMembers when the rows are members of tar shards
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def absolute(self, i: int) -> Path:
+        """The file that holds row ``i``'s image (its tar shard for a shard source)."""
+        if self.archives is not None:
+            return self.root / self.archives.shard_of(i)
         return self.root / self.paths[i]
+
+    def stat(self, i: int) -> tuple[int, int]:
+        """``(size, mtime_ns)`` of row ``i``'s bytes now (its member's size and shard's mtime)."""
+        if self.archives is not None:
+            return self.archives.stat(i)
+        return file_stat(self.absolute(i))
+
+    def read(self, i: int) -> tuple[bytes, int]:
+        """Row ``i``'s encoded image and the mtime of the file it came from."""
+        if self.archives is not None:
+            return self.archives.read(self.root, i)
+        with open(self.absolute(i), "rb") as f:
+            return f.read(), os.fstat(f.fileno()).st_mtime_ns
+
+    def digest(self, i: int) -> str:
+        """Hex sha256 of row ``i``'s bytes; "" when they cannot be read."""
+        try:
+            return hashlib.sha256(self.read(i)[0]).hexdigest()
+        except OSError:
+            return ""
+
+    def load(self, i: int, content: Content | None = None) -> Image.Image:
+        """Row ``i`` decoded by :func:`load_rgb`'s rules, ``content`` filled as it does."""
+        data, mtime = self.read(i)
+        return decode_rgb(data, Path(self.paths[i]).name, content, mtime)
 
     def list_fingerprint(self) -> str:
         """sha256 over every (path, label, split) and the class names: changes when the image
@@ -208,9 +237,23 @@ def find_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None 
     >>> len(table), table.splits[0], table.classes[:2]              # doctest: +SKIP
     (2020, 'train', ['Faces', 'Faces_easy'])
     """
-    source = Path(source)
+    from .shards import is_shard_source, shard_table
+    if is_shard_source(source):
+        table = shard_table(source, SPLIT_NAMES)
+        if not table.paths:
+            raise ImageSourceError(f"no images found in the shards of {source}"
+                                   + (f" ({table.summary_of_skipped()})" if table.skipped else "") + ".")
+    else:
+        table = _from_files(Path(source), exclude, allow_overlap)
+    stats = [table.stat(i) for i in range(len(table))]
+    table.sizes, table.mtimes = [s for s, _ in stats], [m for _, m in stats]
+    return table
+
+
+def _from_files(source: Path, exclude, allow_overlap: bool) -> ImageTable:
     if not source.exists():
-        raise ImageSourceError(f"{source} does not exist: give an image folder or a CSV manifest.")
+        raise ImageSourceError(f"{source} does not exist: give an image folder, a CSV manifest or tar "
+                               f"shards (a folder of .tar files, or a pattern like shards/{{000..127}}.tar).")
     if source.is_file():
         table = _from_manifest(source, allow_overlap)
     else:
@@ -220,8 +263,6 @@ def find_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None 
             f"no images found in {source}: expected ROOT/<class>/<image>, "
             f"ROOT/train|val|test/<class>/<image> or a CSV manifest 'path,label[,split]'"
             + (f" ({table.summary_of_skipped()})" if table.skipped else "") + ".")
-    stats = [file_stat(table.absolute(i)) for i in range(len(table))]
-    table.sizes, table.mtimes = [s for s, _ in stats], [m for _, m in stats]
     return table
 
 
@@ -351,15 +392,19 @@ def load_rgb(path: str | os.PathLike, content: Content | None = None) -> Image.I
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         data = f.read()
+    return decode_rgb(data, Path(path).name, content, st.st_mtime_ns)
+
+
+def decode_rgb(data: bytes, name: str, content: Content | None = None, mtime_ns: int = -1) -> Image.Image:
+    """:func:`load_rgb` of bytes already read (``name`` for messages)."""
     if content is not None:
-        content.sha256, content.size, content.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), \
-            st.st_mtime_ns
+        content.sha256, content.size, content.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), mtime_ns
     if not data:
         raise OSError("empty file")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:  # Pillow's message names the BytesIO object, not the file
-        raise UnidentifiedImageError(f"cannot identify image file {Path(path).name!r}") from None
+        raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
     with img:
         img.load()  # decode now: truncated data raises here, not later in a worker
         img = ImageOps.exif_transpose(img)

@@ -83,6 +83,9 @@ class Recipe:
     runtime : str
         What ran the network: ``torch``, or an inference runtime and its version
         (``openvino 2026.4.1``); caches written before runtimes existed are ``torch``'s.
+    decode : str
+        How images were decoded and resized: ``cpu`` (Pillow, the weights' exact transform) or
+        ``gpu`` (nvJPEG and tensor resizing on the device, close but not bitwise equal).
     """
 
     model: str
@@ -94,11 +97,12 @@ class Recipe:
     input_size: int | None = None
     image_fingerprint: str | None = field(default=None, compare=True)
     runtime: str = "torch"
+    decode: str = "cpu"
 
     # What must be equal for codes to be interchangeable: a cache that is resumed or extended
     # (the runtime too: rows of one cache are one runtime's, bitwise reproducible).
     CACHE_KEYS = ("model", "weights_sha256", "preprocessing", "pooling", "dtype", "precision",
-                  "image_fingerprint", "runtime")
+                  "image_fingerprint", "runtime", "decode")
     # What a trained classifier needs of its inputs (storage type and autocast aside).
     FEATURE_KEYS = ("model", "weights_sha256", "preprocessing", "pooling")
     # What decides a fit's inputs in a sweep (the layer's module is added by the caller).
@@ -113,7 +117,8 @@ class Recipe:
         out = {"model": self.model, "weights": dict(self.weights or {}),
                "weights_sha256": self.weights_sha256,
                "preprocessing": self.preprocessing, "pooling": self.pooling, "dtype": self.dtype,
-               "precision": self.precision, "input_size": self.input_size, "runtime": self.runtime}
+               "precision": self.precision, "input_size": self.input_size, "runtime": self.runtime,
+               "decode": self.decode}
         if self.image_fingerprint is not None:
             out["image_fingerprint"] = self.image_fingerprint
         return out
@@ -129,7 +134,8 @@ class Recipe:
         return cls(model=attrs.get("model"), weights=weights, preprocessing=attrs.get("preprocessing"),
                    pooling=attrs.get("pooling", "avg"), dtype=attrs.get("dtype", "float32"),
                    precision=attrs.get("precision", "fp32"), input_size=None if size is None else int(size),
-                   image_fingerprint=attrs.get("image_fingerprint"), runtime=attrs.get("runtime") or "torch")
+                   image_fingerprint=attrs.get("image_fingerprint"), runtime=attrs.get("runtime") or "torch",
+                   decode=attrs.get("decode") or "cpu")
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cnncodes.extractor.images import ImageTable, find_images, load_rgb
+from cnncodes.extractor.images import ImageTable, find_images
 
 from cnncodes.pipelines.finetune.freezing import FinetuneError
 
@@ -105,7 +105,7 @@ class ImageDataset(torch.utils.data.Dataset):
         row = int(self.rows[i])
         label = int(self.table.labels[row])
         try:
-            img = load_rgb(self.table.absolute(row))
+            img = self.table.load(row)
         except Exception as e:  # any decode failure: recorded, skipped
             log.debug("skipping %s: %s", self.table.paths[row], e)
             return None, label, row
