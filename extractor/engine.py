@@ -427,6 +427,7 @@ class _CacheRun:
         try:
             pending, stale = ranks.decide(lambda: self._open_writer(writer), "opening the cache")
             state = self._state(pending, stale)
+            t0 = time.perf_counter()
             try:
                 if len(pending):
                     self._prepare_everywhere()
@@ -435,6 +436,8 @@ class _CacheRun:
                 # file system's cached listing of the journal may not show them yet
                 written = ranks.gather([], "finishing their rows")
                 self._take_others(writer.absorb([n for names in written for n in names], wait=60))
+                if ranks.world > 1:  # the rate of all ranks: until the last one's rows are in
+                    self.loop_seconds = time.perf_counter() - t0
             except KeyboardInterrupt:
                 self._take_others(writer.absorb())
                 writer.commit()

@@ -590,7 +590,7 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
 
 @cli.command("sweep")
 @_OFFLINE
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data", callback=_existing_data)
 @click.option("--model", "-m", "models", multiple=True, default=["efficientnet_lite0"], show_default=True,
               help="Backbone; repeat to compare several.")
 @click.option("--weights", "-w", multiple=True, default=["DEFAULT"], show_default=True,
@@ -717,7 +717,7 @@ def _config(data, out, **kw):
 
 @cli.command("finetune")
 @_OFFLINE
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data", callback=_existing_data)
 @click.option("--out", "-o", type=click.Path(file_okay=False),
               help="Run folder [default: runs/<data>-<model>, -scratch with --from-scratch].")
 @click.option("--stages", help="START:EPOCHS,... with START = head, a layer or alias, or all "
@@ -780,7 +780,7 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
 
 @cli.command("compare")
 @_OFFLINE
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data", callback=_existing_data)
 @click.option("--layer", "-l",
               help="The linear probe's layer [default: best of --sweep-report, else penultimate].")
 @click.option("--sweep-report", type=click.Path(exists=True),
