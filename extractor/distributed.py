@@ -24,6 +24,14 @@ class RankFailedError(CnnCodesError):
     """Another rank stopped (died, timed out or failed) while this one needed it."""
 
 
+def _short(e: BaseException) -> str:
+    """gloo's first line without its source location: ``Connection closed by peer [...]``."""
+    import re
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    line = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)
+    return line if len(line) <= 120 else line[:117].rsplit(" ", 1)[0] + "..."
+
+
 def world_size() -> int:
     try:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -65,8 +73,8 @@ class Dist:
             return fn(*args)
         except (RuntimeError, dist.DistError) as e:  # gloo: a closed connection, a timeout
             raise RankFailedError(
-                f"rank {self.rank} of {self.world}: another rank stopped while {what} "
-                f"({str(e).splitlines()[0][:200]}); what was finished is saved, rerun to resume.") from None
+                f"rank {self.rank} of {self.world}: another rank stopped while {what} ({_short(e)}); "
+                f"what was finished is saved, rerun to resume.") from None
 
     def barrier(self, what: str = "waiting for the other ranks") -> None:
         if self.world > 1:
@@ -86,6 +94,7 @@ class Dist:
             return value
         value = self._broadcast(value, what)
         if isinstance(value, BaseException) and not self.main:
+            value.from_rank_0 = True  # rank 0 reports it: the others need not say it again
             raise value
         return value
 

@@ -49,6 +49,7 @@ from .provenance import library_versions
 from .recipe import Recipe
 from .runtimes import RuntimeUnavailableError, label, resolve_runtime, runtime_version
 from .runtimes import requested as requested_runtime
+from .shards import SHARD_DAMAGE
 from .writer import CacheWriter, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,10 @@ def _run_extraction(ranks: Dist, t_start: float, data: Path, out, a: _Settings) 
                             f"system that every rank sees the same way.")
     if table.skipped and ranks.main:
         log.warning("input: %s", table.summary_of_skipped())
+    lost = {k: v for k, v in table.skipped.items() if k in SHARD_DAMAGE}
+    if a.strict and lost:  # a whole shard, or its end, could not be read: --strict promises every image
+        reason, where = next(iter(lost.items()))
+        raise ImageDecodeError(f"{where[0]}: {reason} (stopped by --strict)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with ranks.zero_first("loading the weights"):  # one download into a shared hub cache
         bb = load_backbone(a.model, a.weights)
@@ -412,7 +417,7 @@ class _CacheRun:
         except BaseException:
             writer.close()
             raise
-        return pending, stale
+        return pending, stale + writer.replayed  # a replayed journal is news too, not "up to date"
 
     def _run(self) -> ExtractResult:
         job, ranks = self.job, self.job.ranks

@@ -74,8 +74,10 @@ def slug(name: str) -> str:
 def dataset_name(data: str | os.PathLike) -> str:
     """The name of a data set in default output paths: its folder's name (a manifest's stem),
     resolved, so ``.`` is the folder it means; made safe with :func:`slug`."""
-    if "{" in Path(data).name:  # a brace pattern of tar shards: the folder they are in
-        data = Path(data).parent
+    if "{" in Path(data).name:  # a brace pattern of tar shards: its folder and its own name
+        pattern = Path(data)
+        name = re.sub(r"-*[{},]+-*", "-", pattern.name.removesuffix(".tar")).strip("-")
+        return slug(f"{pattern.parent.resolve().name}-{name}")
     data = Path(data).resolve()
     return slug(data.stem if data.is_file() else data.name)
 

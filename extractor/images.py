@@ -239,7 +239,7 @@ def find_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None 
     """
     from .shards import is_shard_source, shard_table
     if is_shard_source(source):
-        table = shard_table(source, SPLIT_NAMES)
+        table = shard_table(source, SPLIT_NAMES, exclude)
         if not table.paths:
             raise ImageSourceError(f"no images found in the shards of {source}"
                                    + (f" ({table.summary_of_skipped()})" if table.skipped else "") + ".")
@@ -251,6 +251,9 @@ def find_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None 
 
 
 def _from_files(source: Path, exclude, allow_overlap: bool) -> ImageTable:
+    if not source.exists() and any(c in source.name for c in "*?["):
+        raise ImageSourceError(f"{source}: wildcards are not expanded here; name the folder of the shards "
+                               f"or a brace pattern (shards/train-{{000000..000127}}.tar).")
     if not source.exists():
         raise ImageSourceError(f"{source} does not exist: give an image folder, a CSV manifest or tar "
                                f"shards (a folder of .tar files, or a pattern like shards/{{000..127}}.tar).")

@@ -16,12 +16,14 @@ image member's offset and size; a worker then reads a member with one ``pread`` 
 in any process, without unpacking anything. Compressed shards (``.tar.gz``) cannot be read
 that way and are refused.
 
-The split of a shard is read from its name (``train-000012.tar``) or its folder (``val/``).
+The split of a shard is read from its name (``train-000012.tar``) or its folder (``val/``); a
+folder source holds shards at its top or in its split folders.
 """
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import tarfile
 from pathlib import Path
@@ -33,6 +35,11 @@ from .errors import ImageSourceError
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "tif", "tiff", "gif")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _JSON_LABEL_KEYS = ("label", "class", "class_name", "cls", "category")
+# What makes images of a shard unreadable (``extract --strict`` stops on them).
+UNREADABLE = "an unreadable tar shard"
+DAMAGED = "a damaged tar shard (read up to the damage)"
+TRUNCATED = "a truncated tar shard (samples after the cut are missing)"
+SHARD_DAMAGE = (UNREADABLE, DAMAGED, TRUNCATED)
 _COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 
@@ -46,12 +53,28 @@ def is_shard_source(source: str | os.PathLike) -> bool:
     if p.is_file():
         return p.name.endswith(".tar") or p.name.endswith(_COMPRESSED)
     if p.is_dir():
-        try:
-            entries = [e for e in os.scandir(p) if not e.name.startswith(".")]
-        except OSError:
-            return False
-        return any(e.is_file() and e.name.endswith((".tar",) + _COMPRESSED) for e in entries)
+        return bool(_folder_shards(p))
     return False
+
+
+def _tars(folder: Path) -> list[Path]:
+    try:
+        return sorted(q for q in folder.iterdir() if q.is_file() and not q.name.startswith(".")
+                      and q.name.endswith((".tar",) + _COMPRESSED))
+    except OSError:
+        return []
+
+
+def _folder_shards(folder: Path) -> list[Path]:
+    """The shards of a folder: the ``.tar`` files at its top and in its split folders
+    (``train/``, ``val/``, ...; the split is then the folder's)."""
+    from .images import SPLIT_NAMES
+    subs = []
+    try:
+        subs = sorted(q for q in folder.iterdir() if q.is_dir() and q.name.lower() in SPLIT_NAMES)
+    except OSError:
+        pass
+    return _tars(folder) + [t for sub in subs for t in _tars(sub)]
 
 
 def shard_paths(source: str | os.PathLike) -> tuple[Path, list[Path]]:
@@ -59,9 +82,7 @@ def shard_paths(source: str | os.PathLike) -> tuple[Path, list[Path]]:
     s = str(source)
     p = Path(s)
     if p.is_dir():
-        shards = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")
-                        and q.name.endswith((".tar",) + _COMPRESSED))
-        root = p
+        shards, root = _folder_shards(p), p
     elif p.is_file():
         shards, root = [p], p.parent
     else:
@@ -72,12 +93,33 @@ def shard_paths(source: str | os.PathLike) -> tuple[Path, list[Path]]:
             raise ImageSourceError(f"{missing[0]} does not exist ({len(missing)} of the {len(shards)} shards "
                                    f"that {s} names are missing).")
         root = Path(os.path.commonpath([str(q.parent.absolute()) for q in shards]))
-    compressed = [q for q in shards if q.name.endswith(_COMPRESSED)]
+    compressed = [q for q in shards if q.name.endswith(_COMPRESSED) or _gzipped(q)]
     if compressed:
         raise ImageSourceError(f"{compressed[0]} is compressed: its images cannot be read in place. Unpack "
                                f"it to a plain .tar (gunzip keeps the members), as WebDataset shards "
                                f"of images usually are.")
     return root, shards
+
+
+def _gzipped(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def dedupe(shards: list[Path], skipped: dict[str, list[str]]) -> list[Path]:
+    """``shards`` with each file once (a pattern may name one twice, or by two spellings)."""
+    seen, out = set(), []
+    for q in shards:
+        key = os.path.realpath(q)
+        if key in seen:
+            skipped.setdefault("a shard named twice (read once)", []).append(str(q))
+            continue
+        seen.add(key)
+        out.append(q)
+    return out
 
 
 def split_of(shard: Path, splits: dict[str, str]) -> str:
@@ -89,13 +131,13 @@ def split_of(shard: Path, splits: dict[str, str]) -> str:
 def _label(ext: str, data: bytes) -> tuple[str, object] | None:
     """``("name", str)`` or ``("index", int)`` of a label member; None when it holds neither."""
     try:
-        text = data.decode("utf-8").strip()
+        text = data.decode("utf-8-sig").strip()  # an editor's byte-order mark is no part of a name
     except UnicodeDecodeError:
         return None
     if ext == "txt":
         return ("name", text) if text else None
     if ext == "cls":
-        return ("index", int(text)) if re.fullmatch(r"-?\d+", text) else None
+        return ("index", int(text)) if re.fullmatch(r"\d+", text) else None
     try:
         value = json.loads(text)
     except ValueError:
@@ -105,7 +147,7 @@ def _label(ext: str, data: bytes) -> tuple[str, object] | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return "index", value
+        return ("index", value) if value >= 0 else None
     if isinstance(value, str) and value.strip():
         return "name", value.strip()
     return None
@@ -126,15 +168,19 @@ def index_shard(path: Path, skipped: dict[str, list[str]]) -> list[tuple[str, in
                 try:
                     m = tf.next()
                 except tarfile.ReadError as e:  # a truncated or damaged shard: keep what came before
-                    skipped.setdefault("a damaged tar shard (read up to the damage)", []).append(
+                    skipped.setdefault(DAMAGED, []).append(
                         f"{name}: {e}")
                     break
                 if m is None:
                     break
-                if not m.isfile():
+                if m.isdir():
                     continue
-                match = _KEY_EXT.match(m.name)
-                if not match or Path(m.name).name.startswith("."):
+                if not m.isfile():
+                    skip("a tar member that is no regular file (a link, a device)", m.name)
+                    continue
+                member = posixpath.normpath(m.name).lstrip("/")  # ./a.jpg and /a.jpg are a.jpg
+                match = _KEY_EXT.match(member)
+                if not match or Path(member).name.startswith("."):
                     skip("a tar member without a key.extension name", m.name)
                     continue
                 key, ext = match.group(1), match.group(2).lower()
@@ -162,10 +208,9 @@ def index_shard(path: Path, skipped: dict[str, list[str]]) -> list[tuple[str, in
             end = path.stat().st_size
             if len(tail) < 512 or tail.strip(b"\0") or any(
                     sum(sample["image"]) > end for sample in samples.values() if "image" in sample):
-                skipped.setdefault("a truncated tar shard (samples after the cut are missing)",
-                                   []).append(name)
+                skipped.setdefault(TRUNCATED, []).append(name)
     except (tarfile.ReadError, OSError) as e:  # not a tar at all, or empty: passed over, counted
-        skipped.setdefault("an unreadable tar shard", []).append(f"{name} ({e})")
+        skipped.setdefault(UNREADABLE, []).append(f"{name} ({e})")
         return []
     out = []
     for key, sample in samples.items():
@@ -176,13 +221,18 @@ def index_shard(path: Path, skipped: dict[str, list[str]]) -> list[tuple[str, in
     return out
 
 
-def shard_table(source: str | os.PathLike, splits: dict[str, str]):
-    """The :class:`~.images.ImageTable` of a shard source (see the module docstring)."""
+def shard_table(source: str | os.PathLike, splits: dict[str, str], exclude=None):
+    """The :class:`~.images.ImageTable` of a shard source (see the module docstring);
+    ``exclude`` is the output file (never a shard, should it be named ``.tar``)."""
     from .images import ImageTable
     root, shards = shard_paths(source)
+    skipped: dict[str, list[str]] = {}
+    shards = dedupe(shards, skipped)
+    if exclude is not None:
+        out = os.path.realpath(exclude)
+        shards = [q for q in shards if os.path.realpath(q) != out]
     if not shards:
         raise ImageSourceError(f"{source} names no .tar shards.")
-    skipped: dict[str, list[str]] = {}
     paths, labels_raw, split_col, members, shard_names, stats = [], [], [], [], [], []
     for s, shard in enumerate(shards):
         rel = _relative(shard, root)
@@ -200,11 +250,16 @@ def shard_table(source: str | os.PathLike, splits: dict[str, str]):
         skipped.setdefault("samples labelled by a .cls index beside samples with class names (the index "
                            "is taken as the class name)", []).extend(
             p for p, v in zip(paths, labels_raw) if v and v[0] == "index")
-    names = {str(v[1]) for v in labels_raw if v}
-    numeric = all(re.fullmatch(r"-?\d+", n) for n in names)
-    classes = sorted(names, key=(lambda n: int(n)) if numeric else None)
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[str(v[1])] if v else -1 for v in labels_raw], dtype=np.int64)
+    if kinds == {"index"}:
+        # .cls indices only: the label is the index itself, so shard sets that lack different
+        # classes (a train and a test set) still agree; classes are named by their index
+        top = max(v[1] for v in labels_raw if v)
+        classes = [str(i) for i in range(top + 1)]
+        labels = np.array([v[1] if v else -1 for v in labels_raw], dtype=np.int64)
+    else:
+        classes = sorted({str(v[1]) for v in labels_raw if v})
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[str(v[1])] if v else -1 for v in labels_raw], dtype=np.int64)
     if (labels < 0).any():
         skipped.setdefault("unlabelled samples (extracted; classifiers leave them out)", []).extend(
             p for p, y in zip(paths, labels.tolist()) if y < 0)

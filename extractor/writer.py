@@ -71,7 +71,7 @@ class CacheWriter:
         shutil.copyfile(self.path, self.work)  # a working copy left by a killed session is stale
         self._f = h5py.File(self.work, "r+")
         self._status = self._f["images/status"][()]
-        self.absorb()  # replay what a killed session finished
+        self.replayed = len(self.absorb())  # replay what a killed session finished
         return self
 
     @staticmethod

@@ -312,8 +312,13 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
                     strict=strict, overwrite=overwrite, allow_overlap=allow_overlap,
                     progress=False if quiet else None, runtime=runtime, decode=decode)
     except ExtractionInterrupted as e:
-        click.echo(str(e), err=True)
+        if main:  # the other ranks' shards are in rank 0's count
+            click.echo(str(e), err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except CnnCodesError as e:
+        if getattr(e, "from_rank_0", False):  # rank 0 says it
+            sys.exit(1)
+        raise
     if not main:
         return
     for path, err in r.failures[:10]:

@@ -161,3 +161,58 @@ def test_shard_sources_refused_with_one_line(tmp_path):
         add_member(tf, "x.png", write_image(tmp_path / "x.png", seed=1).read_bytes())
     t = find_images(tmp_path / "n")
     assert t.paths == ["c.tar/x"] and len(t.skipped["an unreadable tar shard"]) == 2
+
+
+def test_shard_sources_of_every_shape(tmp_path):
+    from cnncodes.extractor.engine import default_cache_path
+    png = write_image(tmp_path / "x.png", seed=2).read_bytes()
+
+    def shard(path: Path, members):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as tf:
+            for name, data in members:
+                add_member(tf, name, data)
+            link = tarfile.TarInfo("link.png")
+            link.type, link.linkname = tarfile.SYMTYPE, "a.png"
+            tf.addfile(link)
+        return path
+
+    # .cls indices are the labels themselves (a test set lacking classes agrees with its train set)
+    bom = b"\xef\xbb\xbf"
+    shard(tmp_path / "d" / "train" / "0.tar", [("./a.png", png), ("a.cls", b"5"), ("/b.png", png),
+                                                ("b.cls", b"-3"), ("c.png", png), ("c.txt", bom + b"cat")])
+    shard(tmp_path / "d" / "val" / "0.tar", [("e.png", png), ("e.cls", b"2")])
+    t = find_images(tmp_path / "d")  # shards in split folders
+    assert t.paths == ["train/0.tar/a", "train/0.tar/b", "train/0.tar/c", "val/0.tar/e"]
+    assert t.splits == ["train", "train", "train", "val"]
+    assert [t.classes[i] if i >= 0 else None for i in t.labels] == ["5", None, "cat", "2"]
+    assert "a tar member that is no regular file (a link, a device)" in t.skipped
+    only_index = find_images(tmp_path / "d" / "val")
+    assert only_index.classes == ["0", "1", "2"] and only_index.labels.tolist() == [2]
+    # a shard named twice is read once; a pattern's default cache is named after it
+    pattern = str(tmp_path / "d" / "train" / "{0,0}.tar")
+    t = find_images(pattern)
+    assert len(t) == 3 and "a shard named twice (read once)" in t.skipped
+    assert default_cache_path(pattern, "m").name == "train-0-0-m.h5"
+    assert default_cache_path(tmp_path / "d", "m").name == "d-m.h5"
+    # gzip data named .tar, and wildcards, are refused with a hint
+    (tmp_path / "g").mkdir()
+    with tarfile.open(tmp_path / "g" / "a.tar", "w:gz") as tf:
+        add_member(tf, "x.png", png)
+    with pytest.raises(ImageSourceError, match="compressed"):
+        find_images(tmp_path / "g")
+    with pytest.raises(ImageSourceError, match="wildcards"):
+        find_images(tmp_path / "d" / "train" / "*.tar")
+
+
+def test_strict_stops_on_a_shard_it_cannot_read(tmp_path):
+    png = write_image(tmp_path / "x.png", seed=2).read_bytes()
+    (tmp_path / "s").mkdir()
+    with tarfile.open(tmp_path / "s" / "a.tar", "w") as tf:
+        add_member(tf, "a.png", png)
+    (tmp_path / "s" / "b.tar").write_bytes(b"")
+    kw = dict(model="timm:test_resnet", weights="none", runtime="torch")
+    with pytest.raises(extractor.ImageDecodeError, match="unreadable tar shard"):
+        extractor.extract(tmp_path / "s", tmp_path / "c.h5", strict=True, **kw)
+    r = extractor.extract(tmp_path / "s", tmp_path / "c.h5", **kw)
+    assert r.done == 1 and r.skipped["an unreadable tar shard"] == 1

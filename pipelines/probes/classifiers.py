@@ -194,8 +194,11 @@ def _check_classes(y: np.ndarray, classes: list[str], folds: int) -> None:
     small = [(classes[c], n) for c, n in zip(present, counts) if n < folds]
     if small:
         names = ", ".join(f"{name} ({n})" for name, n in small[:5])
+        fix = f"Use --folds {int(counts.min())} or fewer." if counts.min() >= 2 else \
+            "Cross-validation needs 2 training images per class at least: merge those classes, add images, " \
+            "or leave them out of the data."
         raise CodesError(f"{len(small)} classes have fewer training images than --folds {folds}: {names}. "
-                         f"Use --folds {max(2, int(counts.min()))} or fewer.")
+                         f"{fix}")
 
 
 def split_rows(codes: Codes, holdout: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
