@@ -626,6 +626,7 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
     only the layers it lacks), scores each layer with LogME (training-free), cross-validates a
     linear classifier on each, and writes index.html, sweep.md/.csv/.json, sweep.png and the
     best layer's confusion matrix. Interrupt and rerun: finished extractions and fits are kept.
+    DATA is what extract reads: an image folder, a CSV manifest or WebDataset tar shards.
 
     \b
     Examples:
@@ -739,6 +740,8 @@ def _config(data, out, **kw):
 def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, overwrite, quiet, as_json,
                  **kw) -> None:
     """Fine-tune a pretrained network on DATA in stages, freezing the early layers.
+
+    DATA is what extract reads: an image folder, a CSV manifest or WebDataset tar shards.
 
     The classifier is replaced by a new head sized to DATA's classes. Each stage START:EPOCHS
     trains START and everything after it (head = the head alone, a module or block:K = that
