@@ -116,6 +116,8 @@ def make_encoder(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, 
     # a runtime takes the whole batch: its kernels do not page-fault as PyTorch's large
     # activations do, so the allocator-friendly micro-batches are PyTorch's alone
     micro = batch_size if prepared.tapper is not None else micro_batch_size(dev, batch_size, probe, taps)
+    if prepared.tapper is not None:
+        prepared.tapper.warm_up(min(batch_size, len(table)) or 1, bb.input_size)
     split = bb.split  # per-image PIL part in the decoders, float arithmetic per batch in the encoder
     decoder = None
     if decode == "gpu":
