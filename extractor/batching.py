@@ -10,7 +10,6 @@ uninterrupted run would have formed, and on the CPU its codes are bitwise identi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 
 import numpy as np
@@ -52,7 +51,7 @@ class EncodedImages(DecodedImages):
             data, mtime = self.table.read(i)
         except OSError as e:
             return i, None, f"{type(e).__name__}: {e}".strip()[:500], content
-        content.sha256, content.size, content.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), mtime
+        content.record(data, mtime)
         return i, data, "" if data else "OSError: empty file", content
 
 

@@ -206,7 +206,7 @@ def _run_extraction(ranks: Dist, t_start: float, data: Path, out, a: _Settings) 
     # Never scan the output folder as data (`extract .` from the data root writes cache/ there).
     # Every rank reads the same image list (the rows are its order); rank 0 checks that they agree.
     table = find_images(data, exclude=out, allow_overlap=a.allow_overlap)
-    if len(set(ranks.gather(table.list_fingerprint(), "reading the image list"))) > 1:
+    if ranks.world > 1 and len(set(ranks.gather(table.list_fingerprint(), "reading the image list"))) > 1:
         raise SettingsError(f"the ranks read different image lists from {data}: run torchrun on a file "
                             f"system that every rank sees the same way.")
     if table.skipped and ranks.main:

@@ -239,7 +239,7 @@ def find_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None 
     """
     from .shards import is_shard_source, shard_table
     if is_shard_source(source):
-        table = shard_table(source, SPLIT_NAMES, exclude)
+        table = shard_table(source, exclude)
         if not table.paths:
             raise ImageSourceError(f"no images found in the shards of {source}"
                                    + (f" ({table.summary_of_skipped()})" if table.skipped else "") + ".")
@@ -278,15 +278,6 @@ def file_stat(path: str | os.PathLike) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes; "" when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return ""
-
-
 @dataclass
 class Content:
     """What an image file held when it was decoded: the bytes' sha256, size and mtime."""
@@ -294,6 +285,10 @@ class Content:
     sha256: str = ""
     size: int = -1
     mtime_ns: int = -1
+
+    def record(self, data: bytes, mtime_ns: int) -> None:
+        """Identify ``data``, read from a file (or tar shard) of mtime ``mtime_ns``."""
+        self.sha256, self.size, self.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), mtime_ns
 
 
 def _from_folder(root: Path, exclude: Path | None) -> ImageTable:
@@ -401,7 +396,7 @@ def load_rgb(path: str | os.PathLike, content: Content | None = None) -> Image.I
 def decode_rgb(data: bytes, name: str, content: Content | None = None, mtime_ns: int = -1) -> Image.Image:
     """:func:`load_rgb` of bytes already read (``name`` for messages)."""
     if content is not None:
-        content.sha256, content.size, content.mtime_ns = hashlib.sha256(data).hexdigest(), len(data), mtime_ns
+        content.record(data, mtime_ns)
     if not data:
         raise OSError("empty file")
     try:

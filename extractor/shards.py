@@ -122,8 +122,9 @@ def dedupe(shards: list[Path], skipped: dict[str, list[str]]) -> list[Path]:
     return out
 
 
-def split_of(shard: Path, splits: dict[str, str]) -> str:
+def split_of(shard: Path) -> str:
     """``train`` for ``train-000012.tar`` or ``train/000012.tar``; ``""`` when neither says."""
+    from .images import SPLIT_NAMES as splits
     first = re.split(r"[-_.]", shard.name, maxsplit=1)[0].lower()
     return splits.get(first) or splits.get(shard.parent.name.lower(), "")
 
@@ -221,10 +222,10 @@ def index_shard(path: Path, skipped: dict[str, list[str]]) -> list[tuple[str, in
     return out
 
 
-def shard_table(source: str | os.PathLike, splits: dict[str, str], exclude=None):
+def shard_table(source: str | os.PathLike, exclude=None):
     """The :class:`~.images.ImageTable` of a shard source (see the module docstring);
     ``exclude`` is the output file (never a shard, should it be named ``.tar``)."""
-    from .images import ImageTable
+    from .images import ImageTable, _relative
     root, shards = shard_paths(source)
     skipped: dict[str, list[str]] = {}
     shards = dedupe(shards, skipped)
@@ -235,11 +236,11 @@ def shard_table(source: str | os.PathLike, splits: dict[str, str], exclude=None)
         raise ImageSourceError(f"{source} names no .tar shards.")
     paths, labels_raw, split_col, members, shard_names, stats = [], [], [], [], [], []
     for s, shard in enumerate(shards):
-        rel = _relative(shard, root)
+        rel = _relative(shard.absolute(), root.absolute())
         shard_names.append(rel)
         st = shard.stat()
         stats.append((st.st_size, st.st_mtime_ns))
-        split = split_of(shard, splits)
+        split = split_of(shard)
         for key, offset, size, label in index_shard(shard, skipped):
             paths.append(f"{rel}/{key}")
             labels_raw.append(label)
@@ -267,13 +268,6 @@ def shard_table(source: str | os.PathLike, splits: dict[str, str], exclude=None)
     table.archives = TarMembers(shard_names, np.array(members, dtype=np.int64).reshape(-1, 3), stats)
     table.skipped = skipped
     return table
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.absolute().relative_to(root.absolute()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 class TarMembers:

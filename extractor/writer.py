@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -90,7 +91,6 @@ class CacheWriter:
         ``expected`` names shards known to exist (the other ranks said so): each is looked up
         by name, for up to ``wait`` seconds, because a network file system's cached listing of
         the folder may not show another machine's files yet."""
-        import time
         out = []
         deadline = time.monotonic() + wait
         named = [self.journal.dir / n for n in expected]
