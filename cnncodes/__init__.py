@@ -15,17 +15,22 @@ Examples
 >>> with cnncodes.open_cache(r.path) as cache:                               # doctest: +SKIP
 ...     X, y = cache.codes("stage3"), cache.labels
 """
-from importlib import metadata as _metadata
-
 from ._lazy import lazy_exports
 
-try:
-    __version__ = _metadata.version("cnncodes")
-except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0+unknown"
-
-__getattr__, __dir__ = lazy_exports(__name__, {
+_exports_getattr, __dir__ = lazy_exports(__name__, {
     "extract": ".extractor", "open_cache": ".extractor", "list_layers": ".extractor",
     "list_models": ".extractor", "load_backbone": ".extractor", "Recipe": ".extractor",
     "CnnCodesError": ".extractor",
 })
+
+
+def __getattr__(name: str):
+    if name == "__version__":  # looked up when asked for: importlib.metadata costs 35 ms
+        from importlib import metadata
+        try:
+            version = metadata.version("cnncodes")
+        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+            version = "0+unknown"
+        globals()["__version__"] = version
+        return version
+    return _exports_getattr(name)

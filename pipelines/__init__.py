@@ -2,7 +2,7 @@
 
 Rooms, one per capability:
 
-- :mod:`.probes`: reading codes, linear probes (scikit-learn and the batched torch solver),
+- :mod:`.probes`: reading codes, linear probes (scikit-learn and the batched solver),
   LogME, saved models, ``evaluate`` and ``predict``;
 - :mod:`.sweep`: depth vs accuracy over layers and backbones, with its report;
 - :mod:`.finetune`: staged fine-tuning, its data, freezing rules, checkpoints and report;

@@ -424,9 +424,10 @@ def _fit_options(fn):
                      help="Without a test split in the cache: keep this stratified share as the test."),
         click.option("--allow-incomplete", is_flag=True,
                      help="Use the finished rows of an incomplete cache."),
-        click.option("--solver", type=click.Choice(["auto", "sklearn", "torch"]), default="auto",
-                     show_default=True, help="torch: the folds of each C fitted at once as one batched "
-                     "problem (GPU when present); auto: torch unless --pca."),
+        click.option("--solver", type=click.Choice(["auto", "sklearn", "batched", "torch"]), default="auto",
+                     show_default=True, help="batched: the folds of each C fitted at once as one problem "
+                     "(numpy on the CPU, torch on a GPU when present; 'torch' is its former name); "
+                     "auto: batched unless --pca."),
         click.option("--n-jobs", "-j", type=int, default=1, show_default=True,
                      help="Folds fitted in parallel (threads; the codes are shared, not copied)."),
         click.option("--report", "report_dir", type=click.Path(file_okay=False),
@@ -447,7 +448,6 @@ def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete,
 
     from cnncodes.pipelines.probes.artifacts import save_model
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
-    from cnncodes.pipelines.reports import write_fit_report
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
     for path, is_folder in ((out, False), (report_dir, True)):  # before the fit, not after it
@@ -459,7 +459,8 @@ def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete,
     summary = r.as_dict()
     if out:  # the model first: an optional report that fails must not lose the fit
         summary["model_file"] = str(save_model(r, out, overwrite=overwrite))
-    if report_dir:
+    if report_dir:  # imported here: scikit-learn's metrics (2 s of imports) only for a report
+        from cnncodes.pipelines.reports import write_fit_report
         summary["report"] = {k: str(v) for k, v in write_fit_report(r, report_dir).items()}
     if as_json:
         _echo_json(summary)
@@ -554,7 +555,7 @@ def _sweep_options(fn):
     """Options shared by sweep and demo (what to fit and how)."""
     options = [
         *_CV_OPTIONS,
-        click.option("--solver", type=click.Choice(["auto", "sklearn", "torch"]), default="auto",
+        click.option("--solver", type=click.Choice(["auto", "sklearn", "batched", "torch"]), default="auto",
                      show_default=True, help="As for fit-svm."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True),

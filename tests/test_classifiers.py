@@ -73,7 +73,7 @@ def test_normalisation_is_fitted_inside_each_fold(tmp_path, monkeypatch):
         return original(self, data, y, **kw)
     monkeypatch.setattr(StandardScaler, "fit", spy)
     # the scikit-learn path's Pipeline (the batched solver's per-fold moments are checked
-    # against it in test_torch_linear.py)
+    # against it in test_batched.py)
     r = fit_linear_probe(tmp_path / "c.h5", c_grid="0.1,1", folds=3, solver="sklearn")
     rows = [tuple(np.round(row, 5)) for row in X]
     for k in range(3):
@@ -165,12 +165,12 @@ def test_cli_fit_json_report_and_errors(tmp_path):
 
 @pytest.mark.parametrize("classifier", ["svm", "softmax"])
 @pytest.mark.parametrize("norm", ["standard", "power"])
-def test_torch_solver_matches_scikit_learn_on_the_same_grid_and_folds(tmp_path, classifier, norm):
+def test_batched_solver_matches_scikit_learn_on_the_same_grid_and_folds(tmp_path, classifier, norm):
     make_cache(tmp_path / "c.h5", n_per_class=30, classes=4, dim=16, seed=3)
     kw = dict(classifier=classifier, c_grid="0.01,0.1,1", norm=norm, folds=4)
     a = fit_linear_probe(tmp_path / "c.h5", solver="sklearn", **kw)
-    b = fit_linear_probe(tmp_path / "c.h5", solver="torch", **kw)
-    assert (a.solver, b.solver) == ("sklearn", "torch")
+    b = fit_linear_probe(tmp_path / "c.h5", solver="batched", **kw)
+    assert (a.solver, b.solver) == ("sklearn", "batched")
     assert np.array_equal(a.fold_of_row, b.fold_of_row)
     for ga, gb in zip(a.grid, b.grid):
         assert abs(ga["mean"] - gb["mean"]) <= 0.02  # 120 rows: one row is 0.8 points
@@ -181,20 +181,30 @@ def test_torch_solver_matches_scikit_learn_on_the_same_grid_and_folds(tmp_path, 
     assert type(loaded[-1]).__name__ == ("LinearSVC" if classifier == "svm" else "LogisticRegression")
     X = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)
     np.testing.assert_array_equal(loaded.predict(X), b.pipeline.predict(X))
+    np.testing.assert_allclose(loaded.decision_function(X), b.pipeline.decision_function(X), rtol=1e-6,
+                               atol=1e-9)
+    if classifier == "softmax":
+        np.testing.assert_allclose(loaded.predict_proba(X), b.pipeline.predict_proba(X), rtol=1e-6,
+                                   atol=1e-12)
+    else:
+        assert not hasattr(b.pipeline, "predict_proba") and not hasattr(loaded, "predict_proba")
+    assert type(b.pipeline.to_pipeline()[-1]) is type(loaded[-1])
+    # "torch", the batched solver's former name, still selects it
+    assert fit_linear_probe(tmp_path / "c.h5", solver="torch", **kw).solver == "batched"
 
 
-def test_torch_solver_refuses_pca(tmp_path):
+def test_batched_solver_refuses_pca(tmp_path):
     make_cache(tmp_path / "c.h5")
     with pytest.raises(ValueError, match="does not do PCA"):
-        fit_linear_probe(tmp_path / "c.h5", solver="torch", pca=4)
+        fit_linear_probe(tmp_path / "c.h5", solver="batched", pca=4)
     assert fit_linear_probe(tmp_path / "c.h5", pca=4, c_grid="1").solver == "sklearn"
 
 
 @pytest.mark.parametrize("classifier,norm,pca,solver", [
     ("svm", "standard", None, "sklearn"), ("softmax", "l2", None, "sklearn"),
     ("svm", "power", "whiten", "sklearn"),
-    ("softmax", "none", 3, "sklearn"), ("softmax", "standard", None, "torch"),
-    ("svm", "power", None, "torch")])
+    ("softmax", "none", 3, "sklearn"), ("softmax", "standard", None, "batched"),
+    ("svm", "power", None, "batched"), ("softmax", "l2", None, "batched"), ("svm", "none", None, "batched")])
 def test_saved_models_are_arrays_that_run_no_code_and_predict_the_same(tmp_path, classifier, norm,
                                                                        pca, solver):
     import zipfile
@@ -216,3 +226,32 @@ def test_saved_models_are_arrays_that_run_no_code_and_predict_the_same(tmp_path,
         np.testing.assert_allclose(m.pipeline.predict_proba(X), r.pipeline.predict_proba(X),
                                    rtol=1e-5, atol=1e-6)
     assert (m.classes, m.layer, m.C) == (list(r.classes), "l1", r.C)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("folds", [2, 3, 5])
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_folds_and_scores_are_scikit_learns(seed, folds):
+    """The numpy copies the fit commands use instead of importing scikit-learn give its folds
+    exactly and its scores, on labels of uneven classes in a shuffled order."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+    from sklearn.model_selection import StratifiedKFold
+
+    from cnncodes.pipelines.probes.metrics import classification_scores, confusion, stratified_kfold
+    rng = np.random.default_rng(seed)
+    for y in (rng.permutation(np.repeat(np.arange(7), [5, 9, 13, 6, 30, 5, 8])), rng.integers(0, 3, 101),
+              np.array([3, 3, 1, 1, 1, 2, 2, 2, 2, 3, 1, 2])):
+        if np.bincount(y)[np.bincount(y) > 0].min() < folds:
+            continue
+        theirs = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y))
+        mine = stratified_kfold(y, folds, seed)
+        assert len(mine) == len(theirs)
+        for (a, b), (c, d) in zip(mine, theirs):
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, d)
+        pred = np.where(rng.random(len(y)) < 0.3, rng.integers(0, 9, len(y)), y)  # classes y lacks too
+        acc, bal, f1 = classification_scores(y, pred)
+        assert acc == pytest.approx(accuracy_score(y, pred))
+        assert bal == pytest.approx(balanced_accuracy_score(y, pred))
+        assert f1 == pytest.approx(f1_score(y, pred, average="macro"))
+        np.testing.assert_array_equal(confusion(y, pred, 9), confusion_matrix(y, pred, labels=np.arange(9)))

@@ -120,6 +120,27 @@ print("TORCH", sorted(k for k in sys.modules if k == "torch" or k.startswith("to
     assert json.loads(out.stdout[:out.stdout.index("Usage:")])["done"] == 40
 
 
+def test_the_fit_commands_import_neither_torch_nor_scikit_learn(tmp_path):
+    """fit-svm / fit-softmax with the batched solver on the CPU: numpy, h5py and click only
+    (importing torch and scikit-learn costs seconds, more than such a fit takes)."""
+    cache = toy_cache(tmp_path / "c.h5")
+    code = f"""
+import sys, json
+from cnncodes.pipelines.cli import cli
+for clf in ("fit-svm", "fit-softmax"):
+    cli([clf, "--cache", {str(cache)!r}, "--layer", "l1", "--folds", "2", "--c-grid", "0.1,1", "--json",
+         "--out", {str(tmp_path)!r} + "/" + clf + ".joblib"], standalone_mode=False)
+print("HEAVY", sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "sklearn", "scipy")))
+"""
+    out = run_python(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("HEAVY []"), out.stdout[-500:]
+    assert '"solver": "batched"' in out.stdout
+    from cnncodes.pipelines.probes.artifacts import load_model
+    m = load_model(tmp_path / "fit-softmax.joblib")
+    assert type(m.pipeline[-1]).__name__ == "LogisticRegression" and m.has_proba
+
+
 # --- one Recipe ----------------------------------------------------------------------------------
 
 def test_recipe_round_trips_through_attrs_and_words_its_differences():

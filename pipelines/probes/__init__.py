@@ -1,6 +1,7 @@
 """Linear probes on cached codes: reading them, fitting, scoring, saving, predicting.
 
-``codes`` and ``classifiers`` (with the scikit-learn solver) never import torch.
+``codes`` and ``classifiers`` never import torch on a CPU; with the batched solver (the default)
+nor scikit-learn.
 """
 from cnncodes._lazy import lazy_exports
 

@@ -15,8 +15,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import joblib
-
 from cnncodes.extractor.errors import CnnCodesError
 from cnncodes.extractor.files import atomic_write, write_text_atomic
 from cnncodes.extractor.provenance import library_versions, sha256_of
@@ -69,6 +67,7 @@ def save_model(result, path: str | os.PathLike, overwrite: bool = False) -> Path
     try:
         model_arrays.pipeline_to_arrays(result.pipeline)
     except model_arrays.NotArrays:  # a pipeline cnncodes did not fit: only a pickle holds it
+        import joblib
         return _publish(path, lambda tmp: joblib.dump({**payload, "version": 1}, tmp, compress=3))
     return _publish(path, lambda tmp: model_arrays.write(tmp, payload))
 
@@ -114,6 +113,7 @@ def load_model(path: str | os.PathLike) -> SavedModel:
                              f"saving; refusing to unpickle it.")
     if arrays:
         return _saved(_read_arrays(path), path)
+    import joblib  # imported here: only pickles need it (50 ms of every fit command otherwise)
     try:
         payload = joblib.load(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file

@@ -1,8 +1,11 @@
 """Linear classifiers on cached CNN codes: cross-validated C, honest test scores.
 
-A classifier is a scikit-learn ``Pipeline`` (normalise -> optional PCA -> LinearSVC or
-multinomial LogisticRegression). Cross-validation refits the whole pipeline in every fold, so
-normalisation and PCA never see held-out rows.
+A classifier is normalise -> optional PCA -> LinearSVC or multinomial LogisticRegression: a
+scikit-learn ``Pipeline`` with ``--solver sklearn``, or the batched solver's
+:class:`~.linear_model.LinearProbe` (the same formulas, saved as that Pipeline).
+Cross-validation fits the normalisation (and PCA) in every fold, so they never see held-out
+rows. With the batched solver (the default) nothing here imports scikit-learn or torch: the
+folds and scores are :mod:`.metrics`' copies of scikit-learn's.
 """
 from __future__ import annotations
 
@@ -11,30 +14,19 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
-from sklearn.model_selection import StratifiedKFold, train_test_split
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
-from sklearn.svm import LinearSVC
 
 from cnncodes.extractor.errors import SettingsError
 from cnncodes.extractor.recipe import Recipe
 
 from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
+from cnncodes.pipelines.probes.linear_model import signed_sqrt
+from cnncodes.pipelines.probes.metrics import classification_scores, confusion, stratified_kfold
 
 CLASSIFIERS = ("svm", "softmax", "knn")
 LINEAR = ("svm", "softmax")
 NORMS = ("standard", "l2", "power", "none")
 DEFAULT_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 C_RANGE = (1e-8, 1e8)
-
-
-def signed_sqrt(X):
-    """Power normalisation's first half (Perronnin et al. 2010): sign(x) * sqrt(|x|)."""
-    return np.sign(X) * np.sqrt(np.abs(X))
 
 
 def parse_c_grid(text: str | None) -> tuple[float, ...]:
@@ -70,11 +62,12 @@ def parse_pca(value) -> int | str | None:
     return n
 
 
-SOLVERS = ("auto", "sklearn", "torch")
+SOLVERS = ("auto", "sklearn", "batched", "torch")  # torch: the batched solver's former name
 
 
 def normalisation_steps(norm: str) -> list:
     """The (unfitted) normalisation steps of every probe's Pipeline, by ``--norm``."""
+    from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
     if norm == "standard":
         return [("scale", StandardScaler())]
     if norm == "l2":
@@ -86,12 +79,16 @@ def normalisation_steps(norm: str) -> list:
 
 def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=None, *,
                   n_samples: int | None = None, n_features: int | None = None, seed: int = 0,
-                  solver: str = "sklearn") -> Pipeline:
+                  solver: str = "sklearn"):
     """The estimator fitted in every fold and at the end.
 
     ``dual`` of LinearSVC is chosen by shape (the dual problem is smaller when there are fewer
     samples than features), as liblinear's documentation advises.
     """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.svm import LinearSVC
     if classifier not in LINEAR:
         raise SettingsError(f"classifier must be one of {', '.join(LINEAR)}, got {classifier!r}.")
     if norm not in NORMS:
@@ -101,9 +98,9 @@ def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=N
     if pca is not None:
         steps.append(("pca", PCA(n_components=None if pca == "whiten" else pca,
                                  whiten=pca == "whiten", random_state=seed)))
-    if solver == "torch":
-        from cnncodes.pipelines.probes.torch_linear import TorchLinearClassifier
-        clf = TorchLinearClassifier(loss="squared_hinge" if classifier == "svm" else "log_loss", C=C)
+    if solver in ("batched", "torch"):
+        from cnncodes.pipelines.probes.estimator import BatchedLinearClassifier
+        clf = BatchedLinearClassifier(loss="squared_hinge" if classifier == "svm" else "log_loss", C=C)
     elif classifier == "svm":
         dual = bool(n_samples is not None and n_features is not None and n_samples < n_features)
         clf = LinearSVC(C=C, dual=dual, max_iter=5000, random_state=seed)
@@ -133,7 +130,7 @@ class FitResult:
     norm: str
     pca: int | str | None
     classes: list[str]
-    pipeline: Pipeline = field(repr=False)
+    pipeline: object = field(repr=False)              # LinearProbe, or a scikit-learn Pipeline
     fold_of_row: np.ndarray = field(repr=False)      # fold index of each training row
     train_rows: np.ndarray = field(repr=False)       # cache rows used for training
     test_rows: np.ndarray = field(repr=False)
@@ -184,7 +181,7 @@ class FitResult:
 
     def confusion(self) -> np.ndarray:
         _, truth, pred = self.evaluated()
-        return confusion_matrix(truth, pred, labels=np.arange(len(self.classes)))
+        return confusion(truth, pred, len(self.classes))
 
 
 def _check_classes(y: np.ndarray, classes: list[str], folds: int) -> None:
@@ -211,6 +208,7 @@ def split_rows(codes: Codes, holdout: float | None, seed: int) -> tuple[np.ndarr
     if codes.has_test_split:
         return idx[codes.splits != "test"], idx[codes.splits == "test"]
     if holdout:
+        from sklearn.model_selection import train_test_split
         if not 0 < holdout < 1:
             raise SettingsError(f"--holdout must be between 0 and 1, got {holdout}.")
         return tuple(np.sort(a) for a in train_test_split(idx, test_size=holdout, stratify=codes.y,
@@ -243,9 +241,10 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     pca : int or 'whiten', optional
     holdout : float, optional
         Without test split in the cache, keep this stratified share aside as the test.
-    solver : {'auto', 'sklearn', 'torch'}
-        ``torch`` fits every fold of a C at once as one batched problem (float32, GPU if present);
-        ``auto`` uses it unless PCA is asked for.
+    solver : {'auto', 'sklearn', 'batched'}
+        ``batched`` fits every fold of a C at once as one batched problem (float32; numpy on the
+        CPU, torch on CUDA when present); ``auto`` uses it unless PCA is asked for. ``torch`` is
+        its former name.
 
     Examples
     --------
@@ -268,7 +267,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         if norm not in knn_probe.KNN_NORMS or parse_pca(pca) is not None:
             raise SettingsError(f"the k-NN probe takes --norm {' or '.join(knn_probe.KNN_NORMS)} (cosine "
                                 f"similarity of unit rows) and no --pca, got --norm {norm}.")
-        solver = "torch"
+        solver = "batched"
     else:
         grid = parse_c_grid(c_grid if not isinstance(c_grid, (list, tuple))
                             else ",".join(str(float(c)) for c in c_grid))
@@ -276,17 +275,18 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         raise SettingsError(f"--folds must be >= 2, got {folds}.")
     if solver not in SOLVERS:
         raise SettingsError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
-    if solver == "torch" and parse_pca(pca) is not None:
-        raise SettingsError("--solver torch does not do PCA; use --solver sklearn with --pca.")
+    if solver == "torch":
+        solver = "batched"
+    if solver == "batched" and parse_pca(pca) is not None:
+        raise SettingsError("--solver batched does not do PCA; use --solver sklearn with --pca.")
     codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete)
     train, test = split_rows(codes, holdout, seed)
     # every row trains (no test split): the codes themselves, not a copy
     X = codes.X if len(train) == len(codes.y) else codes.X[train]
     y = codes.y[train]
     _check_classes(y, codes.classes, folds)
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     fold_of_row = np.empty(len(y), dtype=np.int64)
-    splits = list(cv.split(X, y))
+    splits = stratified_kfold(y, folds, seed)
     for k, (_, held) in enumerate(splits):
         fold_of_row[held] = k
     if knn:
@@ -295,11 +295,11 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         # Measured (benchmarks/classify.py, README table): the batched solver is faster than
         # scikit-learn on every width from 16 to 21,952 dimensions and every case tried, at the
         # same CV accuracy; PCA is a scikit-learn pipeline step, so it keeps that solver.
-        solver = "torch" if parse_pca(pca) is None else "sklearn"
+        solver = "batched" if parse_pca(pca) is None else "sklearn"
     if knn:
         pass
-    elif solver == "torch":
-        from cnncodes.pipelines.probes.torch_linear import CVPath
+    elif solver == "batched":
+        from cnncodes.pipelines.probes.batched import CVPath
         path = CVPath(X, y, splits, classifier, norm)
         scores, oof = path.run(grid)
     else:
@@ -310,14 +310,16 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     # ties: the stronger regularisation (the smaller C, the larger k)
     best = max(table, key=lambda g: (round(g["mean"], 10), g["C"] if knn else -g["C"]))
     if knn:
+        from sklearn.pipeline import Pipeline
         final = Pipeline(normalisation_steps(norm) +
                           [("clf", knn_probe.CosineKNNClassifier(int(best["C"]), temperature))]).fit(X, y)
-    elif solver == "torch":  # the same rows, no copy; starts from the folds' solution at that C
+    elif solver == "batched":  # the same rows, no copy; starts from the folds' solution at that C
         final = path.refit(best["C"])
         del path
     else:
         final = make_pipeline(classifier, best["C"], norm, pca, n_samples=len(y), n_features=X.shape[1],
                               seed=seed, solver=solver)
+        from sklearn.exceptions import ConvergenceWarning
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             final.fit(X, y)
@@ -326,9 +328,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     if len(test):
         y_test = codes.y[test]
         y_pred = final.predict(codes.X[test])
-        acc = accuracy_score(y_test, y_pred)
-        bal = balanced_accuracy_score(y_test, y_pred)
-        f1 = f1_score(y_test, y_pred, average="macro")
+        acc, bal, f1 = classification_scores(y_test, y_pred)
     return FitResult(codes.layer, classifier, best["C"], best["mean"], best["std"], table, acc, bal, f1,
                      len(train), len(test), time.perf_counter() - t0, seed, folds, norm, parse_pca(pca),
                      codes.classes, final, fold_of_row, codes.rows[train], codes.rows[test], y_test,
@@ -351,6 +351,7 @@ def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs) -> list[
     previous solution (warm start), which liblinear cannot do.
     """
     from joblib import Parallel, delayed
+    from sklearn.exceptions import ConvergenceWarning
 
     preds = np.empty((len(grid), len(y)), dtype=y.dtype)
 
@@ -367,7 +368,7 @@ def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs) -> list[
                 pipe.fit(X[train], y[train])
                 p = pipe.predict(X[held])
                 preds[grid.index(c), held] = p
-                out.append(accuracy_score(y[held], p))
+                out.append(float((p == y[held]).mean()))
         return out
 
     per_fold = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one_fold)(tr, te) for tr, te in splits)

@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 def normalise_rows(X, norm: str = "l2") -> np.ndarray:
     """Unit rows (after the signed square root for ``power``), as a new float32 array."""
-    from cnncodes.pipelines.probes.torch_linear import normalise_rows as blockwise  # imports torch
+    from cnncodes.pipelines.probes.linear_model import normalise_rows as blockwise
     return blockwise(X, norm)
 
 DEFAULT_K_GRID = (1, 5, 10, 20, 50, 100, 200)
@@ -53,8 +53,8 @@ def top_k(queries, keys, k: int, query_groups=None, key_groups=None, device: str
     """
     import torch
 
-    from cnncodes.pipelines.probes.torch_linear import _device  # CUDA or the CPU, as the solver
-    dev = _device(device)
+    from cnncodes.extractor.devices import resolve_device
+    dev = resolve_device(device, accelerators=("cuda",))  # CUDA or the CPU
     Q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32), device=dev)
     K = torch.as_tensor(np.ascontiguousarray(keys, dtype=np.float32), device=dev)
     nq, nk = len(Q), len(K)

@@ -9,17 +9,16 @@ falls back to joblib. The k-NN probe is stored the same way, as its training cod
 and T. The torch solver's fitted model is read back as the scikit-learn
 estimator of the same loss (LinearSVC or multinomial LogisticRegression), whose decision
 function and probabilities are the same formulas; reading a model never imports torch.
+The batched solver's :class:`~.linear_model.LinearProbe` is written in the format of its
+Pipeline without importing scikit-learn (the fit commands never import it).
 """
 from __future__ import annotations
 
 import json
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
-from sklearn.svm import LinearSVC
+
+from cnncodes.pipelines.probes.linear_model import LinearProbe, signed_sqrt
 
 MAGIC = b"PK\x03\x04"  # an .npz is a zip archive; a joblib pickle never starts so
 _JSON = "__cnncodes_model__"
@@ -30,7 +29,10 @@ class NotArrays(Exception):
 
 
 def _step_arrays(name: str, step) -> tuple[dict, dict[str, np.ndarray]]:
-    from cnncodes.pipelines.probes.classifiers import signed_sqrt
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+    from sklearn.svm import LinearSVC
     if isinstance(step, StandardScaler):
         return ({"kind": "standard", "with_mean": step.with_mean, "with_std": step.with_std},
                 {"mean": step.mean_, "scale": step.scale_, "var": step.var_,
@@ -43,10 +45,10 @@ def _step_arrays(name: str, step) -> tuple[dict, dict[str, np.ndarray]]:
         return ({"kind": "pca", "whiten": bool(step.whiten), "n_components": int(step.n_components_)},
                 {"components": step.components_, "mean": step.mean_,
                  "explained_variance": step.explained_variance_})
-    # the torch solver's estimator, matched by name: importing its class would import torch
-    torch_solver = type(step).__name__ == "TorchLinearClassifier" and \
-        type(step).__module__.endswith("probes.torch_linear")
-    if isinstance(step, (LogisticRegression, LinearSVC)) or torch_solver:
+    # matched by name: importing the class would import scikit-learn's estimator machinery
+    batched = type(step).__name__ == "BatchedLinearClassifier" and \
+        type(step).__module__.endswith("probes.estimator")
+    if isinstance(step, (LogisticRegression, LinearSVC)) or batched:
         loss = getattr(step, "loss", None)
         kind = "logistic" if isinstance(step, LogisticRegression) or loss == "log_loss" else "linear_svc"
         if isinstance(step, LogisticRegression) and getattr(step, "multi_class", "auto") == "ovr":
@@ -60,9 +62,30 @@ def _step_arrays(name: str, step) -> tuple[dict, dict[str, np.ndarray]]:
     raise NotArrays(f"step {name!r}: {type(step).__name__}")
 
 
-def pipeline_to_arrays(pipeline: Pipeline) -> tuple[list[dict], dict[str, np.ndarray]]:
+def _probe_arrays(p: LinearProbe) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """The steps and arrays of the Pipeline a :class:`LinearProbe` stands for."""
+    D = p.n_features_in_
+    steps, arrays = [], {}
+    if p.norm == "standard":
+        steps.append({"name": "scale", "n_features_in": D, "kind": "standard", "with_mean": True,
+                      "with_std": True})
+        arrays.update({"0/mean": p.mean, "0/scale": p.scale, "0/var": p.scale ** 2,
+                       "0/n_samples_seen": np.asarray(p.n_samples)})
+    if p.norm == "power":
+        steps.append({"name": "sqrt", "n_features_in": D, "kind": "signed_sqrt"})
+    if p.norm in ("l2", "power"):
+        steps.append({"name": "l2", "n_features_in": D, "kind": "normalizer", "norm": "l2"})
+    i = len(steps)
+    steps.append({"name": "clf", "n_features_in": D, "kind": p.kind, "C": p.C})
+    arrays.update({f"{i}/coef": p.coef, f"{i}/intercept": p.intercept, f"{i}/classes": p.classes_})
+    return steps, arrays
+
+
+def pipeline_to_arrays(pipeline) -> tuple[list[dict], dict[str, np.ndarray]]:
     """``(steps, arrays)``: the description of each step and its arrays (keys ``<i>/<name>``).
     Raises :class:`NotArrays` for a step cnncodes does not fit itself."""
+    if isinstance(pipeline, LinearProbe):
+        return _probe_arrays(pipeline)
     steps, arrays = [], {}
     for i, (name, step) in enumerate(pipeline.steps):
         spec, data = _step_arrays(name, step)
@@ -72,6 +95,10 @@ def pipeline_to_arrays(pipeline: Pipeline) -> tuple[list[dict], dict[str, np.nda
 
 
 def _step_from(spec: dict, a: dict[str, np.ndarray]):
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+    from sklearn.svm import LinearSVC
     kind = spec["kind"]
     if kind == "standard":
         step = StandardScaler(with_mean=spec["with_mean"], with_std=spec["with_std"])
@@ -80,7 +107,6 @@ def _step_from(spec: dict, a: dict[str, np.ndarray]):
     elif kind == "normalizer":
         step = Normalizer(norm=spec["norm"])
     elif kind == "signed_sqrt":
-        from cnncodes.pipelines.probes.classifiers import signed_sqrt
         step = FunctionTransformer(signed_sqrt)
         step.fit(np.zeros((1, spec["n_features_in"] or 1)))
     elif kind == "pca":
@@ -103,7 +129,8 @@ def _step_from(spec: dict, a: dict[str, np.ndarray]):
     return step
 
 
-def pipeline_from_arrays(steps: list[dict], arrays: dict[str, np.ndarray]) -> Pipeline:
+def pipeline_from_arrays(steps: list[dict], arrays: dict[str, np.ndarray]):
+    from sklearn.pipeline import Pipeline
     out = []
     for i, spec in enumerate(steps):
         mine = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == str(i)}

@@ -1,0 +1,966 @@
+"""Linear classifiers fitted as batched problems: every fold of the C grid in one solve.
+
+scikit-learn fits one (fold, C) model at a time, in float64, on a copy of each fold's rows.
+Here the M models of one C (the folds') are one parameter array and one L-BFGS problem whose
+objective is the sum of the models' objectives; the models share nothing but the data, so the
+sum is minimised by each model's own minimiser. The C grid is walked from strong to weak
+regularisation with warm starts. Objectives match scikit-learn's up to a positive factor
+1/(C n):
+
+- ``squared_hinge`` (LinearSVC, one-vs-rest): mean_n sum_k max(0, 1 - t_nk s_nk)^2 + ||W||^2 / (2 C n)
+- ``log_loss`` (multinomial LogisticRegression): mean_n CE(s_n, y_n) + ||W||^2 / (2 C n)
+
+The intercept is penalised for the SVM (liblinear's convention, intercept_scaling=1) and not
+for softmax (LogisticRegression's), so both solve exactly scikit-learn's problem.
+
+Memory is bounded by the codes. No fold gets a copy of its rows: every model reads the one
+n x D matrix, each through its own standardisation (folded into its weights) and with a weight
+of zero on the rows it must not see, so one matrix product serves all models. Scores and
+gradients are computed over blocks of rows, so nothing n x D is allocated besides the codes.
+Gradients are written out by hand (two matrix products per block).
+
+Two bases, chosen by shape:
+
+- more rows than dimensions (*primal*): weights ``W = V (s * u)`` in the eigenbasis ``V`` of
+  the standardised codes' second-moment matrix (estimated once, on a sample of rows) with
+  ``s_i = (h lambda_i + 1 / (C n))^-1/2``. CNN codes are badly conditioned (eigenvalues spread
+  over decades, repeated features), which makes L-BFGS crawl; in this basis the Hessian is
+  close to the identity, while the L2 penalty stays the same (V is orthogonal).
+- fewer training rows than dimensions (*dual*): the weights of an L2-regularised linear model
+  lie in the span of its training rows (representer theorem), so each fold works in an
+  orthonormal basis of its own rows' span, from the eigendecomposition of its n x n Gram
+  matrix. The problem is then exactly the primal one on n_train-dimensional features:
+  36 images of 31,360-d codes take megabytes, not a 31,360^2 eigendecomposition.
+
+Two array backends run the same code (:class:`Ops`): numpy on the CPU, torch on CUDA. numpy
+on the CPU because it is both faster there and cheaper to start: measured on this 2-core
+machine, numpy's OpenBLAS does the solver's products at about twice torch's CPU speed
+(1,515 x 1,212 by 1,212 x 510: 9.6 ms against 21.9 ms; 1,437 x 40 by 40 x 50: 0.06 ms against
+8 ms), and importing torch costs 2 to 3 s, more than most fits take. Nothing here imports
+scikit-learn or, on a CPU, torch: the fitted model is a :class:`~.linear_model.LinearProbe`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from cnncodes.pipelines.probes.linear_model import LinearProbe, normalise_rows
+
+LOSSES = ("squared_hinge", "log_loss")
+
+# Curvature of the data term per unit of feature variance, used only to scale the
+# preconditioner (a wrong guess costs a constant factor in conditioning, not correctness).
+_CURVATURE = {"squared_hinge": 1.0, "log_loss": 0.1}
+
+# Gradient tolerance of the cross-validation solves (the final refit uses the estimator's tol,
+# 1e-4 by default, scikit-learn's). CV only ranks the C values; measured on the Caltech codes
+# (1,515 x 1,280, 102 classes), 3e-4 instead of 1e-4 moves the CV accuracy of the chosen C by
+# <= 0.07 points and any C by <= 0.3 points, and takes the softmax grid from 11.2 s to 6.0 s.
+CV_TOL = 3e-4
+
+# Rows sampled for the preconditioner's eigenbasis: it needs rough eigenvalues only, and the
+# d x d second-moment matrix of 20,000 rows is as good as that of 500,000 for that.
+PRECONDITION_ROWS = 20_000
+# Above this width the eigenbasis (d^2 memory, d^3 time) costs more than it saves: the
+# preconditioner is then the per-feature second moment alone.
+EIGENBASIS_MAX_DIM = 4096
+# Working memory of one block of rows (codes, scores and their gradients).
+BLOCK_BYTES = 32 << 20
+# Blocks of rows are centred before the products where a feature's mean exceeds this many
+# standard deviations (float32 keeps about 7 digits of x . w, whose terms grow with the mean).
+CENTRE_ABOVE = 8.0
+# Matrices from this size on are decomposed by scipy (faster), smaller ones by numpy (no import).
+SCIPY_EIGH_FROM = 256
+# The dual features of all models may take this much memory even where it exceeds the codes'.
+DUAL_BYTES = 512 << 20
+
+
+# --- the two array backends -------------------------------------------------------------------
+
+class Ops:
+    """The few array operations whose spelling differs between numpy and torch; everything
+    else (``@``, broadcasting, indexing, ``+=``, ``.sum(axis)``, ``.reshape``) is common."""
+
+    name = "numpy"
+    f32, f64, bool_, int64 = np.float32, np.float64, np.bool_, np.int64
+    _inside = 0  # depth of nested ``threads()`` blocks: the free cores are looked at once
+
+    def asarray(self, a, dtype=None):
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def full(self, shape, value, dtype):
+        return np.full(shape, value, dtype)
+
+    def astype(self, x, dtype):
+        return x.astype(dtype, copy=False)
+
+    def copy(self, x):
+        return x.copy()
+
+    def arange(self, n):
+        return np.arange(n)
+
+    def cat(self, xs):
+        return np.concatenate(xs)
+
+    def permute(self, x, axes):
+        return x.transpose(axes)
+
+    def maximum(self, x, v: float):
+        return np.maximum(x, v)
+
+    def clamp_min_(self, x, v: float):
+        return np.maximum(x, v, out=x)
+
+    def exp_(self, x):
+        return np.exp(x, out=x)
+
+    def vdot(self, a, b) -> float:
+        """sum(a * b) of two arrays of one shape, in one BLAS pass."""
+        return float(np.vdot(a.reshape(-1), b.reshape(-1)))
+
+    def amax(self, x, axis: int):
+        return x.max(axis=axis, keepdims=True)
+
+    def sum_keep(self, x, axis: int):
+        return x.sum(axis=axis, keepdims=True)
+
+    def exp(self, x):
+        return np.exp(x)
+
+    def log(self, x):
+        return np.log(x)
+
+    def where(self, cond, a, b):
+        return np.where(cond, a, b)
+
+    def flatnonzero(self, m):
+        return np.flatnonzero(m)
+
+    def bincount(self, x, n: int):
+        return np.bincount(x, minlength=n)
+
+    def unique_rows(self, m):
+        patterns, inverse = np.unique(m, axis=0, return_inverse=True)
+        return patterns, inverse.reshape(-1)
+
+    def eigh(self, a):
+        if a.shape[-1] < SCIPY_EIGH_FROM:
+            return np.linalg.eigh(a)
+        # scipy's LAPACK divide-and-conquer: measured 2x numpy's eigh on a 1,212 x 1,212
+        # float32 matrix (127 against 282 ms); importing scipy.linalg costs 0.3 s, paid only here
+        from scipy.linalg import eigh
+        if a.ndim == 2:
+            return eigh(a, driver="evd", check_finite=False)
+        pairs = [eigh(m, driver="evd", check_finite=False) for m in a]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def eps(self, dtype) -> float:
+        return float(np.finfo(dtype).eps)
+
+    @contextlib.contextmanager
+    def threads(self):
+        """BLAS threads sized to the free cores for the block (see :func:`threads_for_solver`);
+        a block inside another keeps the outer one's."""
+        if self._inside:
+            yield
+            return
+        from threadpoolctl import threadpool_limits
+        self._inside += 1
+        try:
+            with threadpool_limits(limits=threads_for_solver(), user_api="blas"):
+                yield
+        finally:
+            self._inside -= 1
+
+
+class TorchOps(Ops):
+    """The same operations on torch tensors of one device (CUDA)."""
+
+    name = "torch"
+
+    def __init__(self, device):
+        import torch
+        self.torch, self.device = torch, device
+        self.f32, self.f64, self.bool_, self.int64 = torch.float32, torch.float64, torch.bool, torch.int64
+
+    def asarray(self, a, dtype=None):
+        return self.torch.as_tensor(np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a, dtype=dtype,
+                                    device=self.device).contiguous()
+
+    def to_numpy(self, x) -> np.ndarray:
+        return x.cpu().numpy()
+
+    def zeros(self, shape, dtype):
+        return self.torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def full(self, shape, value, dtype):
+        return self.torch.full(shape, value, dtype=dtype, device=self.device)
+
+    def astype(self, x, dtype):
+        return x.to(dtype)
+
+    def copy(self, x):
+        return x.clone()
+
+    def arange(self, n):
+        return self.torch.arange(n, device=self.device)
+
+    def cat(self, xs):
+        return self.torch.cat(xs)
+
+    def permute(self, x, axes):
+        return x.permute(*axes)
+
+    def maximum(self, x, v: float):
+        return self.torch.clamp(x, min=v)
+
+    def clamp_min_(self, x, v: float):
+        return x.clamp_(min=v)
+
+    def exp_(self, x):
+        return x.exp_()
+
+    def vdot(self, a, b) -> float:
+        return float(self.torch.dot(a.reshape(-1), b.reshape(-1)))
+
+    def amax(self, x, axis: int):
+        return x.amax(dim=axis, keepdim=True)
+
+    def sum_keep(self, x, axis: int):
+        return x.sum(dim=axis, keepdim=True)
+
+    def exp(self, x):
+        return self.torch.exp(x)
+
+    def log(self, x):
+        return self.torch.log(x)
+
+    def where(self, cond, a, b):
+        return self.torch.where(cond, self.torch.as_tensor(a, dtype=b.dtype, device=self.device), b)
+
+    def flatnonzero(self, m):
+        return self.torch.nonzero(m.reshape(-1))[:, 0]
+
+    def bincount(self, x, n: int):
+        return self.torch.bincount(x, minlength=n)
+
+    def unique_rows(self, m):
+        return self.torch.unique(m, dim=0, return_inverse=True)
+
+    def eigh(self, a):
+        return self.torch.linalg.eigh(a)
+
+    def eps(self, dtype) -> float:
+        return float(self.torch.finfo(dtype).eps)
+
+    def threads(self):
+        return contextlib.nullcontext()  # the work runs on the GPU
+
+
+def _cuda_present() -> bool:
+    """A CUDA GPU torch can use, found without importing torch where no NVIDIA driver is loaded
+    (importing it costs seconds, more than a small fit)."""
+    if "torch" not in sys.modules:
+        if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+            return False
+        if not os.path.exists("/proc/driver/nvidia/version") and not os.path.exists("/dev/nvidia0"):
+            return False
+    import torch
+    return torch.cuda.is_available()
+
+
+def backend(device: str = "auto") -> Ops:
+    """numpy on the CPU; torch on CUDA (``auto``: CUDA when present)."""
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        from cnncodes.extractor.errors import SettingsError
+        raise SettingsError(f"the batched solver runs on cpu or cuda, got device {device!r}.")
+    if device == "cpu" or (device == "auto" and not _cuda_present()):
+        return Ops()
+    from cnncodes.extractor.devices import resolve_device
+    # torch.linalg.eigh (the preconditioning) has no MPS kernel: CUDA or the CPU.
+    dev = resolve_device("cuda" if device == "auto" else device, accelerators=("cuda",))
+    return Ops() if dev.type == "cpu" else TorchOps(dev)
+
+
+def _blocks(n: int, row_bytes: int):
+    step = max(256, BLOCK_BYTES // max(1, row_bytes))
+    return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def _loss_and_grad(ops: Ops, loss: str, S, onehot, w):
+    """Weighted data term of scores ``S`` (M, K, B) with labels one-hot ``onehot`` (1, K, B)
+    and row weights ``w`` (M, B); returns (value, dS), dS in the memory of ``S``.
+
+    The classes are the middle axis and the rows the last, so that every reduction over the
+    classes is an elementwise operation between contiguous slices (a reduction along a short
+    last axis is several times slower in numpy); the steps are in place where they can be."""
+    w = w[:, None, :]
+    if loss == "squared_hinge":
+        T = 2 * onehot - 1
+        S *= T
+        h = ops.clamp_min_(1 - S, 0.0)
+        hw = h * w
+        value = ops.vdot(hw, h)
+        hw *= T
+        hw *= -2.0
+        return value, hw
+    top = ops.amax(S, 1)                                                     # (M, 1, B)
+    picked = (S * onehot).sum(1)                                             # (M, B)
+    S -= top
+    P = ops.exp_(S)
+    total = ops.sum_keep(P, 1)
+    value = ops.vdot((top + ops.log(total))[:, 0] - picked, w[:, 0])
+    P /= total
+    P -= onehot
+    P *= w
+    return value, P
+
+
+def _onehots(ops: Ops, y, K: int, blocks) -> dict:
+    """The one-hot labels (1, K, B) of every block of rows, made once per problem."""
+    return {(blk.start, blk.stop): ops.astype(y[blk][None, :] == ops.arange(K)[:, None], ops.f32)[None]
+            for blk in blocks}
+
+
+class SharedRows:
+    """M models reading the same rows ``X`` (n, D), model m through ``(x - offset_m) / scale_m``,
+    with weights in one orthonormal basis ``V`` per model (primal form).
+
+    ``shift`` (M, D) is where the model's true input is centred off the offset, only needed
+    for the SVM's penalised intercept: intercept = b - shift . W.
+    """
+
+    intercept_in_basis = False
+
+    def __init__(self, ops: Ops, X, offset, scale, V, lam, shift=None, center=None):
+        self.ops, self.X, self.offset, self.scale, self.V, self.lam = ops, X, offset, scale, V, lam
+        self.shift = shift
+        self.M, self.D = offset.shape
+        self.n = X.shape[0]
+        # Blocks of rows are centred on ``center`` (the rows' mean) before the product where a
+        # feature's mean is large against its spread, so that it keeps its float32 precision.
+        self.center = center
+        self._offset = offset if center is None else offset - center
+
+    def _rows(self, blk: slice):
+        return self.X[blk] if self.center is None else self.X[blk] - self.center
+
+    def weights(self, omega):
+        """(M, D, K) weights in the models' (standardised) input basis."""
+        return omega if self.V is None else self.V @ omega
+
+    def predict(self, omega, b):
+        """(M, n) index of the highest score of every row under every model."""
+        A, beff = self._effective(omega, b)
+        K = omega.shape[2]
+        return self.ops.cat([self._block_scores(self._rows(blk), A, beff).argmax(1).T
+                             for blk in _blocks(self.n, 4 * (self.D + 2 * self.M * K))]).T
+
+    def _effective(self, omega, b):
+        """The weights on the raw rows, laid out (M * K, D) for one product, and the intercepts."""
+        A = self.weights(omega) / self.scale[:, :, None]
+        M, D, K = A.shape
+        beff = b - (self._offset[:, None, :] @ A)[:, 0, :]
+        return self.ops.permute(A, (0, 2, 1)).reshape(M * K, D), beff[:, :, None]
+
+    def _block_scores(self, X, A, beff):
+        return (A @ X.T).reshape(self.M, -1, len(X)) + beff                 # (M, K, B)
+
+    def value_and_grad(self, omega, b, y, w, loss):
+        """Data term summed over all rows and its gradient in (omega, b)."""
+        ops = self.ops
+        M, D, K = omega.shape
+        A, beff = self._effective(omega, b)
+        gA = ops.zeros((M * K, D), A.dtype)
+        gbeff = ops.zeros((M, K), A.dtype)
+        total = 0.0
+        blocks = _blocks(self.n, 4 * (D + 4 * M * K))
+        if getattr(self, "_onehot_key", None) != (id(y), K):
+            self._onehot, self._onehot_key = _onehots(ops, y, K, blocks), (id(y), K)
+        for blk in blocks:
+            X = self._rows(blk)
+            scores = self._block_scores(X, A, beff)
+            v, dS = _loss_and_grad(ops, loss, scores, self._onehot[blk.start, blk.stop], w[:, blk])
+            total += v
+            gA += dS.reshape(M * K, len(X)) @ X
+            gbeff += dS.sum(-1)
+        gA = ops.permute(gA.reshape(M, K, D), (0, 2, 1)) - self._offset[:, :, None] * gbeff[:, None, :]
+        gW = gA / self.scale[:, :, None]
+        gomega = gW if self.V is None else self.V.swapaxes(1, 2) @ gW
+        return total, gomega, gbeff
+
+    def intercept_shift(self, omega):
+        """shift . W per model (M, K), or None."""
+        if self.shift is None:
+            return None
+        return (self.shift[:, None, :] @ self.weights(omega))[:, 0, :]
+
+
+class FoldBases:
+    """M models, each on features ``Phi[m]`` (n, r): the codes expressed in an orthonormal
+    basis of model m's training rows (dual form); ``lam`` (M, r) their second moments."""
+
+    def __init__(self, ops: Ops, Phi, lam, intercept_in_basis: bool = False):
+        self.ops, self.Phi, self.lam = ops, Phi, lam
+        self.M, self.n, self.D = Phi.shape
+        self.shift = self.V = None
+        # the SVM's penalised intercept is a coordinate of the basis (rows augmented by a
+        # constant 1), so the separate intercept stays 0
+        self.intercept_in_basis = intercept_in_basis
+
+    def scores(self, omegaT, b, rows: slice):
+        """(M, K, B) scores of the rows ``rows``; ``omegaT`` is omega (M, r, K) transposed."""
+        return omegaT @ self.Phi[:, rows].swapaxes(1, 2) + b[:, :, None]
+
+    def predict(self, omega, b):
+        omegaT = self.ops.copy(omega.swapaxes(1, 2))
+        return self.ops.cat([self.scores(omegaT, b, blk).argmax(1).T
+                             for blk in _blocks(self.n, 4 * self.M * (self.D + 2 * omega.shape[2]))]).T
+
+    def value_and_grad(self, omega, b, y, w, loss):
+        ops = self.ops
+        omegaT = ops.copy(omega.swapaxes(1, 2))
+        gomega = ops.zeros(omega.shape, omega.dtype)
+        gb = ops.zeros(b.shape, b.dtype)
+        total = 0.0
+        K = omega.shape[2]
+        blocks = _blocks(self.n, 4 * self.M * (self.D + 4 * K))
+        if getattr(self, "_onehot_key", None) != (id(y), K):
+            self._onehot, self._onehot_key = _onehots(ops, y, K, blocks), (id(y), K)
+        for blk in blocks:
+            v, dS = _loss_and_grad(ops, loss, self.scores(omegaT, b, blk), self._onehot[blk.start, blk.stop],
+                                   w[:, blk])
+            total += v
+            gomega += self.Phi[:, blk].swapaxes(1, 2) @ dS.swapaxes(1, 2)
+            gb += dS.sum(-1)
+        if self.intercept_in_basis:
+            gb *= 0
+        return total, gomega, gb
+
+    def intercept_shift(self, omega):
+        return None
+
+
+class BatchedProblem:
+    """Minimise M independent objectives (one per model) of one loss at one C at a time.
+
+    ``design`` is a :class:`SharedRows` or :class:`FoldBases`; ``y`` (n,) class indices of
+    every row; ``masks`` (M, n) which rows each model trains on.
+    """
+
+    def __init__(self, design, y, masks, n_classes: int, loss: str = "squared_hinge"):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
+        ops = design.ops
+        self.design, self.y, self.K, self.loss = design, y, n_classes, loss
+        dt = design.lam.dtype
+        self.n = ops.astype(masks.sum(1), dt)                              # (M,) training rows per model
+        self.w = ops.astype(masks, dt) / self.n[:, None]                   # (M, n) mean weights
+
+    def solve(self, C: float, init=None, max_iter: int = 300, tol: float = 1e-4):
+        """Minimise every model's objective at this C; ``init`` is a previous solution (warm
+        start). Returns ``(omega, b)``: weights in the design's basis (M, D, K), intercepts (M, K)."""
+        d = self.design
+        ops = d.ops
+        M, D, K = d.M, d.D, self.K
+        dt = d.lam.dtype
+        reg = 1.0 / (2.0 * float(C) * self.n)                                      # (M,)
+        if self.loss == "log_loss" and K == 2:
+            # Two softmax columns split one logit's weights in halves (w1 = -w0 = w / 2 at the
+            # optimum), so their penalty is half the binomial one: double it to solve
+            # LogisticRegression's binary problem at this C.
+            reg = 2 * reg
+        scale = ((_CURVATURE[self.loss] * d.lam + 2 * reg[:, None]) ** -0.5)[:, :, None]  # (M, D, 1)
+        u0 = ops.zeros((M, D, K), dt)
+        b0 = ops.zeros((M, K), dt)
+        if init is not None:
+            u0[...] = init[0] / scale
+            b0[...] = init[1]
+        # liblinear penalises the intercept (unless it is a coordinate of the design's basis)
+        penalise_b = self.loss == "squared_hinge" and not d.intercept_in_basis
+        split = M * D * K
+
+        def objective(z):
+            u, b = z[:split].reshape(M, D, K), z[split:].reshape(M, K)
+            omega = u * scale
+            value, gomega, gb = d.value_and_grad(omega, b, self.y, self.w, self.loss)
+            value += float((reg * (omega * omega).sum((1, 2))).sum())
+            gomega = gomega + 2 * reg[:, None, None] * omega
+            if penalise_b:
+                shift = d.intercept_shift(omega)
+                bt = b if shift is None else b - shift
+                value += float((reg * (bt * bt).sum(1)).sum())
+                gb = gb + 2 * reg[:, None] * bt
+                if shift is not None:  # d(bt)/d(omega) through shift . V omega
+                    g = -2 * reg[:, None, None] * d.shift[:, :, None] * bt[:, None, :]
+                    gomega = gomega + (g if d.V is None else d.V.swapaxes(1, 2) @ g)
+            return value, ops.cat([(gomega * scale).reshape(-1), gb.reshape(-1)])
+
+        # the history holds 2 x 20 vectors of every model's weights: fewer for very large models
+        history = 20 if split <= 4_000_000 else 8
+        with ops.threads():
+            z, self.n_evaluations = lbfgs(objective, ops.cat([u0.reshape(-1), b0.reshape(-1)]),
+                                          max_iter=max_iter, tol=tol, history=history)
+        return z[:split].reshape(M, D, K) * scale, ops.copy(z[split:].reshape(M, K))
+
+
+def lbfgs(fun, x0, max_iter: int = 300, tol: float = 1e-4, history: int = 20, max_step_tries: int = 25):
+    """Minimise ``fun(x) -> (value, gradient)`` from the flat array ``x0`` (numpy or torch) with
+    L-BFGS.
+
+    Stops when the largest gradient entry is <= ``tol`` (torch.optim.LBFGS's
+    ``tolerance_grad``) or a step changes the value by less than ``tol * 1e-3``. The line
+    search brackets a step meeting the weak Wolfe conditions by doubling and bisection (Lewis
+    and Overton); in the preconditioned bases above the unit step is nearly always taken.
+    Returns ``(x, evaluations)``.
+
+    The direction is the compact form of the L-BFGS matrix (Byrd, Nocedal and Schnabel 1994),
+    the same direction as the two-loop recursion: the pairs live as rows of two matrices, so a
+    direction costs four matrix-vector products (BLAS, on every core) instead of 4 x history
+    passes over vectors in Python; measured on 618,000 weights, 2.5 s of a 12 s fit before.
+
+    Written here rather than taken from a library: scipy's L-BFGS-B works in float64 on the
+    host, which costs more than the step here, and torch.optim.LBFGS needs torch (and imports
+    torch._dynamo on its first step, 1.3 s); this one runs on either backend's arrays.
+    """
+    c1, c2 = 1e-4, 0.9
+    x = x0 + 0
+    f, g = fun(x)
+    evals = 1
+    N = x.shape[0]
+    if isinstance(x0, np.ndarray):
+        S_buf, Y_buf = np.zeros((history, N), x0.dtype), np.zeros((history, N), x0.dtype)
+    else:
+        S_buf, Y_buf = x0.new_zeros((history, N)), x0.new_zeros((history, N))
+    SY = np.zeros((history, history))         # SY[i, j] = s_i . y_j, by slot
+    YY = np.zeros((history, history))
+    order: list[int] = []                     # slots, oldest pair first
+    host = (lambda v: np.asarray(v, dtype=np.float64)) if isinstance(x0, np.ndarray) else \
+        (lambda v: v.double().cpu().numpy())
+    for _ in range(max_iter):
+        if float(abs(g).max()) <= tol:
+            break
+        if order:
+            o = np.array(order)
+            u, w = host(S_buf @ g)[o], host(Y_buf @ g)[o]
+            sy = SY[np.ix_(o, o)]
+            R, last = np.triu(sy), order[-1]
+            gamma = float(SY[last, last] / YY[last, last])
+            Ru = _solve_upper(R, u)
+            middle = np.diag(np.diag(sy)) + gamma * YY[np.ix_(o, o)]
+            top = _solve_upper(R.T, middle @ Ru - gamma * w, lower=True)
+            cs, cy = np.zeros(history), np.zeros(history)
+            cs[o], cy[o] = top, -gamma * Ru
+            q = -(gamma * g + _as(cs, S_buf) @ S_buf + _as(cy, Y_buf) @ Y_buf)
+        else:
+            q = -g
+        gd = float(g @ q)
+        if not gd < 0:  # not a descent direction (rounding): restart from the gradient
+            order = []
+            q, gd = -g, -float(g @ g)
+        t = 1.0 if order else min(1.0, 1.0 / max(float(abs(g).sum()), 1e-30))
+        lo, hi = 0.0, math.inf
+        for _ in range(max_step_tries):
+            xn = x + t * q
+            fn, gn = fun(xn)
+            evals += 1
+            if not fn <= f + c1 * t * gd:          # too long (or not finite)
+                hi = t
+            elif float(gn @ q) < c2 * gd:          # too short
+                lo = t
+            else:
+                break
+            t = (lo + hi) / 2 if math.isfinite(hi) else 2 * t
+        else:
+            if not fn <= f:  # no acceptable step: stay at the best point found
+                break
+        s, y = xn - x, gn - g
+        ys, yy = float(y @ s), float(y @ y)
+        if ys > 1e-10 * yy:
+            k = order.pop(0) if len(order) == history else next(i for i in range(history) if i not in order)
+            S_buf[k], Y_buf[k] = s, y
+            SY[k, :] = host(Y_buf @ s)             # s_k . y_j
+            SY[:, k] = host(S_buf @ y)             # s_i . y_k
+            YY[k, :] = YY[:, k] = host(Y_buf @ y)
+            order.append(k)
+        done = abs(fn - f) < tol * 1e-3
+        x, f, g = xn, fn, gn
+        if done:
+            break
+    return x, evals
+
+
+def _solve_upper(R: np.ndarray, b: np.ndarray, lower: bool = False) -> np.ndarray:
+    """x with R x = b for a small triangular R (back or forward substitution)."""
+    n = len(b)
+    x = np.zeros(n)
+    for i in (range(n) if lower else range(n - 1, -1, -1)):
+        rest = R[i, :i] @ x[:i] if lower else R[i, i + 1:] @ x[i + 1:]
+        x[i] = (b[i] - rest) / R[i, i]
+    return x
+
+
+def _as(v: np.ndarray, like):
+    """A small float64 host vector as an array of ``like``'s kind, dtype and device."""
+    if isinstance(like, np.ndarray):
+        return v.astype(like.dtype)
+    import torch
+    return torch.as_tensor(v, dtype=like.dtype, device=like.device)
+
+
+# --- building the designs -------------------------------------------------------------------
+
+def _moments(ops: Ops, X, masks):
+    """Mean and standard deviation of each model's training rows, (M, D) each, accumulated
+    over blocks in float64 around the first row (no n x D temporary)."""
+    M, D = masks.shape[0], X.shape[1]
+    ref = ops.astype(X[0], ops.f64)
+    s1 = ops.zeros((M, D), ops.f64)
+    s2 = ops.zeros((M, D), ops.f64)
+    for blk in _blocks(X.shape[0], 8 * D):
+        Z = ops.astype(X[blk], ops.f64) - ref
+        m = ops.astype(masks[:, blk], ops.f64)
+        s1 += m @ Z
+        s2 += m @ (Z * Z)
+    n = ops.astype(ops.sum_keep(masks, 1), ops.f64)
+    mu = s1 / n
+    sd = ops.maximum(s2 / n - mu * mu, 0.0) ** 0.5
+    tiny = sd < 10 * ops.eps(X.dtype) * (1 + abs(ref))
+    sd = ops.where(tiny, 1.0, sd)
+    return ops.astype(mu + ref, X.dtype), ops.astype(sd, X.dtype)
+
+
+def _eigenbases(ops: Ops, X, masks, center, scale):
+    """Per model m: eigenvalues (D,) and vectors (D, D) of the second moment of its training
+    rows centred on their mean and divided by ``scale[m]``, estimated on a sample of rows (or
+    the diagonal alone for very wide codes). Returns ``(lam (M, D), V (M, D, D) or None)``.
+
+    One pass over the sample: rows are grouped by which models train on them (a K-fold split
+    has K groups), each group's sums are taken once, and each model adds up its groups. Each
+    model needs its own basis: a feature that is nearly constant in one fold is blown up by
+    that fold's standardisation (sparse ReLU codes have many such), which a shared basis
+    misses; measured on the digits' 1,280-d codes (1,437 rows), the SVM grid took 740 objective
+    evaluations with one shared basis and 124 with one per fold."""
+    D = X.shape[1]
+    rows = np.flatnonzero(ops.to_numpy(masks.any(0)))
+    if len(rows) > PRECONDITION_ROWS:
+        rows = np.sort(np.random.default_rng(0).choice(rows, PRECONDITION_ROWS, replace=False))
+    rows_t = ops.asarray(rows)
+    patterns, group = ops.unique_rows(masks[:, rows_t].T)                       # (G, M), (rows,)
+    G = len(patterns)
+    wide = D > EIGENBASIS_MAX_DIM
+    s1 = ops.zeros((G, D), ops.f64)
+    s2 = ops.zeros((G, D) if wide else (G, D, D), X.dtype)
+    count = ops.astype(ops.bincount(group, G), ops.f64)
+    for blk in _blocks(len(rows), 4 * D):
+        Z = X[rows_t[blk]] - center
+        gb = group[blk]
+        for g in range(G):
+            Zg = Z[gb == g]
+            if len(Zg):
+                s1[g] += ops.astype(Zg, ops.f64).sum(0)
+                s2[g] += (Zg * Zg).sum(0) if wide else Zg.T @ Zg
+    member = ops.astype(patterns.T, ops.f64)                                      # (M, G)
+    n_m = ops.maximum(member @ count, 1.0)                                        # (M,)
+    mean = ops.astype((member @ s1) / n_m[:, None], X.dtype)                      # (M, D)
+    sel, n_m = ops.astype(member, X.dtype), ops.astype(n_m, X.dtype)
+    if wide:
+        m2 = (sel @ s2) / n_m[:, None] - mean * mean
+        return ops.maximum(m2 / (scale * scale), 0.0), None
+    C = ((sel @ s2.reshape(G, D * D)).reshape(-1, D, D) / n_m[:, None, None]
+         - mean[:, :, None] * mean[:, None, :])
+    C = C / (scale[:, :, None] * scale[:, None, :])
+    lam, V = ops.eigh(C)
+    # The preconditioner needs only rough eigenvalues, and V is orthogonal to float32
+    # precision, so the rotated problem is the original one: no float64 needed.
+    return ops.maximum(lam, 0.0), V
+
+
+def shared_design(ops: Ops, X, masks, standardise: bool) -> SharedRows:
+    """Primal design: per-model standardisation (or none) and eigenbasis, one pass over the rows
+    for every model."""
+    mu, sd = _moments(ops, X, ops.cat([masks, masks.any(0)[None]]))
+    if standardise:
+        offset, scale, shift = mu[:-1], sd[:-1], None
+    else:  # centre on the mean for conditioning; the true intercept is b - mean . W
+        offset, scale = mu[:-1], sd[:-1] * 0 + 1
+        shift = mu[:-1]
+    # each model's basis is of its own training rows
+    lam, V = _eigenbases(ops, X, masks, mu[-1], scale)
+    # centring every block of rows costs a copy of it: only where some feature's mean is large
+    # against its spread does float32 need it (measured: features of mean 1e4 and spread 1)
+    far = float(abs(mu[-1] / sd[-1]).max()) > CENTRE_ABOVE
+    return SharedRows(ops, X, offset, scale, V, lam, shift, center=mu[-1] if far else None)
+
+
+def _column_blocks(D: int, n: int):
+    step = max(64, BLOCK_BYTES // max(1, 4 * n))
+    return [slice(lo, min(D, lo + step)) for lo in range(0, D, step)]
+
+
+class _RowSpan:
+    """An orthonormal basis of the span of one model's training rows ``Z = (x - offset) /
+    scale`` (with a constant 1 appended when ``augment``: the penalised intercept as one more
+    weight), kept as ``Q = Z_train^T U / sqrt(Lambda)`` without forming Z (n x D) or Q (D x r).
+    """
+
+    def __init__(self, ops: Ops, X, train, offset, scale, augment: bool, centred: bool = True):
+        self.ops, self.X, self.train = ops, X, train
+        self.offset, self.scale, self.augment = offset, scale, augment
+        n, D = X.shape
+        K = ops.full((n, len(train)), float(augment), X.dtype)                   # Z . Z_train^T
+        for cols in _column_blocks(D, n):
+            Z = (X[:, cols] - offset[cols]) / scale[cols]
+            K += Z @ Z[train].T
+        # float64 for uncentred rows (the SVM's without standardisation), whose mean swamps the
+        # smallest directions in float32; centred rows are well within float32's reach, and the
+        # float32 eigendecomposition takes half the time (1,212 rows: 130 against 300 ms)
+        G = K[train] if centred else ops.astype(K[train], ops.f64)
+        lam, U = ops.eigh((G + G.T) / 2)
+        keep = lam > max(float(lam.max()), 1e-30) * (len(train) * ops.eps(X.dtype))
+        self.U = ops.astype(U[:, keep] / lam[keep] ** 0.5, X.dtype)            # (n_train, r)
+        self.Phi = K @ self.U                                                   # (n, r)
+        self.lam = ops.astype(lam[keep] / len(train), X.dtype)                  # (r,) second moments
+
+    def coordinates(self, W, b):
+        """Coordinates (r, K) in this basis of weights ``W`` (D, K) on ``(x - offset) / scale``
+        with the constant feature's weight ``b`` (K,) (used with ``augment``): the projection
+        of the weights on the span (exact for weights inside it)."""
+        ZW = self.ops.zeros((len(self.train), W.shape[1]), W.dtype)
+        for cols in _column_blocks(self.X.shape[1], len(self.train)):
+            ZW += ((self.X[self.train, cols] - self.offset[cols]) / self.scale[cols]) @ W[cols]
+        if self.augment:
+            ZW += b
+        return self.U.T @ ZW
+
+    def weights(self, omega):
+        """Weights (D, K) on ``(x - offset) / scale`` of coordinates ``omega`` (r, K), and the
+        intercept carried by the constant feature (K,) (zeros without ``augment``)."""
+        coef = self.U @ omega                                                   # (n_train, K)
+        W = self.ops.zeros((self.X.shape[1], omega.shape[1]), omega.dtype)
+        for cols in _column_blocks(self.X.shape[1], len(self.train)):
+            W[cols] = ((self.X[self.train, cols] - self.offset[cols]) / self.scale[cols]).T @ coef
+        return W, coef.sum(0) if self.augment else coef[0] * 0
+
+
+def dual_design(ops: Ops, X, masks, standardise: bool, loss: str):
+    """Dual design: each model in the span of its own training rows. Returns the design and
+    the spans (to map a solution back to weights).
+
+    Softmax's free intercept lets the rows be centred (the optimum's weights lie in the span
+    of the centred rows, and centring conditions the problem); the SVM's penalised intercept
+    cannot move, so its rows stay as the classifier sees them, with a constant 1 appended."""
+    mu, sd = _moments(ops, X, masks)
+    svm = loss == "squared_hinge"
+    spans = []
+    for m in range(masks.shape[0]):
+        off = mu[m] * 0 if svm and not standardise else mu[m]
+        sc = sd[m] if standardise else sd[m] * 0 + 1
+        span = _RowSpan(ops, X, ops.flatnonzero(masks[m]), off, sc, augment=svm,
+                        centred=standardise or not svm)
+        span.shift = None if standardise or svm else mu[m]   # true intercept = b - shift . W
+        spans.append(span)
+    r = max(s.Phi.shape[1] for s in spans)
+    Phi = ops.zeros((len(spans), X.shape[0], r), X.dtype)
+    lam = ops.full((len(spans), r), 1.0, X.dtype)  # padding: inert coordinates
+    for m, s in enumerate(spans):
+        Phi[m, :, :s.Phi.shape[1]] = s.Phi
+        lam[m, :s.Phi.shape[1]] = s.lam
+        s.Phi = None
+    return FoldBases(ops, Phi, lam, intercept_in_basis=svm), spans
+
+
+def make_design(ops: Ops, X, masks, standardise: bool, loss: str):
+    """The dual design when every model has fewer training rows than dimensions and the dual
+    features (M x n x n_train) fit in the larger of the codes' size and ``DUAL_BYTES``, else
+    the primal one. Returns (design, spans or None).
+
+    Where both apply the dual is the cheaper: measured on the Caltech codes (1,515 x 1,280,
+    102 classes, about 1,212 training rows per fold), the softmax grid took 8 s in the dual form
+    and 14 s in the primal one, whose every step adds a D x D rotation per model."""
+    n_train = int(masks.sum(1).max())
+    dual_bytes = 4 * masks.shape[0] * X.shape[0] * n_train
+    if n_train < X.shape[1] and dual_bytes <= max(4 * X.shape[0] * X.shape[1], DUAL_BYTES):
+        return dual_design(ops, X, masks, standardise, loss)
+    return shared_design(ops, X, masks, standardise), None
+
+
+def model_weights(design, spans, omega, b, m: int):
+    """(W (D, K), intercept (K,)) of model m on its input (standardised, or as normalised)."""
+    if spans is not None:
+        span = spans[m]
+        W, b_basis = span.weights(omega[m, :span.U.shape[1]])
+        intercept = b[m] + b_basis
+        return W, intercept if span.shift is None else intercept - span.shift @ W
+    W = design.weights(omega[m:m + 1])[0]
+    shift = design.intercept_shift(omega[m:m + 1])
+    return W, b[m] if shift is None else b[m] - shift[0]
+
+
+# --- threads ------------------------------------------------------------------------------------
+
+def _running_elsewhere() -> int | None:
+    """Threads of other processes running or ready to run now (Linux: /proc/loadavg's
+    instantaneous count, less this process's own running threads), or None where unknown."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        ours = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    ours += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                pass
+        return max(0, running - ours)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def threads_for_solver() -> int:
+    """Threads for the solver: the cores this process may use, less those other programs keep
+    busy right now (the median of three looks a few milliseconds apart).
+
+    Why: a parallel step waits for its slowest thread, and a thread that shares a core with
+    another program waits for the scheduler's time slice at every step. Measured on 2 cores
+    with two busy processes beside it, the softmax grid on Caltech codes (1,515 x 1,280, 102
+    classes) took 63 s with 2 threads and 19 s with 1 (7 s on the quiet machine)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    looks = []
+    for i in range(3):
+        if i:
+            time.sleep(0.003)
+        looks.append(_running_elsewhere())
+    if None in looks:
+        return cores
+    # /proc/loadavg counts the whole machine: where this process may use only some of its cores
+    # (affinity, a container's cpuset), expect its share of the others' running threads there
+    share = cores / max(cores, os.cpu_count() or cores)
+    return max(1, cores - round(sorted(looks)[1] * share))
+
+
+# --- the cross-validated path ------------------------------------------------------------------
+
+class CVPath:
+    """Cross-validation of a C grid with the batched solver, then the refit at a chosen C.
+
+    Normalisation is fitted per fold on that fold's training rows only: ``standard`` uses each
+    fold's own mean and standard deviation (as StandardScaler would); ``l2`` and ``power``
+    are per-row and need no fitting.
+
+    Examples
+    --------
+    >>> path = CVPath(X, y, splits, "softmax", "standard")              # doctest: +SKIP
+    >>> scores, oof = path.run((0.01, 0.1, 1.0))                        # doctest: +SKIP
+    >>> model = path.refit(0.1)                                         # doctest: +SKIP
+    """
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, splits, classifier: str, norm: str,
+                 device: str = "auto"):
+        self.ops = ops = backend(device)
+        self.classifier, self.norm = classifier, norm
+        self.loss = "squared_hinge" if classifier == "svm" else "log_loss"
+        self.classes, idx = np.unique(y, return_inverse=True)
+        self.y_np, self.splits = y, splits
+        if norm in ("l2", "power"):
+            X = normalise_rows(X, norm)
+        self.X = ops.asarray(X, ops.f32)   # numpy: the codes themselves when already float32
+        self.y = ops.asarray(idx, ops.int64)
+        masks = np.zeros((len(splits), len(y)), dtype=bool)
+        for f, (train, _) in enumerate(splits):
+            masks[f, train] = True
+        self.masks = ops.asarray(masks)
+        self.mean_state = {}
+
+    def run(self, grid):
+        """Accuracy per C (list of arrays, one per fold) and out-of-fold predictions per C."""
+        with self.ops.threads():  # the setup too (moments, eigendecompositions), not only the solves
+            return self._run(grid)
+
+    def _run(self, grid):
+        ops = self.ops
+        F, K = len(self.splits), len(self.classes)
+        self.design, self.spans = make_design(ops, self.X, self.masks, self.norm == "standard", self.loss)
+        problem = BatchedProblem(self.design, self.y, self.masks, K, self.loss)
+        scores = np.zeros((len(grid), F))
+        oof = np.empty((len(grid), len(self.y_np)), dtype=self.y_np.dtype)
+        # All folds at once, one C at a time from strong to weak regularisation, each C starting
+        # from the previous solution: batching the C values too makes every model wait for the
+        # slowest (weakest-regularised) one; measured 2x slower than this on the Caltech codes.
+        state = None
+        for g in sorted(range(len(grid)), key=lambda g: grid[g]):
+            state = problem.solve(grid[g], state, tol=CV_TOL)
+            if self.spans is None:  # the folds' mean weights, a start for the refit at this C
+                self.mean_state[grid[g]] = (self.design.weights(state[0]).mean(0), state[1].mean(0))
+            else:                   # the same, from each fold's own basis
+                fits = [model_weights(self.design, self.spans, *state, m) for m in range(F)]
+                self.mean_state[grid[g]] = (sum(w for w, _ in fits) / F, sum(c for _, c in fits) / F)
+            pred = ops.to_numpy(self.design.predict(*state))                       # (F, n)
+            for f, (_, held) in enumerate(self.splits):
+                oof[g, held] = self.classes[pred[f, held]]
+                scores[g, f] = float((oof[g, held] == self.y_np[held]).mean())
+        return [scores[g] for g in range(len(grid))], oof
+
+    def refit(self, C: float, tol: float = 1e-4, max_iter: int = 300) -> LinearProbe:
+        """The model on all rows at ``C``, started from the folds' average solution at that C."""
+        if not hasattr(self, "design"):
+            raise RuntimeError("CVPath.refit needs run() first (it reuses the path's basis and solutions).")
+        ops = self.ops
+        with ops.threads():
+            everything = ops.asarray(np.ones((1, len(self.y_np)), dtype=bool))
+            standard = self.norm == "standard"
+            init = self.mean_state.get(C)
+            if self.spans is None:  # started from the folds' mean weights, in its own basis
+                design, spans = shared_design(ops, self.X, everything, standard), None
+                if init is not None:
+                    V = design.V
+                    init = (init[0][None] if V is None else V.swapaxes(1, 2) @ init[0], init[1][None])
+            else:
+                design, spans = dual_design(ops, self.X, everything, standard, self.loss)
+                if init is not None:  # (weights, true intercept) -> this basis' coordinates
+                    span, (W0, c0) = spans[0], init
+                    omega0 = ops.zeros((1, design.D, W0.shape[1]), W0.dtype)
+                    omega0[0, :span.U.shape[1]] = span.coordinates(W0, c0)
+                    b0 = c0 * 0 if design.intercept_in_basis else \
+                        (c0 if span.shift is None else c0 + span.shift @ W0)
+                    init = (omega0, b0[None])
+            problem = BatchedProblem(design, self.y, everything, len(self.classes), self.loss)
+            omega, b = problem.solve(C, init, max_iter=max_iter, tol=tol)
+            self.n_evaluations = problem.n_evaluations
+            W, intercept = model_weights(design, spans, omega, b, 0)
+            # the refit's standardisation, as its design computed it (no second pass over X)
+            if spans is None:
+                mu, sd = design.offset[0], design.scale[0]
+            else:
+                mu, sd = spans[0].offset, spans[0].scale
+        moments = {"mean": ops.to_numpy(mu), "scale": ops.to_numpy(sd)} if standard else {}
+        return LinearProbe.from_weights(self.loss, C, self.norm, self.classes, ops.to_numpy(W),
+                                        ops.to_numpy(intercept), n_samples=len(self.y_np), **moments)
+
+
+def fit_one(X: np.ndarray, y: np.ndarray, loss: str, C: float, max_iter: int = 300, tol: float = 1e-4,
+            device: str = "auto") -> tuple[LinearProbe, int]:
+    """One model on all rows of ``X`` as given (no normalisation): ``(model, evaluations)``."""
+    ops = backend(device)
+    classes, idx = np.unique(y, return_inverse=True)
+    Xt, yt = ops.asarray(X, ops.f32), ops.asarray(idx, ops.int64)
+    masks = ops.asarray(np.ones((1, len(y)), dtype=bool))
+    with ops.threads():
+        design, spans = make_design(ops, Xt, masks, standardise=False, loss=loss)
+        problem = BatchedProblem(design, yt, masks, len(classes), loss)
+        omega, b = problem.solve(float(C), max_iter=max_iter, tol=tol)
+        W, intercept = model_weights(design, spans, omega, b, 0)
+    return LinearProbe.from_weights(loss, C, "none", classes, ops.to_numpy(W), ops.to_numpy(intercept)), \
+        problem.n_evaluations
