@@ -45,9 +45,13 @@ TARGETS = {"speedup": 5.0, "accuracy_points": 0.5, "memory_x_codes": 3.0}
 BLOCKS = ["blocks.0", "blocks.2", "blocks.4", "blocks.6", "bn2"]     # 16, 40, 112, 320, 1,280 dims
 EXTRACTED = ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"]
 SECTIONS = ("widths", "busy", "wide", "scale")
-# runs a command and reports its peak resident memory (ru_maxrss, KiB) on stderr
+# runs a command and reports its peak resident memory (KiB) on stderr: /proc's VmHWM, which
+# starts afresh with the program (ru_maxrss keeps the forking parent's peak across exec, so a
+# benchmark process holding gigabytes would report them for every command it starts)
 MAXRSS = ("import atexit, resource, runpy, sys; "
-          "atexit.register(lambda: print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+          "peak = lambda: next((int(l.split()[1]) for l in open('/proc/self/status') "
+          "if l.startswith('VmHWM')), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
+          "atexit.register(lambda: print('MAXRSS', peak(), "
           "file=sys.stderr)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__') "
           "if sys.argv[0].endswith('.py') else runpy.run_module(sys.argv[0], run_name='__main__', "
           "alter_sys=True)")

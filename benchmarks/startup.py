@@ -6,7 +6,8 @@ spends outside its fit.
    --repeats runs, each a fresh process; the target is under 0.5 s, which needs it to leave
    torch unimported (checked in the same process).
 2. `cnncodes fit-softmax --json` on the same cache: wall time of the process against the fit's
-   own ``seconds``; the difference is imports, reading the codes and writing the summary.
+   own ``seconds``; the difference is imports, reading the codes and writing the summary (the
+   fit's ``seconds`` include reading the codes, so the difference is mostly imports).
 
 Example:
   python benchmarks/startup.py --update-readme
@@ -72,7 +73,7 @@ def main() -> None:
         f"| {result['info_median_s']:.2f} | < {TARGET_INFO_S} | {met} |",
         f"| `cnncodes fit-softmax` wall | {wall:.1f} | | |",
         f"| of which the fit | {fit:.1f} | | |",
-        f"| of which outside the fit (imports incl. torch for the torch solver, reading codes) "
+        f"| of which outside the fit (imports: neither torch nor scikit-learn; reading codes) "
         f"| {wall - fit:.1f} | | |",
         "",
         f"(2-core CPU, {result['date']}; `python benchmarks/startup.py`)",

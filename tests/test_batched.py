@@ -5,6 +5,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from cnncodes.pipelines.probes.estimator import BatchedLinearClassifier
+from cnncodes.pipelines.probes.metrics import stratified_kfold
 
 
 @parametrize_with_checks([BatchedLinearClassifier(), BatchedLinearClassifier(loss="log_loss", C=10.0)])
@@ -160,6 +161,25 @@ def test_large_feature_means_keep_float32_precision():
     np.testing.assert_allclose(mine.decision_function(X) - mine.decision_function(X).mean(1, keepdims=True),
                                ref.decision_function(X) - ref.decision_function(X).mean(1, keepdims=True),
                                atol=5e-3)
+
+
+@pytest.mark.parametrize("classifier", ["svm", "softmax"])
+@pytest.mark.parametrize("n,d", [(40, 300), (300, 20)])  # the dual and the primal form
+def test_the_torch_backend_gives_the_numpy_backends_models(classifier, n, d):
+    """The CUDA backend's code (torch tensors), run on the CPU: the same path as numpy's."""
+    import torch
+
+    from cnncodes.pipelines.probes.batched import CVPath, TorchOps
+    X, y = _problem(n, d, seed=4, offset=0.5)
+    splits = stratified_kfold(y, 3, 0)
+    a = CVPath(X, y, splits, classifier, "standard")
+    b = CVPath(X, y, splits, classifier, "standard", device=TorchOps(torch.device("cpu")))
+    (sa, oa), (sb, ob) = a.run((0.05, 1.0)), b.run((0.05, 1.0))
+    assert isinstance(a.X, np.ndarray) and isinstance(b.X, torch.Tensor)
+    assert (oa == ob).mean() >= 0.97
+    np.testing.assert_allclose(np.array(sa), np.array(sb), atol=0.05)
+    fa, fb = a.refit(1.0, tol=1e-6, max_iter=2000), b.refit(1.0, tol=1e-6, max_iter=2000)
+    np.testing.assert_allclose(fa.decision_function(X), fb.decision_function(X), atol=0.02, rtol=0.02)
 
 
 @pytest.mark.gpu

@@ -281,8 +281,11 @@ def _cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def backend(device: str = "auto") -> Ops:
-    """numpy on the CPU; torch on CUDA (``auto``: CUDA when present)."""
+def backend(device="auto") -> Ops:
+    """numpy on the CPU; torch on CUDA (``auto``: CUDA when present); an :class:`Ops` as given
+    (tests run the torch backend on the CPU this way)."""
+    if isinstance(device, Ops):
+        return device
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         from cnncodes.extractor.errors import SettingsError
         raise SettingsError(f"the batched solver runs on cpu or cuda, got device {device!r}.")
