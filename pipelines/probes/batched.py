@@ -302,13 +302,14 @@ def _blocks(n: int, row_bytes: int):
     return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
-def _loss_and_grad(ops: Ops, loss: str, S, onehot, w):
-    """Weighted data term of scores ``S`` (M, K, B) with labels one-hot ``onehot`` (1, K, B)
-    and row weights ``w`` (M, B); returns (value, dS), dS in the memory of ``S``.
+def _loss_and_grad(ops: Ops, loss: str, S, y, w):
+    """Weighted data term of scores ``S`` (M, K, B) with labels ``y`` (B,) and row weights
+    ``w`` (M, B); returns (value, dS), dS in the memory of ``S``.
 
     The classes are the middle axis and the rows the last, so that every reduction over the
     classes is an elementwise operation between contiguous slices (a reduction along a short
     last axis is several times slower in numpy); the steps are in place where they can be."""
+    onehot = ops.astype(y[None, :] == ops.arange(S.shape[1])[:, None], S.dtype)[None]   # (1, K, B)
     w = w[:, None, :]
     if loss == "squared_hinge":
         T = 2 * onehot - 1
@@ -329,12 +330,6 @@ def _loss_and_grad(ops: Ops, loss: str, S, onehot, w):
     P -= onehot
     P *= w
     return value, P
-
-
-def _onehots(ops: Ops, y, K: int, blocks) -> dict:
-    """The one-hot labels (1, K, B) of every block of rows, made once per problem."""
-    return {(blk.start, blk.stop): ops.astype(y[blk][None, :] == ops.arange(K)[:, None], ops.f32)[None]
-            for blk in blocks}
 
 
 class SharedRows:
@@ -389,13 +384,9 @@ class SharedRows:
         gA = ops.zeros((M * K, D), A.dtype)
         gbeff = ops.zeros((M, K), A.dtype)
         total = 0.0
-        blocks = _blocks(self.n, 4 * (D + 4 * M * K))
-        if getattr(self, "_onehot_key", None) != (id(y), K):
-            self._onehot, self._onehot_key = _onehots(ops, y, K, blocks), (id(y), K)
-        for blk in blocks:
+        for blk in _blocks(self.n, 4 * (D + 4 * M * K)):
             X = self._rows(blk)
-            scores = self._block_scores(X, A, beff)
-            v, dS = _loss_and_grad(ops, loss, scores, self._onehot[blk.start, blk.stop], w[:, blk])
+            v, dS = _loss_and_grad(ops, loss, self._block_scores(X, A, beff), y[blk], w[:, blk])
             total += v
             gA += dS.reshape(M * K, len(X)) @ X
             gbeff += dS.sum(-1)
@@ -438,13 +429,8 @@ class FoldBases:
         gomega = ops.zeros(omega.shape, omega.dtype)
         gb = ops.zeros(b.shape, b.dtype)
         total = 0.0
-        K = omega.shape[2]
-        blocks = _blocks(self.n, 4 * self.M * (self.D + 4 * K))
-        if getattr(self, "_onehot_key", None) != (id(y), K):
-            self._onehot, self._onehot_key = _onehots(ops, y, K, blocks), (id(y), K)
-        for blk in blocks:
-            v, dS = _loss_and_grad(ops, loss, self.scores(omegaT, b, blk), self._onehot[blk.start, blk.stop],
-                                   w[:, blk])
+        for blk in _blocks(self.n, 4 * self.M * (self.D + 4 * omega.shape[2])):
+            v, dS = _loss_and_grad(ops, loss, self.scores(omegaT, b, blk), y[blk], w[:, blk])
             total += v
             gomega += self.Phi[:, blk].swapaxes(1, 2) @ dS.swapaxes(1, 2)
             gb += dS.sum(-1)
