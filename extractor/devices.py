@@ -6,10 +6,12 @@ line can offer them as choices (``--device``, ``--precision``) without loading t
 from __future__ import annotations
 
 import contextlib
+import re
 
 from .errors import SettingsError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+_CUDA_INDEX = re.compile(r"cuda:\d+")  # one GPU of several, as torch names it
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")  # what runs the network: extractor.runtimes
@@ -28,14 +30,19 @@ def resolve_device(device: str = "auto", accelerators=("cuda", "mps")):
     (the torch solver's eigendecompositions do not run on MPS).
     """
     import torch
-    if device not in DEVICES:
-        raise SettingsError(f"device must be one of {', '.join(DEVICES)}, got {device!r}.")
+    if device not in DEVICES and not _CUDA_INDEX.fullmatch(str(device)):
+        raise SettingsError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}.")
     if device == "auto":
         if "cuda" in accelerators and torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if "mps" in accelerators and _mps_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SettingsError("--device cuda was requested but CUDA is not available on this machine.")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SettingsError(f"--device {device} was requested but CUDA is not available on this machine.")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise SettingsError(f"--device {device} was requested but this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s).")
     if device == "mps" and not _mps_available():
         raise SettingsError("--device mps was requested but MPS is not available on this machine.")
     return torch.device(device)

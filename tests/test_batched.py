@@ -97,7 +97,8 @@ def test_dual_form_for_few_wide_rows_is_small_and_quick():
     t0 = time.perf_counter()
     path = CVPath(X, y, splits, "svm", "standard")
     scores, _ = path.run((0.01, 1.0))
-    assert isinstance(path.design, FoldBases) and path.design.Phi.shape == (2, 36, 18)
+    # 18 training rows per fold, centred: 17 directions (the intercept is apart from them)
+    assert isinstance(path.design, FoldBases) and path.design.Phi.shape == (2, 36, 17)
     pipe = path.refit(1.0)
     assert pipe.named_steps["clf"].coef_.shape == (3, 20000)
     assert time.perf_counter() - t0 < 60  # a hang guard only; the benchmark measures speed
@@ -163,6 +164,30 @@ def test_large_feature_means_keep_float32_precision():
                                atol=5e-3)
 
 
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_the_dual_svm_on_rows_far_from_zero_reaches_the_optimum(offset):
+    """Fewer rows than dimensions, rows as given (``--norm none``) whose mean dwarfs their
+    spread: the dual basis is of the centred rows plus the mean's direction, so no direction of
+    the spread is lost to float32 (the uncentred Gram matrix lost them: objective 960 against
+    0.8 at offset 100). The reference is liblinear's primal solver, which converges here where
+    its dual one does not."""
+    from cnncodes.pipelines.probes.batched import backend, fit_one, make_design
+    X, y = _problem(40, 300, offset=offset)
+    design, spans = make_design(backend("cpu"), X, np.ones((1, 40), dtype=bool), False, "squared_hinge")
+    assert spans is not None  # the dual form
+    mine, _ = fit_one(X, y, "squared_hinge", 0.3, tol=1e-7, max_iter=3000)
+    ref = LinearSVC(C=0.3, dual=False, max_iter=200000, tol=1e-10).fit(X.astype(np.float64), y)
+
+    def objective(W, b):
+        T = np.where(y[:, None] == np.arange(3)[None], 1, -1)
+        h = np.maximum(0, 1 - T * (X.astype(np.float64) @ W.T + b))
+        return 0.5 * (W ** 2).sum() + 0.5 * (b ** 2).sum() + 0.3 * (h ** 2).sum()
+    assert objective(mine.coef, mine.intercept) <= objective(ref.coef_, ref.intercept_) * (1 + 1e-5)
+    np.testing.assert_allclose(mine.coef, ref.coef_, atol=3e-3 * np.abs(ref.coef_).max())
+    np.testing.assert_allclose(mine.intercept, ref.intercept_, atol=1e-3)
+    assert (mine.predict(X) == ref.predict(X)).all()
+
+
 @pytest.mark.parametrize("classifier", ["svm", "softmax"])
 @pytest.mark.parametrize("n,d", [(40, 300), (300, 20)])  # the dual and the primal form
 def test_the_torch_backend_gives_the_numpy_backends_models(classifier, n, d):
@@ -197,3 +222,31 @@ def test_the_cv_path_on_cuda_matches_the_cpu(classifier, n, d):
     np.testing.assert_allclose(np.array(s_cpu), np.array(s_gpu), atol=0.05)
     np.testing.assert_allclose(cpu.refit(1.0).decision_function(X), gpu.refit(1.0).decision_function(X),
                                atol=0.02, rtol=0.02)
+
+
+def test_a_numbered_cuda_device_is_understood():
+    """``cuda:1`` names one GPU of several; without CUDA it is the one-line settings error."""
+    import torch
+
+    from cnncodes.extractor.errors import SettingsError
+
+    from cnncodes.pipelines.probes.batched import backend
+    if torch.cuda.is_available():
+        assert backend("cuda:0").device.index == 0
+        with pytest.raises(SettingsError, match="CUDA device"):
+            backend(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(SettingsError, match="cuda:0 was requested but CUDA is not available"):
+            backend("cuda:0")
+    with pytest.raises(SettingsError, match="cpu or cuda"):
+        backend("cuda0")
+
+
+def test_binary_probabilities_of_extreme_logits_do_not_overflow():
+    import warnings
+
+    from cnncodes.pipelines.probes.linear_model import probabilities
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = probabilities(np.array([-800.0, -30.0, 0.0, 800.0]))
+    np.testing.assert_allclose(p[:, 1], [0.0, 1 / (1 + np.exp(30.0)), 0.5, 1.0], rtol=1e-12)

@@ -131,6 +131,14 @@ def test_fit_key_is_the_recipes_fit_keys_content_then_module_classifier_and_sett
     assert len(key["content"]) == 64  # a re-extracted image changes it, so no fit is reused stale
 
 
+def test_the_solvers_former_name_keys_fits_as_its_own():
+    """``--solver torch`` is ``batched`` under its former name: the same stored fits."""
+    from cnncodes.pipelines.sweep.settings import SweepSettings
+    keys = [SweepSettings.from_arguments("data", solver=s).fit_settings()["solver"]
+            for s in ("torch", "batched")]
+    assert keys == ["batched", "batched"]
+
+
 def test_order_table_follows_the_given_backbones_then_depth_then_classifiers():
     import pandas as pd
 

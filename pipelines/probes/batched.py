@@ -340,7 +340,7 @@ class SharedRows:
     for the SVM's penalised intercept: intercept = b - shift . W.
     """
 
-    intercept_in_basis = False
+    intercept_weight = None   # the penalised intercept's penalty weighs as the weights'
 
     def __init__(self, ops: Ops, X, offset, scale, V, lam, shift=None, center=None):
         self.ops, self.X, self.offset, self.scale, self.V, self.lam = ops, X, offset, scale, V, lam
@@ -404,15 +404,17 @@ class SharedRows:
 
 class FoldBases:
     """M models, each on features ``Phi[m]`` (n, r): the codes expressed in an orthonormal
-    basis of model m's training rows (dual form); ``lam`` (M, r) their second moments."""
+    basis of model m's centred training rows (dual form); ``lam`` (M, r) their second moments.
 
-    def __init__(self, ops: Ops, Phi, lam, intercept_in_basis: bool = False):
+    For the SVM (see :class:`_RowSpan`) the penalised part of the intercept is ``(b - shift .
+    omega)`` with weight ``intercept_weight`` (M,), and a held-out row's score has one more
+    term, that part times ``outside`` (M, n) (zero on the model's training rows)."""
+
+    def __init__(self, ops: Ops, Phi, lam, shift=None, intercept_weight=None, outside=None):
         self.ops, self.Phi, self.lam = ops, Phi, lam
         self.M, self.n, self.D = Phi.shape
-        self.shift = self.V = None
-        # the SVM's penalised intercept is a coordinate of the basis (rows augmented by a
-        # constant 1), so the separate intercept stays 0
-        self.intercept_in_basis = intercept_in_basis
+        self.V = None
+        self.shift, self.intercept_weight, self.outside = shift, intercept_weight, outside
 
     def scores(self, omegaT, b, rows: slice):
         """(M, K, B) scores of the rows ``rows``; ``omegaT`` is omega (M, r, K) transposed."""
@@ -420,8 +422,15 @@ class FoldBases:
 
     def predict(self, omega, b):
         omegaT = self.ops.copy(omega.swapaxes(1, 2))
-        return self.ops.cat([self.scores(omegaT, b, blk).argmax(1).T
-                             for blk in _blocks(self.n, 4 * self.M * (self.D + 2 * omega.shape[2]))]).T
+        part = None if self.outside is None else b - self.intercept_shift(omega)
+
+        def best(blk):
+            S = self.scores(omegaT, b, blk)
+            if part is not None:
+                S += part[:, :, None] * self.outside[:, None, blk]
+            return S.argmax(1).T
+        blocks = _blocks(self.n, 4 * self.M * (self.D + 2 * omega.shape[2]))
+        return self.ops.cat([best(blk) for blk in blocks]).T
 
     def value_and_grad(self, omega, b, y, w, loss):
         ops = self.ops
@@ -434,12 +443,13 @@ class FoldBases:
             total += v
             gomega += self.Phi[:, blk].swapaxes(1, 2) @ dS.swapaxes(1, 2)
             gb += dS.sum(-1)
-        if self.intercept_in_basis:
-            gb *= 0
         return total, gomega, gb
 
     def intercept_shift(self, omega):
-        return None
+        """shift . omega per model (M, K), or None."""
+        if self.shift is None:
+            return None
+        return (self.shift[:, None, :] @ omega)[:, 0, :]
 
 
 class BatchedProblem:
@@ -477,8 +487,7 @@ class BatchedProblem:
         if init is not None:
             u0[...] = init[0] / scale
             b0[...] = init[1]
-        # liblinear penalises the intercept (unless it is a coordinate of the design's basis)
-        penalise_b = self.loss == "squared_hinge" and not d.intercept_in_basis
+        penalise_b = self.loss == "squared_hinge"  # liblinear's convention
         split = M * D * K
 
         def objective(z):
@@ -490,10 +499,11 @@ class BatchedProblem:
             if penalise_b:
                 shift = d.intercept_shift(omega)
                 bt = b if shift is None else b - shift
-                value += float((reg * (bt * bt).sum(1)).sum())
-                gb = gb + 2 * reg[:, None] * bt
+                rb = reg if d.intercept_weight is None else reg * d.intercept_weight
+                value += float((rb * (bt * bt).sum(1)).sum())
+                gb = gb + 2 * rb[:, None] * bt
                 if shift is not None:  # d(bt)/d(omega) through shift . V omega
-                    g = -2 * reg[:, None, None] * d.shift[:, :, None] * bt[:, None, :]
+                    g = -2 * rb[:, None, None] * d.shift[:, :, None] * bt[:, None, :]
                     gomega = gomega + (g if d.V is None else d.V.swapaxes(1, 2) @ g)
             return value, ops.cat([(gomega * scale).reshape(-1), gb.reshape(-1)])
 
@@ -700,48 +710,83 @@ def _column_blocks(D: int, n: int):
 
 
 class _RowSpan:
-    """An orthonormal basis of the span of one model's training rows ``Z = (x - offset) /
-    scale`` (with a constant 1 appended when ``augment``: the penalised intercept as one more
-    weight), kept as ``Q = Z_train^T U / sqrt(Lambda)`` without forming Z (n x D) or Q (D x r).
+    """An orthonormal basis of the span of one model's training rows, centred: ``Z = (x -
+    offset) / scale`` with ``offset`` their mean, kept as ``Q = Z_train^T U / sqrt(Lambda)``
+    without forming Z (n x D) or Q (D x r); ``Phi`` (n, r) are every row's coordinates ``Z Q``.
+
+    The model's weights on its input are ``W = Q omega`` with a free intercept, except for the
+    SVM, whose penalised intercept ``c`` makes the weights ``[W, c]`` lie in the span of the
+    input rows with a constant 1 appended. With ``mean`` (the training rows' mean in the
+    model's input, which is then ``Z + mean``), that span is parametrised so that the
+    training rows' scores are ``Phi omega + b`` again, centred features and one offset:
+
+        W = Q (omega - c p) + mean c,   c = (b - p . omega) / gap,   p = Q^T mean,
+        gap = |mean|^2 - |p|^2 + 1,     penalty |W|^2 + c^2 = |omega|^2 + (b - p . omega)^2 / gap
+
+    and a held-out row's score has the one more term ``c (Z . mean - Phi . p)``
+    (``outside``), zero on the training rows. Why not the uncentred rows' own Gram matrix:
+    where their mean dwarfs their spread, float32 keeps too few digits of it to see the
+    spread's directions (measured: 300 x 600 rows of offset 100, the SVM objective came out
+    960 against scikit-learn's 0.8), and its eigenbasis is badly conditioned. The mean's terms
+    are computed in float64.
     """
 
-    def __init__(self, ops: Ops, X, train, offset, scale, augment: bool, centred: bool = True):
+    def __init__(self, ops: Ops, X, train, offset, scale, mean=None):
         self.ops, self.X, self.train = ops, X, train
-        self.offset, self.scale, self.augment = offset, scale, augment
+        self.offset, self.scale, self.mean = offset, scale, mean
+        self.shift = None    # softmax on uncentred input: true intercept = b - shift . W
         n, D = X.shape
-        K = ops.full((n, len(train)), float(augment), X.dtype)                   # Z . Z_train^T
+        K = ops.zeros((n, len(train)), X.dtype)                                  # Z . Z_train^T
         for cols in _column_blocks(D, n):
-            Z = (X[:, cols] - offset[cols]) / scale[cols]
+            Z = self._z(slice(None), cols)
             K += Z @ Z[train].T
-        # float64 for uncentred rows (the SVM's without standardisation), whose mean swamps the
-        # smallest directions in float32; centred rows are well within float32's reach, and the
-        # float32 eigendecomposition takes half the time (1,212 rows: 130 against 300 ms)
-        G = K[train] if centred else ops.astype(K[train], ops.f64)
+        G = K[train]
         lam, U = ops.eigh((G + G.T) / 2)
         keep = lam > max(float(lam.max()), 1e-30) * (len(train) * ops.eps(X.dtype))
         self.U = ops.astype(U[:, keep] / lam[keep] ** 0.5, X.dtype)            # (n_train, r)
         self.Phi = K @ self.U                                                   # (n, r)
         self.lam = ops.astype(lam[keep] / len(train), X.dtype)                  # (r,) second moments
+        self.r = self.U.shape[1]
+        if mean is None:
+            return
+        f64 = ops.f64
+        m64 = ops.astype(mean, f64)
+        zm = ops.zeros((n,), f64)                                                # Z . mean
+        for cols in _column_blocks(D, n):
+            zm += ops.astype(self._z(slice(None), cols), f64) @ m64[cols]
+        p = ops.astype(self.U, f64).T @ zm[train]                                # Q^T mean
+        self.gap = max(float(m64 @ m64) - float(p @ p), 0.0) + 1.0
+        self.p = ops.astype(p, X.dtype)
+        self.outside = ops.astype((zm - ops.astype(self.Phi, f64) @ p) / self.gap, X.dtype)
 
-    def coordinates(self, W, b):
-        """Coordinates (r, K) in this basis of weights ``W`` (D, K) on ``(x - offset) / scale``
-        with the constant feature's weight ``b`` (K,) (used with ``augment``): the projection
-        of the weights on the span (exact for weights inside it)."""
+    def _z(self, rows, cols):
+        return (self.X[rows, cols] - self.offset[cols]) / self.scale[cols]
+
+    def coordinates(self, W, c):
+        """``(omega (r, K), b (K,))`` of weights ``W`` (D, K) on the model's input and its true
+        intercept ``c`` (K,): the projection of the weights on the span (exact inside it)."""
         ZW = self.ops.zeros((len(self.train), W.shape[1]), W.dtype)
         for cols in _column_blocks(self.X.shape[1], len(self.train)):
-            ZW += ((self.X[self.train, cols] - self.offset[cols]) / self.scale[cols]) @ W[cols]
-        if self.augment:
-            ZW += b
-        return self.U.T @ ZW
+            ZW += self._z(self.train, cols) @ W[cols]
+        omega = self.U.T @ ZW                                                   # Q^T W
+        if self.mean is not None:
+            return omega, self.p @ omega + c * self.gap
+        return omega, c if self.shift is None else c + self.shift @ W
 
-    def weights(self, omega):
-        """Weights (D, K) on ``(x - offset) / scale`` of coordinates ``omega`` (r, K), and the
-        intercept carried by the constant feature (K,) (zeros without ``augment``)."""
+    def weights(self, omega, b):
+        """Weights (D, K) on the model's input and its true intercept (K,) of coordinates
+        ``omega`` (r, K) and offset ``b`` (K,)."""
+        if self.mean is not None:
+            c = (b - self.p @ omega) / self.gap
+            omega = omega - self.p[:, None] * c[None]
         coef = self.U @ omega                                                   # (n_train, K)
         W = self.ops.zeros((self.X.shape[1], omega.shape[1]), omega.dtype)
         for cols in _column_blocks(self.X.shape[1], len(self.train)):
-            W[cols] = ((self.X[self.train, cols] - self.offset[cols]) / self.scale[cols]).T @ coef
-        return W, coef.sum(0) if self.augment else coef[0] * 0
+            W[cols] = self._z(self.train, cols).T @ coef
+        if self.mean is not None:
+            W += self.mean[:, None] * c[None]
+            return W, c
+        return W, b if self.shift is None else b - self.shift @ W
 
 
 def dual_design(ops: Ops, X, masks, standardise: bool, loss: str):
@@ -750,25 +795,33 @@ def dual_design(ops: Ops, X, masks, standardise: bool, loss: str):
 
     Softmax's free intercept lets the rows be centred (the optimum's weights lie in the span
     of the centred rows, and centring conditions the problem); the SVM's penalised intercept
-    cannot move, so its rows stay as the classifier sees them, with a constant 1 appended."""
+    cannot move, so its span is of the rows as the classifier sees them, with a constant 1
+    appended (see :class:`_RowSpan`)."""
     mu, sd = _moments(ops, X, masks)
     svm = loss == "squared_hinge"
     spans = []
     for m in range(masks.shape[0]):
-        off = mu[m] * 0 if svm and not standardise else mu[m]
         sc = sd[m] if standardise else sd[m] * 0 + 1
-        span = _RowSpan(ops, X, ops.flatnonzero(masks[m]), off, sc, augment=svm,
-                        centred=standardise or not svm)
-        span.shift = None if standardise or svm else mu[m]   # true intercept = b - shift . W
+        mean = None if not svm else (mu[m] * 0 if standardise else mu[m])    # input = Z + mean
+        span = _RowSpan(ops, X, ops.flatnonzero(masks[m]), mu[m], sc, mean=mean)
+        if not (standardise or svm):
+            span.shift = mu[m]
         spans.append(span)
-    r = max(s.Phi.shape[1] for s in spans)
-    Phi = ops.zeros((len(spans), X.shape[0], r), X.dtype)
-    lam = ops.full((len(spans), r), 1.0, X.dtype)  # padding: inert coordinates
+    M, r = len(spans), max(s.r for s in spans)
+    Phi = ops.zeros((M, X.shape[0], r), X.dtype)
+    lam = ops.full((M, r), 1.0, X.dtype)  # padding: inert coordinates
+    shift = ops.zeros((M, r), X.dtype) if svm else None
     for m, s in enumerate(spans):
-        Phi[m, :, :s.Phi.shape[1]] = s.Phi
-        lam[m, :s.Phi.shape[1]] = s.lam
+        Phi[m, :, :s.r] = s.Phi
+        lam[m, :s.r] = s.lam
+        if svm:
+            shift[m, :s.r] = s.p
         s.Phi = None
-    return FoldBases(ops, Phi, lam, intercept_in_basis=svm), spans
+    if not svm:
+        return FoldBases(ops, Phi, lam), spans
+    weight = ops.asarray(np.array([1.0 / s.gap for s in spans]), X.dtype)
+    outside = ops.cat([s.outside[None] for s in spans])
+    return FoldBases(ops, Phi, lam, shift=shift, intercept_weight=weight, outside=outside), spans
 
 
 def make_design(ops: Ops, X, masks, standardise: bool, loss: str):
@@ -790,9 +843,7 @@ def model_weights(design, spans, omega, b, m: int):
     """(W (D, K), intercept (K,)) of model m on its input (standardised, or as normalised)."""
     if spans is not None:
         span = spans[m]
-        W, b_basis = span.weights(omega[m, :span.U.shape[1]])
-        intercept = b[m] + b_basis
-        return W, intercept if span.shift is None else intercept - span.shift @ W
+        return span.weights(omega[m, :span.r], b[m])
     W = design.weights(omega[m:m + 1])[0]
     shift = design.intercept_shift(omega[m:m + 1])
     return W, b[m] if shift is None else b[m] - shift[0]
@@ -921,9 +972,7 @@ class CVPath:
                 if init is not None:  # (weights, true intercept) -> this basis' coordinates
                     span, (W0, c0) = spans[0], init
                     omega0 = ops.zeros((1, design.D, W0.shape[1]), W0.dtype)
-                    omega0[0, :span.U.shape[1]] = span.coordinates(W0, c0)
-                    b0 = c0 * 0 if design.intercept_in_basis else \
-                        (c0 if span.shift is None else c0 + span.shift @ W0)
+                    omega0[0, :span.r], b0 = span.coordinates(W0, c0)
                     init = (omega0, b0[None])
             problem = BatchedProblem(design, self.y, everything, len(self.classes), self.loss)
             omega, b = problem.solve(C, init, max_iter=max_iter, tol=tol)

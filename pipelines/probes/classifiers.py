@@ -65,6 +65,13 @@ def parse_pca(value) -> int | str | None:
 SOLVERS = ("auto", "sklearn", "batched", "torch")  # torch: the batched solver's former name
 
 
+def solver_name(solver: str) -> str:
+    """The solver a ``--solver`` value selects (``torch`` is ``batched``'s former name)."""
+    if solver not in SOLVERS:
+        raise SettingsError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
+    return "batched" if solver == "torch" else solver
+
+
 def normalisation_steps(norm: str) -> list:
     """The (unfitted) normalisation steps of every probe's Pipeline, by ``--norm``."""
     from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
@@ -98,7 +105,7 @@ def make_pipeline(classifier: str, C: float = 1.0, norm: str = "standard", pca=N
     if pca is not None:
         steps.append(("pca", PCA(n_components=None if pca == "whiten" else pca,
                                  whiten=pca == "whiten", random_state=seed)))
-    if solver in ("batched", "torch"):
+    if solver_name(solver) == "batched":
         from cnncodes.pipelines.probes.estimator import BatchedLinearClassifier
         clf = BatchedLinearClassifier(loss="squared_hinge" if classifier == "svm" else "log_loss", C=C)
     elif classifier == "svm":
@@ -273,10 +280,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
                             else ",".join(str(float(c)) for c in c_grid))
     if folds < 2:
         raise SettingsError(f"--folds must be >= 2, got {folds}.")
-    if solver not in SOLVERS:
-        raise SettingsError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
-    if solver == "torch":
-        solver = "batched"
+    solver = solver_name(solver)
     if solver == "batched" and parse_pca(pca) is not None:
         raise SettingsError("--solver batched does not do PCA; use --solver sklearn with --pca.")
     codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete)

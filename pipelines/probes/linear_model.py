@@ -41,7 +41,7 @@ def labels_of(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
 def probabilities(scores: np.ndarray) -> np.ndarray:
     """Softmax probabilities of multinomial scores; the logistic function of a binary logit."""
     if scores.ndim == 1:
-        p = 1.0 / (1.0 + np.exp(-scores))
+        p = np.exp(-np.logaddexp(0.0, -scores))  # 1 / (1 + exp(-s)) without overflow (scipy's expit)
         return np.stack([1 - p, p], axis=1)
     scores = scores - scores.max(1, keepdims=True)
     p = np.exp(scores)
@@ -98,9 +98,9 @@ class LinearProbe:
         """The normalised rows, as the Pipeline's normalisation steps give them."""
         X = np.asarray(X)
         X = np.array(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
-        if self.norm == "standard":
-            X -= self.mean
-            X /= self.scale
+        if self.norm == "standard":  # in the rows' precision, as StandardScaler does
+            X -= self.mean.astype(X.dtype, copy=False)
+            X /= self.scale.astype(X.dtype, copy=False)
         elif self.norm in ("l2", "power"):
             X = _unit_rows(signed_sqrt(X) if self.norm == "power" else X)
         return X

@@ -14,7 +14,7 @@ from pathlib import Path
 from cnncodes.extractor.errors import SettingsError
 from cnncodes.extractor.files import dataset_name, slug
 
-from cnncodes.pipelines.probes.classifiers import CLASSIFIERS, parse_c_grid
+from cnncodes.pipelines.probes.classifiers import CLASSIFIERS, parse_c_grid, solver_name
 
 
 def default_report_dir(data, models) -> Path:
@@ -107,6 +107,8 @@ class SweepSettings:
         if prescreen is not None and prescreen < 1:
             raise SettingsError(f"--prescreen must be >= 1, got {prescreen}.")
         per_model = _weights_per_model(weights, len(models))
+        if "solver" in options:  # one name per solver: stored fits are keyed by it
+            options["solver"] = solver_name(options["solver"])
         grid = parse_c_grid(c_grid) if not isinstance(c_grid, (list, tuple)) else tuple(sorted(c_grid))
         return cls(data=data, models=models, weights=per_model, layers=layers,
                    classifiers=classifiers, cache=Path(cache) if cache else None,
