@@ -250,3 +250,28 @@ def test_binary_probabilities_of_extreme_logits_do_not_overflow():
         warnings.simplefilter("error")
         p = probabilities(np.array([-800.0, -30.0, 0.0, 800.0]))
     np.testing.assert_allclose(p[:, 1], [0.0, 1 / (1 + np.exp(30.0)), 0.5, 1.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_narrow_svms_are_solved_by_newtons_method_to_liblinears_optimum(offset):
+    """Narrow codes (<= NEWTON_MAX_DIM) go to Newton's method, rows far from zero included:
+    the same optimum as liblinear's primal solver, per fold and class, and the CV path uses it."""
+    from cnncodes.pipelines.probes.batched import CVPath, fit_one
+    from cnncodes.pipelines.probes.newton import NEWTON_MAX_DIM, NewtonSVM
+    X, y = _problem(240, 12, k=4, seed=3, offset=offset)
+    assert X.shape[1] <= NEWTON_MAX_DIM
+    mine, steps = fit_one(X, y, "squared_hinge", 2.0, tol=1e-8)
+    ref = LinearSVC(C=2.0, dual=False, max_iter=200000, tol=1e-12).fit(X.astype(np.float64), y)
+    np.testing.assert_allclose(mine.coef, ref.coef_, atol=1e-3 * np.abs(ref.coef_).max())
+    np.testing.assert_allclose(mine.intercept, ref.intercept_,
+                               atol=1e-3 * max(1.0, np.abs(ref.intercept_).max()))
+    assert steps < 60
+    splits = stratified_kfold(y, 3, 0)
+    path = CVPath(X, y, splits, "svm", "standard")
+    path.run((0.1, 10.0))
+    assert isinstance(path.design, NewtonSVM)
+    refit = path.refit(10.0, tol=1e-8)
+    from cnncodes.pipelines.probes.classifiers import make_pipeline
+    ref = make_pipeline("svm", 10.0, "standard").set_params(clf__dual=False, clf__tol=1e-12,
+                                                             clf__max_iter=200000).fit(X, y)
+    np.testing.assert_allclose(refit.decision_function(X), ref.decision_function(X), atol=2e-3)
