@@ -471,9 +471,10 @@ class BatchedProblem:
         self.n = ops.astype(masks.sum(1), dt)                              # (M,) training rows per model
         self.w = ops.astype(masks, dt) / self.n[:, None]                   # (M, n) mean weights
 
-    def solve(self, C: float, init=None, max_iter: int = 300, tol: float = 1e-4):
+    def solve(self, C: float, init=None, max_iter: int = 300, tol: float = 1e-4, guess=None):
         """Minimise every model's objective at this C; ``init`` is a previous solution (warm
-        start). Returns ``(omega, b)``: weights in the design's basis (M, D, K), intercepts (M, K)."""
+        start), ``guess`` another start (the one of lower objective is taken). Returns
+        ``(omega, b)``: weights in the design's basis (M, D, K), intercepts (M, K)."""
         d = self.design
         ops = d.ops
         M, D, K = d.M, d.D, self.K
@@ -485,11 +486,13 @@ class BatchedProblem:
             # LogisticRegression's binary problem at this C.
             reg = 2 * reg
         scale = ((_CURVATURE[self.loss] * d.lam + 2 * reg[:, None]) ** -0.5)[:, :, None]  # (M, D, 1)
-        u0 = ops.zeros((M, D, K), dt)
-        b0 = ops.zeros((M, K), dt)
-        if init is not None:
-            u0[...] = init[0] / scale
-            b0[...] = init[1]
+        def start(state):
+            u0, b0 = ops.zeros((M, D, K), dt), ops.zeros((M, K), dt)
+            if state is not None:
+                u0[...] = state[0] / scale
+                b0[...] = state[1]
+            return ops.cat([u0.reshape(-1), b0.reshape(-1)])
+
         penalise_b = self.loss == "squared_hinge"  # liblinear's convention
         split = M * D * K
 
@@ -513,12 +516,20 @@ class BatchedProblem:
         # the history holds 2 x 20 vectors of every model's weights: fewer for very large models
         history = 20 if split <= 4_000_000 else 8
         with ops.threads():
-            z, self.n_evaluations = lbfgs(objective, ops.cat([u0.reshape(-1), b0.reshape(-1)]),
-                                          max_iter=max_iter, tol=tol, history=history)
+            x0, first = start(init), None
+            if guess is not None:
+                x1 = start(guess)
+                first, other = objective(x0), objective(x1)
+                if other[0] < first[0]:
+                    x0, first = x1, other
+            z, self.n_evaluations = lbfgs(objective, x0, max_iter=max_iter, tol=tol, history=history,
+                                          first=first)
+            self.n_evaluations += 2 if guess is not None else 0
         return z[:split].reshape(M, D, K) * scale, ops.copy(z[split:].reshape(M, K))
 
 
-def lbfgs(fun, x0, max_iter: int = 300, tol: float = 1e-4, history: int = 20, max_step_tries: int = 25):
+def lbfgs(fun, x0, max_iter: int = 300, tol: float = 1e-4, history: int = 20, max_step_tries: int = 25,
+          first=None):
     """Minimise ``fun(x) -> (value, gradient)`` from the flat array ``x0`` (numpy or torch) with
     L-BFGS.
 
@@ -526,7 +537,7 @@ def lbfgs(fun, x0, max_iter: int = 300, tol: float = 1e-4, history: int = 20, ma
     ``tolerance_grad``) or a step changes the value by less than ``tol * 1e-3``. The line
     search brackets a step meeting the weak Wolfe conditions by doubling and bisection (Lewis
     and Overton); in the preconditioned bases above the unit step is nearly always taken.
-    Returns ``(x, evaluations)``.
+    ``first`` is ``fun(x0)`` where already known. Returns ``(x, evaluations)``.
 
     The direction is the compact form of the L-BFGS matrix (Byrd, Nocedal and Schnabel 1994),
     the same direction as the two-loop recursion: the pairs live as rows of two matrices, so a
@@ -539,8 +550,8 @@ def lbfgs(fun, x0, max_iter: int = 300, tol: float = 1e-4, history: int = 20, ma
     """
     c1, c2 = 1e-4, 0.9
     x = x0 + 0
-    f, g = fun(x)
-    evals = 1
+    f, g = fun(x) if first is None else first
+    evals = 0 if first is not None else 1
     h, N = history, x.shape[0]
     # the pairs as rows of one matrix, s_i in [:h] and y_i in [h:], so that the products of
     # all of them with a vector are one pass over the history (the step is memory-bound:
@@ -966,9 +977,16 @@ class CVPath:
         # All folds at once, one C at a time from strong to weak regularisation, each C starting
         # from the previous solution: batching the C values too makes every model wait for the
         # slowest (weakest-regularised) one; measured 2x slower than this on the Caltech codes.
-        state = None
+        # Softmax's solutions move steadily with log C (the grid's steps are even in log C), so
+        # the line through the last two is also tried as a start: measured on Caltech's 1,280-d
+        # codes with 102 classes, 165 evaluations in 10.2 s became 127 in 7.6 s. Not for the
+        # SVM, whose path bends: there it took more evaluations (14.6 s against 9.8 s).
+        state = prev = None
         for g in sorted(range(len(grid)), key=lambda g: grid[g]):
-            state = problem.solve(grid[g], state, tol=CV_TOL)
+            guess = None
+            if self.loss == "log_loss" and prev is not None:
+                guess = (2 * state[0] - prev[0], 2 * state[1] - prev[1])
+            prev, state = state, problem.solve(grid[g], state, tol=CV_TOL, guess=guess)
             if self.spans is None:  # the folds' mean weights, a start for the refit at this C
                 self.mean_state[grid[g]] = (self.design.weights(state[0]).mean(0), state[1].mean(0))
             else:                   # the same, from each fold's own basis
