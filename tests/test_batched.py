@@ -173,7 +173,7 @@ def test_the_dual_svm_on_rows_far_from_zero_reaches_the_optimum(offset):
     its dual one does not."""
     from cnncodes.pipelines.probes.batched import backend, fit_one, make_design
     X, y = _problem(40, 300, offset=offset)
-    design, spans = make_design(backend("cpu"), X, np.ones((1, 40), dtype=bool), False, "squared_hinge")
+    design, spans = make_design(backend("cpu"), X, np.ones((1, 40), dtype=bool), False, "squared_hinge", 3)
     assert spans is not None  # the dual form
     mine, _ = fit_one(X, y, "squared_hinge", 0.3, tol=1e-7, max_iter=3000)
     ref = LinearSVC(C=0.3, dual=False, max_iter=200000, tol=1e-10).fit(X.astype(np.float64), y)
