@@ -85,6 +85,28 @@ def test_cv_path_fits_each_fold_as_scikit_learn_would(classifier, norm, n, d):
     assert CV_TOL > 0 and model_weights  # the names the docs refer to exist
 
 
+@pytest.mark.parametrize("classifier", ["svm", "softmax"])
+def test_the_primal_form_on_fewer_rows_than_dimensions_fits_each_fold(classifier, monkeypatch):
+    """The primal form where the cost model picks it over the dual (few classes): a
+    rank-deficient second moment, softmax's one basis for all folds; each fold's model is
+    scikit-learn's on that fold's rows."""
+    from cnncodes.pipelines.probes import batched
+    from cnncodes.pipelines.probes.classifiers import make_pipeline
+    monkeypatch.setattr(batched, "form_costs", lambda *a, **k: (0.0, 1.0))
+    X, y = _problem(60, 90, seed=2, offset=1.0)
+    splits = stratified_kfold(y, 3, 0)
+    path = batched.CVPath(X, y, splits, classifier, "standard")
+    _, oof = path.run((0.05,))
+    assert isinstance(path.design, batched.SharedRows)
+    assert (path.design.V.ndim == 2) == (classifier == "softmax")   # one basis for all folds
+    for train, held in splits:
+        ref = make_pipeline(classifier, 0.05, "standard", n_samples=len(train), n_features=90)
+        tight = ({"clf__dual": True, "clf__max_iter": 100000, "clf__tol": 1e-8} if classifier == "svm"
+                 else {"clf__max_iter": 10000, "clf__tol": 1e-10})
+        ref.set_params(**tight).fit(X[train], y[train])
+        assert (ref.predict(X[held]) == oof[0, held]).mean() >= 0.9
+
+
 def test_dual_form_for_few_wide_rows_is_small_and_quick():
     """36 rows of 20,000-d codes: the n x n form, seconds and megabytes (no d x d matrix)."""
     import time

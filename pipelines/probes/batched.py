@@ -365,7 +365,20 @@ class SharedRows:
 
     def weights(self, omega):
         """(M, D, K) weights in the models' (standardised) input basis."""
-        return omega if self.V is None else self.V @ omega
+        return self.rotate(omega)
+
+    def rotate(self, x, back: bool = False):
+        """``V_m x_m`` (``V_m^T x_m`` with ``back``) of every model's (D, K) block of ``x``.
+        With one basis for all models (V of shape (D, D)) that is one product for all of them:
+        V is read once, not M times (measured 0.46 of 2.8 s on Caltech's 1,280-d codes)."""
+        V = self.V
+        if V is None:
+            return x
+        if V.ndim == 3:
+            return (V.swapaxes(1, 2) if back else V) @ x
+        M, D, K = x.shape
+        flat = self.ops.permute(x, (1, 0, 2)).reshape(D, M * K)
+        return self.ops.permute(((V.T if back else V) @ flat).reshape(D, M, K), (1, 0, 2))
 
     def predict(self, omega, b):
         """(M, n) index of the highest score of every row under every model."""
@@ -400,7 +413,7 @@ class SharedRows:
             gbeff += dS.sum(-1)
         gA = ops.permute(gA.reshape(M, K, D), (0, 2, 1)) - self._offset[:, :, None] * gbeff[:, None, :]
         gW = gA / self.scale[:, :, None]
-        gomega = gW if self.V is None else self.V.swapaxes(1, 2) @ gW
+        gomega = self.rotate(gW, back=True)
         return total, gomega, gbeff
 
     def intercept_shift(self, omega):
@@ -517,7 +530,7 @@ class BatchedProblem:
                 gb = gb + 2 * rb[:, None] * bt
                 if shift is not None:  # d(bt)/d(omega) through shift . V omega
                     g = -2 * rb[:, None, None] * d.shift[:, :, None] * bt[:, None, :]
-                    gomega = gomega + (g if d.V is None else d.V.swapaxes(1, 2) @ g)
+                    gomega = gomega + (g if d.V is None else d.rotate(g, back=True))
             return value, ops.cat([(gomega * scale).reshape(-1), gb.reshape(-1)])
 
         # the history holds 2 x 20 vectors of every model's weights: fewer for very large models
@@ -707,6 +720,13 @@ def _eigenbases(ops: Ops, X, masks, center, scale, shared: bool = False):
             if len(Zg):
                 s1[g] += ops.astype(Zg, ops.f64).sum(0)
                 s2[g] += (Zg * Zg).sum(0) if wide else Zg.T @ Zg
+    if shared and not wide and masks.shape[0] > 1:  # the second moment of all rows, in the mean scale
+        n_all = float(count.sum())
+        mean = ops.astype(s1.sum(0) / n_all, X.dtype)
+        sc = scale.mean(0)
+        C = (s2.sum(0) / n_all - mean[:, None] * mean[None, :]) / (sc[:, None] * sc[None, :])
+        lam, V = ops.eigh(C)
+        return ops.expand(ops.maximum(lam, 0.0), (masks.shape[0], D)), V                  # V: (D, D)
     member = ops.astype(patterns.T, ops.f64)                                      # (M, G)
     n_m = ops.maximum(member @ count, 1.0)                                        # (M,)
     mean = ops.astype((member @ s1) / n_m[:, None], X.dtype)                      # (M, D)
@@ -717,9 +737,6 @@ def _eigenbases(ops: Ops, X, masks, center, scale, shared: bool = False):
     C = ((sel @ s2.reshape(G, D * D)).reshape(-1, D, D) / n_m[:, None, None]
          - mean[:, :, None] * mean[:, None, :])
     C = C / (scale[:, :, None] * scale[:, None, :])
-    if shared and len(C) > 1:
-        lam, V = ops.eigh(C.mean(0))
-        return ops.expand(ops.maximum(lam, 0.0), (len(C), D)), ops.expand(V, (len(C), D, D))
     lam, V = ops.eigh(C)
     # The preconditioner needs only rough eigenvalues, and V is orthogonal to float32
     # precision, so the rotated problem is the original one: no float64 needed.
@@ -1068,8 +1085,7 @@ class CVPath:
             if self.spans is None:  # started from the folds' mean weights, in its own basis
                 design, spans = shared_design(ops, self.X, everything, standard), None
                 if init is not None:
-                    V = design.V
-                    init = (init[0][None] if V is None else V.swapaxes(1, 2) @ init[0], init[1][None])
+                    init = (design.rotate(init[0][None], back=True), init[1][None])
             else:
                 design, spans = dual_design(ops, self.X, everything, standard, self.loss)
                 if init is not None:  # (weights, true intercept) -> this basis' coordinates
