@@ -20,6 +20,18 @@ from cnncodes.extractor.errors import CnnCodesError
 EXIT_INTERRUPTED = 130
 
 
+class _Device(click.Choice):
+    """``--device``: one of the device names, or ``cuda:N`` (one GPU of several)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit():
+            return value
+        return super().convert(value, param, ctx)
+
+
+DEVICE = _Device(DEVICES)
+
+
 def _fail_cleanly(fn):
     """The library's own errors (:class:`CnnCodesError`) and OS errors (a missing file, a
     read-only folder) become one-line messages and exit status 1. Anything else is a bug in
@@ -255,7 +267,7 @@ def _existing_data(ctx, param, value):
                    "mean | cls+mean (avg, max, mean: over the patch tokens).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Storage type of the codes.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True, help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
 @_RUNTIME
@@ -557,7 +569,7 @@ def _sweep_options(fn):
         *_CV_OPTIONS,
         click.option("--solver", type=click.Choice(["auto", "sklearn", "batched", "torch"]), default="auto",
                      show_default=True, help="As for fit-svm."),
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
+        click.option("--device", type=DEVICE, default="auto", show_default=True),
         click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
         click.option("--json", "as_json", is_flag=True, help="Print every row and the conclusion as JSON."),
@@ -704,7 +716,7 @@ def _train_options(fn):
                      help="Batch norm in frozen parts: frozen = eval mode, statistics kept; "
                           "train = re-estimated. LayerNorm (ViT, Swin) has no statistics: no effect there."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
+        click.option("--device", type=DEVICE, default="auto", show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                      show_default=True, help="auto: bf16 autocast on CUDA (AMP), fp32 elsewhere."),
         click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
@@ -870,7 +882,7 @@ def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write CSV here instead of stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
 @_RUNTIME
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @_fail_cleanly

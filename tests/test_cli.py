@@ -41,6 +41,8 @@ def test_extract_info_and_rerun(run, image_folder, tmp_path, r18_weights):
     (["-l", "layr3"], "'layr3' is not a layer of resnet18. Did you mean 'layer3'"),
     (["-m", "resnet19"], "Did you mean 'resnet18'"),
     (["--precision", "bf16"], "needs a CUDA device"),
+    pytest.param(["--device", "cuda:1"], "CUDA", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="the message is for machines without CUDA")),
 ])
 def test_bad_input_is_one_clear_line_and_exit_1(run, image_folder, tmp_path, r18_weights, extra, message):
     r = run("extract", image_folder, "--out", tmp_path / "c.h5", "-m", "resnet18", "-w", r18_weights,
