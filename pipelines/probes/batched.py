@@ -1026,6 +1026,7 @@ class CVPath:
     def _run(self, grid):
         ops = self.ops
         F, K = len(self.splits), len(self.classes)
+        self.mean_state = {}
         newton = self._newton(self.masks)
         if newton is not None:
             return self._run_newton(newton, grid)
@@ -1046,13 +1047,26 @@ class CVPath:
             if self.loss == "log_loss" and prev is not None:
                 guess = (2 * state[0] - prev[0], 2 * state[1] - prev[1])
             prev, state = state, problem.solve(grid[g], state, tol=CV_TOL, guess=guess)
-            if self.spans is None:  # the folds' mean weights, a start for the refit at this C
-                self.mean_state[grid[g]] = (self.design.weights(state[0]).mean(0), state[1].mean(0))
-            else:                   # the same, from each fold's own basis
-                fits = [model_weights(self.design, self.spans, *state, m) for m in range(F)]
-                self.mean_state[grid[g]] = (sum(w for w, _ in fits) / F, sum(c for _, c in fits) / F)
             self._score(ops.to_numpy(self.design.predict(*state)), g, scores, oof)
+            if self._best_so_far(grid[g], scores[g]):
+                if self.spans is None:  # the folds' mean weights, a start for the refit at this C
+                    self.mean_state[grid[g]] = (self.design.weights(state[0]).mean(0), state[1].mean(0))
+                else:                   # the same, from each fold's own basis
+                    fits = [model_weights(self.design, self.spans, *state, m) for m in range(F)]
+                    self.mean_state[grid[g]] = (sum(w for w, _ in fits) / F, sum(c for _, c in fits) / F)
         return [scores[g] for g in range(len(grid))], oof
+
+    def _best_so_far(self, C: float, scores) -> bool:
+        """Whether C's mean accuracy beats every smaller C's (the refit's C is the best, the
+        smallest of ties): only its folds' mean solution is kept as the refit's start, since
+        mapping the folds' solutions back to weights at every C took 0.4 s of a 5 s grid on
+        2,560-d codes (a refit at another C starts from zero)."""
+        mean = round(float(np.mean(scores)), 10)
+        if self.mean_state and mean <= self._best_mean:
+            return False
+        self._best_mean = mean
+        self.mean_state.clear()
+        return True
 
     def _score(self, pred, g: int, scores, oof) -> None:
         """Out-of-fold predictions and accuracies at the grid's ``g``-th C from ``pred`` (F, n)."""
@@ -1068,9 +1082,10 @@ class CVPath:
         theta = None
         for g in sorted(range(len(grid)), key=lambda g: grid[g]):   # warm starts, as above
             theta = newton.solve(grid[g], theta, tol=CV_TOL)
-            fits = [newton.weights(theta, m) for m in range(F)]
-            self.mean_state[grid[g]] = (sum(w for w, _ in fits) / F, sum(c for _, c in fits) / F)
             self._score(newton.predict(theta), g, scores, oof)
+            if self._best_so_far(grid[g], scores[g]):
+                fits = [newton.weights(theta, m) for m in range(F)]
+                self.mean_state[grid[g]] = (sum(w for w, _ in fits) / F, sum(c for _, c in fits) / F)
         return [scores[g] for g in range(len(grid))], oof
 
     def refit(self, C: float, tol: float = 1e-4, max_iter: int = 300) -> LinearProbe:
