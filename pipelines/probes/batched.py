@@ -787,67 +787,78 @@ class _RowSpan:
         self.offset, self.scale, self.mean = offset, scale, mean
         self.shift = None    # softmax on uncentred input: true intercept = b - shift . W
         n, D = X.shape
-        # ``exact``: the Gram matrix and its eigendecomposition in float64, for rows that are
-        # not standardised: one direction (the rows' common scale, say) may then dwarf the
-        # others so far that float32 cannot see them (measured: rows a_i m + noise, m ~ 1e4,
-        # a_i = 1 +- 10%, kept 25 of 39 directions and came 7.6% off the optimum; in float64
-        # 39, 0.2%). Standardised codes keep their spread within float32's reach.
-        dt = ops.f64 if exact else X.dtype
+        # ``exact``: the Gram matrix and its eigendecomposition in float64, for rows taken as
+        # given (``--norm none``): one direction (the rows' common scale, say) may then dwarf
+        # the others so far that float32 cannot see them (measured: rows a_i m + noise,
+        # m ~ 1e4, a_i = 1 +- 10%, kept 25 of 39 directions and came 7.6% off the optimum; in
+        # float64 all, 0.2%). Standardised or unit rows keep their spread within float32's
+        # reach, and float64 costs them time (the 102-class SVM on unit rows: 11.9 -> 16.9 s).
+        self.dt = dt = ops.f64 if exact else X.dtype
         K = ops.zeros((n, len(train)), dt)                                       # Z . Z_train^T
         for cols in _column_blocks(D, n):
-            Z = ops.astype(self._z(slice(None), cols), dt)
+            Z = self._z(slice(None), cols)
             K += Z @ Z[train].T
         G = K[train]
         lam, U = ops.eigh((G + G.T) / 2)
         keep = lam > max(float(lam.max()), 1e-30) * (len(train) * ops.eps(dt))
-        U = U[:, keep] / lam[keep] ** 0.5
-        self.U = ops.astype(U, X.dtype)                                         # (n_train, r)
-        self.Phi = ops.astype(K @ U, X.dtype)                                   # (n, r)
+        self.U = U[:, keep] / lam[keep] ** 0.5                                  # (n_train, r), in dt
+        Phi = K @ self.U                                                        # (n, r)
         self.lam = ops.astype(lam[keep] / len(train), X.dtype)                  # (r,) second moments
         self.r = self.U.shape[1]
-        if mean is None:
-            return
-        f64 = ops.f64
-        m64 = ops.astype(mean, f64)
-        zm = ops.zeros((n,), f64)                                                # Z . mean
-        for cols in _column_blocks(D, n):
-            zm += ops.astype(self._z(slice(None), cols), f64) @ m64[cols]
-        p = ops.astype(self.U, f64).T @ zm[train]                                # Q^T mean
-        self.gap = max(float(m64 @ m64) - float(p @ p), 0.0) + 1.0
-        self.p = ops.astype(p, X.dtype)
-        self.outside = ops.astype((zm - ops.astype(self.Phi, f64) @ p) / self.gap, X.dtype)
+        if mean is not None:
+            # the mean's terms cancel down to the rows' spread (Z . mean against Phi . p on the
+            # training rows), in the span's precision: float64 for rows as given (``exact``)
+            m64 = ops.astype(mean, ops.f64)
+            zm = ops.zeros((n,), dt)                                             # Z . mean
+            for cols in _column_blocks(D, n):
+                zm += self._z(slice(None), cols) @ ops.astype(m64[cols], dt)
+            p = self.U.T @ zm[train]                                             # Q^T mean
+            p64 = ops.astype(p, ops.f64)
+            self.gap = max(float(m64 @ m64) - float(p64 @ p64), 0.0) + 1.0
+            self.p = p
+            self.outside = ops.astype((zm - Phi @ p) / self.gap, X.dtype)
+        self.Phi = ops.astype(Phi, X.dtype)
 
     def _z(self, rows, cols):
-        return (self.X[rows, cols] - self.offset[cols]) / self.scale[cols]
+        """The standardised rows' columns ``cols`` in the span's precision."""
+        ops, dt = self.ops, self.dt
+        X = ops.astype(self.X[rows, cols], dt)
+        return (X - ops.astype(self.offset[cols], dt)) / ops.astype(self.scale[cols], dt)
 
     def coordinates(self, W, c):
         """``(omega (r, K), b (K,))`` of weights ``W`` (D, K) on the model's input and its true
         intercept ``c`` (K,): the projection of the weights on the span (exact inside it)."""
-        ZW = self.ops.zeros((len(self.train), W.shape[1]), W.dtype)
+        ops, out = self.ops, W.dtype
+        W, c = ops.astype(W, self.dt), ops.astype(c, self.dt)
+        ZW = ops.zeros((len(self.train), W.shape[1]), self.dt)
         for cols in _column_blocks(self.X.shape[1], len(self.train)):
             ZW += self._z(self.train, cols) @ W[cols]
         omega = self.U.T @ ZW                                                   # Q^T W
         if self.mean is not None:
-            return omega, self.p @ omega + c * self.gap
-        return omega, c if self.shift is None else c + self.shift @ W
+            b = self.p @ omega + c * self.gap
+        else:
+            b = c if self.shift is None else c + ops.astype(self.shift, self.dt) @ W
+        return ops.astype(omega, out), ops.astype(b, out)
 
     def weights(self, omega, b):
         """Weights (D, K) on the model's input and its true intercept (K,) of coordinates
         ``omega`` (r, K) and offset ``b`` (K,)."""
+        ops = self.ops
+        omega, b = ops.astype(omega, self.dt), ops.astype(b, self.dt)
         if self.mean is not None:
             c = (b - self.p @ omega) / self.gap
             omega = omega - self.p[:, None] * c[None]
         coef = self.U @ omega                                                   # (n_train, K)
-        W = self.ops.zeros((self.X.shape[1], omega.shape[1]), omega.dtype)
+        W = ops.zeros((self.X.shape[1], omega.shape[1]), self.dt)
         for cols in _column_blocks(self.X.shape[1], len(self.train)):
             W[cols] = self._z(self.train, cols).T @ coef
         if self.mean is not None:
-            W += self.mean[:, None] * c[None]
+            W += ops.astype(self.mean, self.dt)[:, None] * c[None]
             return W, c
-        return W, b if self.shift is None else b - self.shift @ W
+        return W, b if self.shift is None else b - ops.astype(self.shift, self.dt) @ W
 
 
-def dual_design(ops: Ops, X, masks, standardise: bool, loss: str):
+def dual_design(ops: Ops, X, masks, standardise: bool, loss: str, exact: bool = False):
     """Dual design: each model in the span of its own training rows. Returns the design and
     the spans (to map a solution back to weights).
 
@@ -861,7 +872,7 @@ def dual_design(ops: Ops, X, masks, standardise: bool, loss: str):
     for m in range(masks.shape[0]):
         sc = sd[m] if standardise else sd[m] * 0 + 1
         mean = None if not svm else (mu[m] * 0 if standardise else mu[m])    # input = Z + mean
-        span = _RowSpan(ops, X, ops.flatnonzero(masks[m]), mu[m], sc, mean=mean, exact=not standardise)
+        span = _RowSpan(ops, X, ops.flatnonzero(masks[m]), mu[m], sc, mean=mean, exact=exact)
         if not (standardise or svm):
             span.shift = mu[m]
         spans.append(span)
@@ -873,7 +884,7 @@ def dual_design(ops: Ops, X, masks, standardise: bool, loss: str):
         Phi[m, :, :s.r] = s.Phi
         lam[m, :s.r] = s.lam
         if svm:
-            shift[m, :s.r] = s.p
+            shift[m, :s.r] = ops.astype(s.p, X.dtype)
         s.Phi = None
     if not svm:
         return FoldBases(ops, Phi, lam), spans
@@ -910,7 +921,7 @@ def form_costs(M: int, K: int, n: int, n_train: int, D: int, shared_basis: bool)
     return primal, dual
 
 
-def make_design(ops: Ops, X, masks, standardise: bool, loss: str, n_classes: int):
+def make_design(ops: Ops, X, masks, standardise: bool, loss: str, n_classes: int, exact: bool = False):
     """The cheaper of the primal and the dual design by :func:`form_costs` (softmax's primal
     with one eigenbasis for all models), the dual only where every model has fewer training
     rows than dimensions and its features (M x n x n_train) fit in the larger of the codes'
@@ -926,7 +937,7 @@ def make_design(ops: Ops, X, masks, standardise: bool, loss: str, n_classes: int
     if n_train < D and dual_bytes <= max(4 * n * D, DUAL_BYTES):
         primal, dual = form_costs(M, n_classes, n, n_train, D, shared)
         if D > EIGENBASIS_MAX_DIM or dual < primal:
-            return dual_design(ops, X, masks, standardise, loss)
+            return dual_design(ops, X, masks, standardise, loss, exact)
     return shared_design(ops, X, masks, standardise, shared_basis=shared), None
 
 
@@ -935,7 +946,7 @@ def model_weights(design, spans, omega, b, m: int):
     if spans is not None:
         span = spans[m]
         return span.weights(omega[m, :span.r], b[m])
-    W = design.weights(omega[m:m + 1])[0]
+    W = design.weights(omega)[m]   # each model through its own basis (V[m], or the shared one)
     return W, b[m] if design.shift is None else b[m] - design.shift[m] @ W
 
 
@@ -1030,7 +1041,8 @@ class CVPath:
         newton = self._newton(self.masks)
         if newton is not None:
             return self._run_newton(newton, grid)
-        self.design, self.spans = make_design(ops, self.X, self.masks, self.norm == "standard", self.loss, K)
+        self.design, self.spans = make_design(ops, self.X, self.masks, self.norm == "standard", self.loss, K,
+                                              exact=self.norm == "none")
         problem = BatchedProblem(self.design, self.y, self.masks, K, self.loss)
         scores = np.zeros((len(grid), F))
         oof = np.empty((len(grid), len(self.y_np)), dtype=self.y_np.dtype)
@@ -1104,7 +1116,8 @@ class CVPath:
                 if init is not None:
                     init = (design.rotate(init[0][None], back=True), init[1][None])
             else:
-                design, spans = dual_design(ops, self.X, everything, standard, self.loss)
+                design, spans = dual_design(ops, self.X, everything, standard, self.loss,
+                                            exact=self.norm == "none")
                 if init is not None:  # (weights, true intercept) -> this basis' coordinates
                     span, (W0, c0) = spans[0], init
                     omega0 = ops.zeros((1, design.D, W0.shape[1]), W0.dtype)
@@ -1146,7 +1159,8 @@ def fit_one(X: np.ndarray, y: np.ndarray, loss: str, C: float, max_iter: int = 3
         if newton is not None:
             W, intercept = newton.weights(newton.solve(float(C), tol=tol, max_iter=max_iter), 0)
             return LinearProbe.from_weights(loss, C, "none", classes, W, intercept), newton.n_steps
-        design, spans = make_design(ops, Xt, masks, standardise=False, loss=loss, n_classes=len(classes))
+        design, spans = make_design(ops, Xt, masks, standardise=False, loss=loss, n_classes=len(classes),
+                                    exact=True)
         problem = BatchedProblem(design, yt, masks, len(classes), loss)
         omega, b = problem.solve(float(C), max_iter=max_iter, tol=tol)
         W, intercept = model_weights(design, spans, omega, b, 0)
