@@ -137,6 +137,8 @@ def test_the_solvers_former_name_keys_fits_as_its_own():
     keys = [SweepSettings.from_arguments("data", solver=s).fit_settings()["solver"]
             for s in ("torch", "batched")]
     assert keys == ["batched", "batched"]
+    direct = SweepSettings.from_arguments("data")
+    assert type(direct)(**{**direct.__dict__, "solver": "torch"}).solver == "batched"
 
 
 def test_order_table_follows_the_given_backbones_then_depth_then_classifiers():

@@ -107,13 +107,15 @@ class SweepSettings:
         if prescreen is not None and prescreen < 1:
             raise SettingsError(f"--prescreen must be >= 1, got {prescreen}.")
         per_model = _weights_per_model(weights, len(models))
-        if "solver" in options:  # one name per solver: stored fits are keyed by it
-            options["solver"] = solver_name(options["solver"])
         grid = parse_c_grid(c_grid) if not isinstance(c_grid, (list, tuple)) else tuple(sorted(c_grid))
         return cls(data=data, models=models, weights=per_model, layers=layers,
                    classifiers=classifiers, cache=Path(cache) if cache else None,
                    report=Path(report) if report else default_report_dir(data, models), c_grid=grid,
                    progress=progress if progress is not None else sys.stderr.isatty(), **options)
+
+    def __post_init__(self):
+        # one name per solver (``torch`` is ``batched``'s former name): stored fits are keyed by it
+        object.__setattr__(self, "solver", solver_name(self.solver))
 
     @property
     def fits_dir(self) -> Path:
