@@ -186,6 +186,13 @@ def test_large_feature_means_keep_float32_precision():
                                atol=5e-3)
 
 
+def _svm_objective(X, y, W, b, C):
+    """liblinear's one-vs-rest squared-hinge objective (penalised intercept) of weights (K, D)."""
+    T = np.where(y[:, None] == np.arange(W.shape[0])[None], 1, -1)
+    h = np.maximum(0, 1 - T * (X.astype(np.float64) @ W.T + b))
+    return 0.5 * (W ** 2).sum() + 0.5 * (b ** 2).sum() + C * (h ** 2).sum()
+
+
 @pytest.mark.parametrize("offset", [0.0, 100.0])
 def test_the_dual_svm_on_rows_far_from_zero_reaches_the_optimum(offset):
     """Fewer rows than dimensions, rows as given (``--norm none``) whose mean dwarfs their
@@ -199,12 +206,8 @@ def test_the_dual_svm_on_rows_far_from_zero_reaches_the_optimum(offset):
     assert spans is not None  # the dual form
     mine, _ = fit_one(X, y, "squared_hinge", 0.3, tol=1e-7, max_iter=3000)
     ref = LinearSVC(C=0.3, dual=False, max_iter=200000, tol=1e-10).fit(X.astype(np.float64), y)
-
-    def objective(W, b):
-        T = np.where(y[:, None] == np.arange(3)[None], 1, -1)
-        h = np.maximum(0, 1 - T * (X.astype(np.float64) @ W.T + b))
-        return 0.5 * (W ** 2).sum() + 0.5 * (b ** 2).sum() + 0.3 * (h ** 2).sum()
-    assert objective(mine.coef, mine.intercept) <= objective(ref.coef_, ref.intercept_) * (1 + 1e-5)
+    assert _svm_objective(X, y, mine.coef, mine.intercept, 0.3) <= \
+        _svm_objective(X, y, ref.coef_, ref.intercept_, 0.3) * (1 + 1e-5)
     np.testing.assert_allclose(mine.coef, ref.coef_, atol=3e-3 * np.abs(ref.coef_).max())
     np.testing.assert_allclose(mine.intercept, ref.intercept_, atol=1e-3)
     assert (mine.predict(X) == ref.predict(X)).all()
@@ -225,12 +228,8 @@ def test_the_dual_svm_keeps_every_direction_under_a_dominant_one():
     assert spans[0].r >= n - 1  # none lost (the rows centred in float32 may keep one more)
     mine, _ = fit_one(X, y, "squared_hinge", 0.3, tol=1e-7, max_iter=3000)
     ref = LinearSVC(C=0.3, dual=False, max_iter=200000, tol=1e-10).fit(X.astype(np.float64), y)
-
-    def objective(W, b):
-        T = np.where(y[:, None] == np.arange(3)[None], 1, -1)
-        h = np.maximum(0, 1 - T * (X.astype(np.float64) @ W.T + b))
-        return 0.5 * (W ** 2).sum() + 0.5 * (b ** 2).sum() + 0.3 * (h ** 2).sum()
-    assert objective(mine.coef, mine.intercept) <= objective(ref.coef_, ref.intercept_) * 1.01
+    assert _svm_objective(X, y, mine.coef, mine.intercept, 0.3) <= \
+        _svm_objective(X, y, ref.coef_, ref.intercept_, 0.3) * 1.01
 
 
 @pytest.mark.parametrize("classifier", ["svm", "softmax"])

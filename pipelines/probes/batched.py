@@ -691,12 +691,12 @@ def _eigenbases(ops: Ops, X, masks, center, scale, shared: bool = False):
     misses; measured on the digits' 1,280-d codes (1,437 rows), the SVM grid took 740 objective
     evaluations with one shared basis and 124 with one per fold.
 
-    ``shared``: one basis and its eigenvalues for all models, of the mean of their second
-    moments (one eigendecomposition instead of M). Good enough for softmax, whose curvature is
-    spread over all rows: measured on Caltech's 1,280-d codes with 10 merged classes, the same
-    evaluations (126 against 125) in 1.7 s against 2.5 s, and on the digits' 1,280-d codes 143
-    against 142; not for the SVM, whose curvature is on the rows inside the margin (digits
-    1,280-d: 278 evaluations against 155)."""
+    ``shared``: one basis and its eigenvalues for all models, of the second moment of all the
+    sampled rows in the models' mean scale (one eigendecomposition instead of M). Good enough
+    for softmax, whose curvature is spread over all rows: measured on Caltech's 1,280-d codes
+    with 10 merged classes, the same evaluations (126 against 125) in 1.7 s against 2.5 s, and
+    on the digits' 1,280-d codes 143 against 142; not for the SVM, whose curvature is on the
+    rows inside the margin (digits 1,280-d: 278 evaluations against 155)."""
     D = X.shape[1]
     rows = np.flatnonzero(ops.to_numpy(masks.any(0)))
     if len(rows) > PRECONDITION_ROWS:
@@ -778,8 +778,8 @@ class _RowSpan:
     (``outside``), zero on the training rows. Why not the uncentred rows' own Gram matrix:
     where their mean dwarfs their spread, float32 keeps too few digits of it to see the
     spread's directions (measured: 300 x 600 rows of offset 100, the SVM objective came out
-    960 against scikit-learn's 0.8), and its eigenbasis is badly conditioned. The mean's terms
-    are computed in float64.
+    960 against scikit-learn's 0.8), and its eigenbasis is badly conditioned. With ``exact``
+    everything here is float64 (rows taken as given).
     """
 
     def __init__(self, ops: Ops, X, train, offset, scale, mean=None, exact: bool = False):
@@ -1064,8 +1064,8 @@ class CVPath:
                 if self.spans is None:  # the folds' mean weights, a start for the refit at this C
                     self.mean_state[grid[g]] = (self.design.weights(state[0]).mean(0), state[1].mean(0))
                 else:                   # the same, from each fold's own basis
-                    fits = [model_weights(self.design, self.spans, *state, m) for m in range(F)]
-                    self.mean_state[grid[g]] = (sum(w for w, _ in fits) / F, sum(c for _, c in fits) / F)
+                    self.mean_state[grid[g]] = _mean_fit([model_weights(self.design, self.spans, *state, m)
+                                                          for m in range(F)])
         return [scores[g] for g in range(len(grid))], oof
 
     def _best_so_far(self, C: float, scores) -> bool:
@@ -1096,8 +1096,7 @@ class CVPath:
             theta = newton.solve(grid[g], theta, tol=CV_TOL)
             self._score(newton.predict(theta), g, scores, oof)
             if self._best_so_far(grid[g], scores[g]):
-                fits = [newton.weights(theta, m) for m in range(F)]
-                self.mean_state[grid[g]] = (sum(w for w, _ in fits) / F, sum(c for _, c in fits) / F)
+                self.mean_state[grid[g]] = _mean_fit([newton.weights(theta, m) for m in range(F)])
         return [scores[g] for g in range(len(grid))], oof
 
     def refit(self, C: float, tol: float = 1e-4, max_iter: int = 300) -> LinearProbe:
@@ -1136,7 +1135,6 @@ class CVPath:
         return LinearProbe.from_weights(self.loss, C, self.norm, self.classes, ops.to_numpy(W),
                                         ops.to_numpy(intercept), n_samples=len(self.y_np), **moments)
 
-
     def _refit_newton(self, C, everything, init, tol, max_iter) -> LinearProbe:
         newton = self._newton(everything)
         theta = newton.solve(C, None if init is None else newton.start(*init), tol=tol, max_iter=max_iter)
@@ -1145,6 +1143,11 @@ class CVPath:
         moments = {"mean": newton.mu0[0], "scale": newton.sigma[0]} if self.norm == "standard" else {}
         return LinearProbe.from_weights(self.loss, C, self.norm, self.classes, W, intercept,
                                         n_samples=len(self.y_np), **moments)
+
+
+def _mean_fit(fits):
+    """The mean (weights, intercept) of the folds' ``fits``: the refit's start."""
+    return sum(w for w, _ in fits) / len(fits), sum(c for _, c in fits) / len(fits)
 
 
 def fit_one(X: np.ndarray, y: np.ndarray, loss: str, C: float, max_iter: int = 300, tol: float = 1e-4,

@@ -27,9 +27,7 @@ import numpy as np
 # 0.11 s; digits 40-d, 10 classes: 0.30 against 0.40 s; 112-d, 10 classes: 2.0 against 0.21 s;
 # 112-d, 102 classes: 19.8 against 2.2 s.
 NEWTON_MAX_DIM = 48
-# Working memory of one block of rows; the rows' outer products are kept between steps when
-# they take no more than XX_KEEP_BYTES.
-BLOCK_BYTES = 32 << 20
+# The rows' outer products are kept between steps when they take no more than this.
 XX_KEEP_BYTES = 64 << 20
 
 
@@ -59,9 +57,9 @@ class NewtonSVM:
         P[:, :D, D] = P[:, D, :D] = -self.e
         P[:, D, D] = 1.0
         self.P = P
-        row = 8 * 4 * self.M * n_classes + 4 * (D + 1) ** 2 + 16 * (D + 1)
-        step = max(64, BLOCK_BYTES // row)
-        self.blocks = [slice(lo, min(self.n, lo + step)) for lo in range(0, self.n, step)]
+        # blocks of rows as the batched solver's (imported here: that module imports this one)
+        from cnncodes.pipelines.probes.batched import _blocks
+        self.blocks = _blocks(self.n, 8 * 4 * self.M * n_classes + 4 * (D + 1) ** 2 + 16 * (D + 1))
         self._xx = [] if self.n * 4 * (D + 1) ** 2 <= XX_KEEP_BYTES else None
 
     def _rows(self, blk: slice) -> np.ndarray:
