@@ -28,6 +28,9 @@ class _Device(click.Choice):
             return value
         return super().convert(value, param, ctx)
 
+    def get_metavar(self, *args, **kwargs):
+        return "[" + "|".join(DEVICES) + "|cuda:N]"
+
 
 DEVICE = _Device(DEVICES)
 
