@@ -160,15 +160,16 @@ class Ops:
         patterns, inverse = np.unique(m, axis=0, return_inverse=True)
         return patterns, inverse.reshape(-1)
 
+    def linalg(self, n: int, dtype) -> _NumpyLinalg:
+        """The library that decomposes an n x n matrix, for that and the products around it."""
+        return _ScipyLinalg(dtype) if n >= SCIPY_EIGH_FROM else _NumpyLinalg()
+
     def eigh(self, a):
-        if a.shape[-1] < SCIPY_EIGH_FROM:
-            return np.linalg.eigh(a)
-        # scipy's LAPACK divide-and-conquer: measured 2x numpy's eigh on a 1,212 x 1,212
-        # float32 matrix (127 against 282 ms); importing scipy.linalg costs 0.3 s, paid only here
-        from scipy.linalg import eigh
+        """Eigenvalues and vectors of symmetric matrices (n, n), or of a stack of them."""
+        la = self.linalg(a.shape[-1], a.dtype)
         if a.ndim == 2:
-            return eigh(a, driver="evd", check_finite=False)
-        pairs = [eigh(m, driver="evd", check_finite=False) for m in a]
+            return la.eigh(a)
+        pairs = [la.eigh(m) for m in a]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def eps(self, dtype) -> float:
@@ -267,6 +268,9 @@ class TorchOps(Ops):
     def unique_rows(self, m):
         return self.torch.unique(m, dim=0, return_inverse=True)
 
+    def linalg(self, n: int, dtype) -> _TorchLinalg:
+        return _TorchLinalg(self)
+
     def eigh(self, a):
         return self.torch.linalg.eigh(a)
 
@@ -275,6 +279,78 @@ class TorchOps(Ops):
 
     def threads(self):
         return contextlib.nullcontext()  # the work runs on the GPU
+
+
+class _NumpyLinalg:
+    """A symmetric eigendecomposition and the products that build its matrix, in one library:
+    numpy's own (small matrices, no scipy import). Gram matrices accumulate over blocks of
+    columns in an array from :meth:`zeros`, of which :meth:`eigh` reads the upper triangle."""
+
+    def zeros(self, shape, dtype):
+        """An accumulator for :meth:`add_gram` and :meth:`add_cross`."""
+        return np.zeros(shape, dtype)
+
+    def add_gram(self, G, A):
+        """``G + A A^T``: at least its upper triangle (``G`` may be updated in place)."""
+        G += A @ A.T
+        return G
+
+    def add_cross(self, K, A, B):
+        """``K + A B^T`` (``K`` may be updated in place)."""
+        K += A @ B.T
+        return K
+
+    def matmul(self, A, B):
+        return A @ B
+
+    def eigh(self, G):
+        return np.linalg.eigh(G, UPLO="U")
+
+
+class _ScipyLinalg(_NumpyLinalg):
+    """scipy's LAPACK (divide and conquer; measured 2x numpy's eigh on a 1,212 x 1,212 float32
+    matrix, 0.13 against 0.28 s; importing scipy.linalg costs 0.3 s, paid only where used) and
+    scipy's BLAS for the products around it.
+
+    Why not numpy's products: numpy and scipy each bring their own OpenBLAS, and an OpenBLAS
+    keeps its threads spinning for a while after each call; on two cores, an eigendecomposition
+    right after a numpy product ran at half speed (1,212 x 1,212: 0.25 against 0.13 s), and the
+    dual form's setup for five folds and the refit on Caltech's 2,560-d codes took 2.8 s with
+    the products in numpy against 1.5 s with them here. The arrays are C-ordered; BLAS reads
+    each one's transpose as Fortran-ordered, so nothing is copied."""
+
+    def __init__(self, dtype):
+        from scipy.linalg import blas, eigh
+        self.syrk, self.gemm = blas.get_blas_funcs(("syrk", "gemm"), dtype=np.dtype(dtype))
+        self._eigh = eigh
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype, order="F")   # updated in place by BLAS
+
+    def add_gram(self, G, A):     # (A^T)^T (A^T), upper triangle
+        return self.syrk(1.0, A.T, beta=1.0, c=G, trans=1, overwrite_c=1)
+
+    def add_cross(self, K, A, B):
+        return self.gemm(1.0, A.T, B.T, beta=1.0, c=K, trans_a=1, overwrite_c=1)
+
+    def matmul(self, A, B):       # (B^T A^T)^T
+        return self.gemm(1.0, B.T, A.T).T
+
+    def eigh(self, G):
+        return self._eigh(G, lower=False, driver="evd", check_finite=False)
+
+
+class _TorchLinalg(_NumpyLinalg):
+    """The same on torch tensors."""
+
+    def __init__(self, ops: TorchOps):
+        self.ops = ops
+
+    def zeros(self, shape, dtype):
+        return self.ops.zeros(shape, dtype)
+
+    def eigh(self, G):
+        return self.ops.torch.linalg.eigh(G, UPLO="U")
 
 
 def _cuda_present() -> bool:
@@ -794,29 +870,44 @@ class _RowSpan:
         # float64 all, 0.2%). Standardised or unit rows keep their spread within float32's
         # reach, and float64 costs them time (the 102-class SVM on unit rows: 11.9 -> 16.9 s).
         self.dt = dt = ops.f64 if exact else X.dtype
-        K = ops.zeros((n, len(train)), dt)                                       # Z . Z_train^T
+        inside = ops.zeros((n,), ops.bool_)
+        inside[train] = True
+        out = ops.flatnonzero(~inside)                                           # held-out rows
+        nt, no = len(train), len(out)
+        la = ops.linalg(nt, dt)           # the products in the library of the eigendecomposition
+        G, K = la.zeros((nt, nt), dt), la.zeros((no, nt), dt)       # Z_train Z_train^T, Z_out Z_train^T
+        if mean is not None:
+            m64 = ops.astype(mean, ops.f64)
+            zm = ops.zeros((n,), dt)                                             # Z . mean
         for cols in _column_blocks(D, n):
-            Z = self._z(slice(None), cols)
-            K += Z @ Z[train].T
-        G = K[train]
-        lam, U = ops.eigh((G + G.T) / 2)
-        keep = lam > max(float(lam.max()), 1e-30) * (len(train) * ops.eps(dt))
-        self.U = U[:, keep] / lam[keep] ** 0.5                                  # (n_train, r), in dt
-        Phi = K @ self.U                                                        # (n, r)
-        self.lam = ops.astype(lam[keep] / len(train), X.dtype)                  # (r,) second moments
-        self.r = self.U.shape[1]
+            Zt = self._z(train, cols)
+            G = la.add_gram(G, Zt)
+            Zo = self._z(out, cols) if no else None
+            if no:
+                K = la.add_cross(K, Zo, Zt)
+            if mean is not None:
+                mc = ops.astype(m64[cols], dt)[:, None]
+                zm[train] += la.matmul(Zt, mc)[:, 0]
+                if no:
+                    zm[out] += la.matmul(Zo, mc)[:, 0]
+        lam, U = la.eigh(G)
+        keep = lam > max(float(lam.max()), 1e-30) * (nt * ops.eps(dt))
+        lam, U = lam[keep], U[:, keep]
+        self.U = U / lam ** 0.5                                                  # (n_train, r), in dt
+        self.r = r = self.U.shape[1]
+        Phi = ops.zeros((n, r), dt)                                              # every row's Z Q
+        Phi[train] = U * lam ** 0.5       # = G U / sqrt(lam): no product for the training rows
+        if no:
+            Phi[out] = la.matmul(K, self.U)
+        self.lam = ops.astype(lam / nt, X.dtype)                                 # (r,) second moments
         if mean is not None:
             # the mean's terms cancel down to the rows' spread (Z . mean against Phi . p on the
             # training rows), in the span's precision: float64 for rows as given (``exact``)
-            m64 = ops.astype(mean, ops.f64)
-            zm = ops.zeros((n,), dt)                                             # Z . mean
-            for cols in _column_blocks(D, n):
-                zm += self._z(slice(None), cols) @ ops.astype(m64[cols], dt)
-            p = self.U.T @ zm[train]                                             # Q^T mean
+            p = la.matmul(zm[train][None], self.U)[0]                            # Q^T mean
             p64 = ops.astype(p, ops.f64)
             self.gap = max(float(m64 @ m64) - float(p64 @ p64), 0.0) + 1.0
             self.p = p
-            self.outside = ops.astype((zm - Phi @ p) / self.gap, X.dtype)
+            self.outside = ops.astype((zm - la.matmul(Phi, p[:, None])[:, 0]) / self.gap, X.dtype)
         self.Phi = ops.astype(Phi, X.dtype)
 
     def _z(self, rows, cols):
@@ -1023,7 +1114,7 @@ class CVPath:
         for f, (train, _) in enumerate(splits):
             masks[f, train] = True
         self.masks = ops.asarray(masks)
-        self.mean_state = {}
+        self._best = None   # (C, the folds' solutions there): the refit's start, see _best_so_far
 
     def run(self, grid):
         """Accuracy per C (list of arrays, one per fold) and out-of-fold predictions per C."""
@@ -1037,7 +1128,7 @@ class CVPath:
     def _run(self, grid):
         ops = self.ops
         F, K = len(self.splits), len(self.classes)
-        self.mean_state = {}
+        self._best = None
         newton = self._newton(self.masks)
         if newton is not None:
             return self._run_newton(newton, grid)
@@ -1060,25 +1151,29 @@ class CVPath:
                 guess = (2 * state[0] - prev[0], 2 * state[1] - prev[1])
             prev, state = state, problem.solve(grid[g], state, tol=CV_TOL, guess=guess)
             self._score(ops.to_numpy(self.design.predict(*state)), g, scores, oof)
-            if self._best_so_far(grid[g], scores[g]):
-                if self.spans is None:  # the folds' mean weights, a start for the refit at this C
-                    self.mean_state[grid[g]] = (self.design.weights(state[0]).mean(0), state[1].mean(0))
-                else:                   # the same, from each fold's own basis
-                    self.mean_state[grid[g]] = _mean_fit([model_weights(self.design, self.spans, *state, m)
-                                                          for m in range(F)])
+            self._best_so_far(grid[g], scores[g], state)
         return [scores[g] for g in range(len(grid))], oof
 
-    def _best_so_far(self, C: float, scores) -> bool:
-        """Whether C's mean accuracy beats every smaller C's (the refit's C is the best, the
-        smallest of ties): only its folds' mean solution is kept as the refit's start, since
-        mapping the folds' solutions back to weights at every C took 0.4 s of a 5 s grid on
-        2,560-d codes (a refit at another C starts from zero)."""
+    def _best_so_far(self, C: float, scores, state) -> None:
+        """Keeps the folds' solutions at C where C's mean accuracy beats every smaller C's (the
+        refit's C is the best, the smallest of ties): the refit starts from their mean, mapped
+        back to weights only then (mapping at every C took 0.4 s of a 5 s grid on 2,560-d
+        codes; a refit at another C starts from zero)."""
         mean = round(float(np.mean(scores)), 10)
-        if self.mean_state and mean <= self._best_mean:
-            return False
-        self._best_mean = mean
-        self.mean_state.clear()
-        return True
+        if self._best is None or mean > self._best[1]:
+            self._best = (C, mean, state)
+
+    def _start(self, C: float):
+        """The folds' mean (weights, intercept) at C on the models' input, or None where C's
+        solutions were not kept."""
+        if self._best is None or self._best[0] != C:
+            return None
+        state, F = self._best[2], len(self.splits)
+        if isinstance(self.design, NewtonSVM):
+            return _mean_fit([self.design.weights(state, m) for m in range(F)])
+        if self.spans is None:
+            return self.design.weights(state[0]).mean(0), state[1].mean(0)
+        return _mean_fit([model_weights(self.design, self.spans, *state, m) for m in range(F)])
 
     def _score(self, pred, g: int, scores, oof) -> None:
         """Out-of-fold predictions and accuracies at the grid's ``g``-th C from ``pred`` (F, n)."""
@@ -1095,8 +1190,7 @@ class CVPath:
         for g in sorted(range(len(grid)), key=lambda g: grid[g]):   # warm starts, as above
             theta = newton.solve(grid[g], theta, tol=CV_TOL)
             self._score(newton.predict(theta), g, scores, oof)
-            if self._best_so_far(grid[g], scores[g]):
-                self.mean_state[grid[g]] = _mean_fit([newton.weights(theta, m) for m in range(F)])
+            self._best_so_far(grid[g], scores[g], theta)
         return [scores[g] for g in range(len(grid))], oof
 
     def refit(self, C: float, tol: float = 1e-4, max_iter: int = 300) -> LinearProbe:
@@ -1107,7 +1201,7 @@ class CVPath:
         with ops.threads():
             everything = ops.asarray(np.ones((1, len(self.y_np)), dtype=bool))
             standard = self.norm == "standard"
-            init = self.mean_state.get(C)
+            init = self._start(C)
             if isinstance(self.design, NewtonSVM):
                 return self._refit_newton(C, everything, init, tol, max_iter)
             if self.spans is None:  # started from the folds' mean weights, in its own basis
