@@ -221,6 +221,11 @@ class Cache:
         self._check_layer(layer)
         return {k: decode_attr(v) for k, v in self._f["codes"][layer].attrs.items()}
 
+    def dim(self, layer: str) -> int:
+        """The width of ``layer``'s codes (one number per image)."""
+        self._check_layer(layer)
+        return int(np.prod(self._f["codes"][layer].shape[1:]))
+
     def _check_layer(self, layer: str) -> None:
         if layer not in self._f["codes"]:
             raise CacheError(f"layer '{layer}' is not in {self.path}; it holds: "
@@ -270,7 +275,7 @@ class Cache:
             "weights": self.attrs.get("weights"), "preprocessing": self.attrs.get("preprocessing"),
             "pooling": self.attrs.get("pooling"), "dtype": self.attrs.get("dtype"),
             "precision": self.attrs.get("precision"), "runtime": self.attrs.get("runtime") or "torch",
-            "layers": {name: {"dim": int(self._f["codes"][name].shape[1]),
+            "layers": {name: {"dim": self.dim(name),
                               **{k: v for k, v in self.layer_attrs(name).items() if k != "dim"}}
                        for name in self.layers},
             "images": int(len(st)), "done": int((st == DONE).sum()), "failed": int((st == FAILED).sum()),

@@ -334,3 +334,71 @@ def test_every_models_weights_give_its_own_scores():
     for m in range(2):
         W, c = model_weights(design, None, omega, b, m)
         np.testing.assert_array_equal(np.argmax(X @ W + c, 1), pred[m])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scipys_products_and_eigendecomposition_are_numpys(dtype):
+    """The dual form's setup runs in one library (scipy's BLAS beside its LAPACK, numpy's for
+    small matrices): the same Gram matrices, products and eigenpairs from either, for C-ordered
+    blocks and for strided ones (which BLAS gets as copies)."""
+    from cnncodes.pipelines.probes.batched import _NumpyLinalg, _ScipyLinalg
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(50, 70)).astype(dtype), rng.normal(size=(30, 70)).astype(dtype)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for la in (_NumpyLinalg(), _ScipyLinalg(dtype)):
+        G, K = la.zeros((50, 50), dtype), la.zeros((30, 50), dtype)
+        for cols in (slice(0, 40), slice(40, 70)):
+            a, b = np.ascontiguousarray(A[:, cols]), B[:, cols]          # contiguous / strided
+            G, K = la.add_gram(G, a), la.add_cross(K, b, a)
+        np.testing.assert_allclose(np.triu(G), np.triu(A @ A.T), rtol=tol, atol=tol * 70)
+        np.testing.assert_allclose(K, B @ A.T, rtol=tol, atol=tol * 70)
+        np.testing.assert_allclose(la.matmul(A, B.T), A @ B.T, rtol=tol, atol=tol * 70)
+        np.testing.assert_allclose(la.matmul(A[:, ::2], B[:, ::2].T), A[:, ::2] @ B[:, ::2].T, rtol=tol,
+                                   atol=tol * 70)
+        lam, U = la.eigh(G)                                   # reads the upper triangle alone
+        np.testing.assert_allclose((U * lam) @ U.T, A @ A.T, rtol=tol, atol=tol * 1e3)
+
+
+@pytest.mark.parametrize("classifier,norm", [("svm", "standard"), ("softmax", "standard"), ("svm", "none"),
+                                             ("softmax", "none")])
+def test_the_dual_form_in_scipy_is_the_dual_form_in_numpy(classifier, norm, monkeypatch):
+    """Spans from 256 training rows on are built in scipy (``SCIPY_EIGH_FROM``): the same
+    folds' models, scores and refit as numpy's path for smaller ones, the SVM's centred span
+    with its mean terms and the float64 span of rows as given (``--norm none``) included."""
+    from cnncodes.pipelines.probes import batched
+    X, y = _problem(45, 200, seed=5, offset=1.5)
+    splits = stratified_kfold(y, 3, 0)
+    runs = []
+    for start in (10_000, 2):
+        monkeypatch.setattr(batched, "SCIPY_EIGH_FROM", start)
+        path = batched.CVPath(X, y, splits, classifier, norm)
+        scores, oof = path.run((0.05, 1.0))
+        assert isinstance(path.design, batched.FoldBases)
+        runs.append((np.array(scores), oof, path.refit(1.0, tol=1e-6, max_iter=2000).decision_function(X)))
+    (sa, oa, da), (sb, ob, db) = runs
+    np.testing.assert_allclose(sa, sb, atol=1 / 15)
+    assert (oa == ob).mean() >= 0.97
+    np.testing.assert_allclose(da, db, atol=0.02 * np.abs(da).max())
+
+
+def test_scipy_is_imported_while_the_codes_are_read_only_where_it_will_be_used(tmp_path):
+    """load_codes tells its caller the codes' shape before reading them; fit_linear_probe
+    starts importing scipy.linalg then where the fit will decompose a matrix that large."""
+    import subprocess
+    import sys
+
+    from cnncodes.pipelines.probes.codes import load_codes
+
+    from tests.test_classifiers import make_cache
+    make_cache(tmp_path / "c.h5")
+    seen = []
+    c = load_codes(tmp_path / "c.h5", "penultimate", before_read=lambda n, d: seen.append((n, d)))
+    assert seen == [c.X.shape]
+    probe = ("import sys, threading; from cnncodes.pipelines.probes import batched; "
+             "batched.prefetch_linalg({}, {}); "
+             "[t.join() for t in threading.enumerate() if t.name == 'import scipy.linalg']; "
+             "print('scipy.linalg' in sys.modules)")
+    for (n, d), expected in (((1000, 2000), "True"), ((1000, 40), "False"), ((300, 2000), "False")):
+        out = subprocess.run([sys.executable, "-c", probe.format(n, d)], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == expected, (n, d, out.stderr)

@@ -283,7 +283,10 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     solver = solver_name(solver)
     if solver == "batched" and parse_pca(pca) is not None:
         raise SettingsError("--solver batched does not do PCA; use --solver sklearn with --pca.")
-    codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete)
+    prefetch = None
+    if not knn and solver in ("auto", "batched") and parse_pca(pca) is None:
+        from cnncodes.pipelines.probes.batched import prefetch_linalg as prefetch
+    codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete, prefetch)
     train, test = split_rows(codes, holdout, seed)
     # every row trains (no test split): the codes themselves, not a copy
     X = codes.X if len(train) == len(codes.y) else codes.X[train]

@@ -47,11 +47,14 @@ class Codes:
         return bool((self.splits == "test").any())
 
 
-def load_codes(path: str | Path, layer: str | None = None, allow_incomplete: bool = False) -> Codes:
+def load_codes(path: str | Path, layer: str | None = None, allow_incomplete: bool = False,
+               before_read=None) -> Codes:
     """Codes of ``layer`` (default: the cache's only layer, or ``penultimate``) ready for fitting.
 
     Failed and unlabelled rows are excluded and counted; an incomplete cache is refused unless
-    ``allow_incomplete``; NaN or infinite codes are an error naming the rows.
+    ``allow_incomplete``; NaN or infinite codes are an error naming the rows. ``before_read(n,
+    d)`` is called with the shape of the codes before they are read (to start work that the
+    read then overlaps).
     """
     path = Path(path)
     with open_cache(path) as c:
@@ -77,6 +80,8 @@ def load_codes(path: str | Path, layer: str | None = None, allow_incomplete: boo
         excluded = {"failed": int((status == FAILED).sum()), "pending": int((status == 0).sum()),
                     "unlabelled": int(((status == DONE) & (labels < 0)).sum())}
         rows = np.flatnonzero(keep)
+        if before_read is not None:
+            before_read(len(rows), c.dim(layer))
         X = c.codes(layer, rows, dtype=np.float32)
         all_paths = c.paths
         step = max(1, (16 << 20) // max(1, X[:1].nbytes))  # blocks: no n x D mask of booleans
