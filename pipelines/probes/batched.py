@@ -1031,9 +1031,10 @@ def newton_design(ops: Ops, X, y, masks, n_classes: int, loss: str, standardise:
 
 
 # The cost model that picks the primal or the dual form (multiply-adds): an eigendecomposition
-# of a k x k matrix counts EIGH_COST * k^3 (scipy's float32 divide-and-conquer took 0.15 to
-# 0.25 s for 1,212 rows, where products run at about 100 GFLOPS), and a grid EVALUATIONS
-# evaluations (120 to 170 on the Caltech and digits codes, about the same in both forms).
+# of a k x k matrix counts EIGH_COST * k^3 (scipy's float32 divide-and-conquer took 0.13 to
+# 0.15 s for 1,212 rows, where products run at about 100 GFLOPS: a generous count, but 5
+# instead of 10 changes no choice on the benchmark's codes), and a grid EVALUATIONS
+# evaluations (50 to 170 on the Caltech and digits codes, about the same in both forms).
 EIGH_COST = 10.0
 EVALUATIONS = 150
 
@@ -1056,8 +1057,8 @@ def make_design(ops: Ops, X, masks, standardise: bool, loss: str, n_classes: int
     size and ``DUAL_BYTES``. Returns (design, spans or None).
 
     Measured on this 2-core machine (five folds, the grid and the refit): Caltech's 1,280-d
-    codes with 102 classes, softmax 8.4 s in the dual form against 9.8 s in the primal; with
-    10 merged classes, 4.3 s against 2.2 s (the primal with one basis)."""
+    codes with 102 classes, softmax 5.4 to 6.5 s in the dual form against 6.4 to 7.1 s in the
+    primal; with 10 merged classes, 2.5 to 2.7 s against 1.5 s (the primal with one basis)."""
     M, (n, D) = masks.shape[0], X.shape
     n_train = int(masks.sum(1).max())
     shared = loss == "log_loss"
