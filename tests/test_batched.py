@@ -402,3 +402,29 @@ def test_scipy_is_imported_while_the_codes_are_read_only_where_it_will_be_used(t
         out = subprocess.run([sys.executable, "-c", probe.format(n, d)], capture_output=True, text=True,
                              check=True)
         assert out.stdout.strip() == expected, (n, d, out.stderr)
+
+
+def test_scipys_blas_loaded_inside_a_solver_block_gets_the_blocks_thread_limit():
+    """scipy's own OpenBLAS loads when the first large decomposition is set up, inside the
+    solver's threads() block: it is limited too (a busy machine's one thread), and restored
+    with the block."""
+    import subprocess
+    import sys
+    probe = """
+import numpy as np
+from threadpoolctl import threadpool_info
+from cnncodes.pipelines.probes import batched
+batched.threads_for_solver = lambda: 1
+ops = batched.Ops()
+with ops.threads():
+    ops.linalg(300, np.float32)
+    inside = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+print(len(inside), max(inside.values()), min(after.values()))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    libraries, most_inside, least_after = map(int, out.stdout.split())
+    assert libraries >= 2 and most_inside == 1, out.stdout      # numpy's and scipy's, both limited
+    import os
+    if (os.cpu_count() or 1) > 1:
+        assert least_after > 1, out.stdout                       # and restored

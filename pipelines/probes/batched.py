@@ -108,6 +108,8 @@ class Ops:
     name = "numpy"
     f32, f64, bool_, int64 = np.float32, np.float64, np.bool_, np.int64
     _inside = 0  # depth of nested ``threads()`` blocks: the free cores are looked at once
+    _limit = None           # the block's threads
+    _scipy_limited = None   # the limit set on libraries loaded inside the block (see linalg)
 
     def asarray(self, a, dtype=None):
         return np.ascontiguousarray(a, dtype=dtype)
@@ -180,7 +182,15 @@ class Ops:
 
     def linalg(self, n: int, dtype) -> _NumpyLinalg:
         """The library that decomposes an n x n matrix, for that and the products around it."""
-        return _ScipyLinalg(dtype) if n >= SCIPY_EIGH_FROM else _NumpyLinalg()
+        if n < SCIPY_EIGH_FROM:
+            return _NumpyLinalg()
+        la = _ScipyLinalg(dtype)
+        if self._inside and not self._scipy_limited:
+            # scipy's OpenBLAS may have loaded inside the block, after its limit was set (which
+            # covers the libraries loaded then): limit it too, until the block ends
+            from threadpoolctl import threadpool_limits
+            self._scipy_limited = threadpool_limits(limits=self._limit, user_api="blas")
+        return la
 
     def eigh(self, a):
         """Eigenvalues and vectors of symmetric matrices (n, n), or of a stack of them."""
@@ -202,9 +212,15 @@ class Ops:
             return
         from threadpoolctl import threadpool_limits
         self._inside += 1
+        self._limit = threads_for_solver()
         try:
-            with threadpool_limits(limits=threads_for_solver(), user_api="blas"):
-                yield
+            with threadpool_limits(limits=self._limit, user_api="blas"):
+                try:
+                    yield
+                finally:   # before the outer limit's own restore
+                    if self._scipy_limited is not None:
+                        self._scipy_limited.restore_original_limits()
+                        self._scipy_limited = None
         finally:
             self._inside -= 1
 
@@ -335,7 +351,7 @@ class _ScipyLinalg(_NumpyLinalg):
     right after a numpy product ran at half speed (1,212 x 1,212: 0.25 against 0.13 s), and the
     dual form's setup for five folds and the refit on Caltech's 2,560-d codes took 2.8 s with
     the products in numpy against 1.5 s with them here. The arrays are C-ordered; BLAS reads
-    each one's transpose as Fortran-ordered, so nothing is copied."""
+    each one's transpose as Fortran-ordered, so the blocks of rows are not copied."""
 
     def __init__(self, dtype):
         from scipy.linalg import blas, eigh
@@ -349,10 +365,16 @@ class _ScipyLinalg(_NumpyLinalg):
         return self.syrk(1.0, A.T, beta=1.0, c=G, trans=1, overwrite_c=1)
 
     def add_cross(self, K, A, B):
+        if 0 in K.shape or A.shape[1] == 0:   # BLAS refuses leading dimensions of 0
+            return K
         return self.gemm(1.0, A.T, B.T, beta=1.0, c=K, trans_a=1, overwrite_c=1)
 
-    def matmul(self, A, B):       # (B^T A^T)^T
-        return self.gemm(1.0, B.T, A.T).T
+    def matmul(self, A, B):
+        if 0 in A.shape or 0 in B.shape:
+            return np.zeros((A.shape[0], B.shape[1]), np.result_type(A, B))
+        if A.flags.f_contiguous and not A.flags.c_contiguous:
+            return self.gemm(1.0, A, B)     # a Fortran-ordered A as it is
+        return self.gemm(1.0, B.T, A.T).T   # (B^T A^T)^T
 
     def eigh(self, G):
         return self._eigh(G, lower=False, driver="evd", check_finite=False)
