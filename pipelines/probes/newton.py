@@ -60,7 +60,11 @@ class NewtonSVM:
         # blocks of rows as the batched solver's (imported here: that module imports this one)
         from cnncodes.pipelines.probes.batched import _blocks
         self.blocks = _blocks(self.n, 8 * 4 * self.M * n_classes + 4 * (D + 1) ** 2 + 16 * (D + 1))
-        self._xx = [] if self.n * 4 * (D + 1) ** 2 <= XX_KEEP_BYTES else None
+        # the Hessians are symmetric: only the upper triangle's (D+1)(D+2)/2 entries of each
+        # row's outer product are multiplied (measured: the 40-d digits SVM grid and refit,
+        # 0.24-0.29 -> 0.20 s)
+        self._upper = np.triu_indices(D + 1)
+        self._xx = [] if self.n * 4 * len(self._upper[0]) <= XX_KEEP_BYTES else None
 
     def _rows(self, blk: slice) -> np.ndarray:
         """The block's rows centred, with a constant 1 appended, in float64 (B, D + 1)."""
@@ -71,11 +75,13 @@ class NewtonSVM:
         return Z
 
     def _outer(self, i: int, Z: np.ndarray) -> np.ndarray:
-        """The block's rows' outer products (B, (D + 1)^2) in float32, kept where small."""
+        """The upper triangles of the block's rows' outer products (B, (D+1)(D+2)/2) in float32,
+        kept where small."""
         if self._xx is not None and i < len(self._xx):
             return self._xx[i]
         Zf = Z.astype(np.float32)
-        XX = (Zf[:, :, None] * Zf[:, None, :]).reshape(len(Z), -1)
+        r, c = self._upper
+        XX = Zf[:, r] * Zf[:, c]
         if self._xx is not None:
             self._xx.append(XX)
         return XX
@@ -104,7 +110,7 @@ class NewtonSVM:
         M, K, D1 = self.M, self.K, self.D + 1
         F, G = self._penalty(theta, reg)
         G = G.reshape(M * K, D1)
-        H = np.zeros((M * K, D1 * D1), dtype=np.float32)
+        H = np.zeros((M * K, len(self._upper[0])), dtype=np.float32)
         for i, blk in enumerate(self.blocks):
             Z = self._rows(blk)
             t, h = self._margins(theta, Z, blk)
@@ -113,7 +119,11 @@ class NewtonSVM:
             G += ((-2.0 * wb) * t * h).reshape(M * K, -1) @ Z
             A = ((2.0 * wb) * (h > 0)).astype(np.float32).reshape(M * K, -1)  # curvature per row
             H += A @ self._outer(i, Z)
-        H = H.astype(np.float64).reshape(M, K, D1, D1) + 2 * reg[:, None, None, None] * self.P[:, None]
+        r, c = self._upper
+        full = np.empty((M * K, D1, D1))
+        full[:, r, c] = H
+        full[:, c, r] = H
+        H = full.reshape(M, K, D1, D1) + 2 * reg[:, None, None, None] * self.P[:, None]
         return F, G.reshape(M, K, D1), H
 
     def solve(self, C: float, init=None, tol: float = 1e-4, max_iter: int = 100) -> np.ndarray:
