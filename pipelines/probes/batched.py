@@ -185,7 +185,7 @@ class Ops:
         if n < SCIPY_EIGH_FROM:
             return _NumpyLinalg()
         la = _ScipyLinalg(dtype)
-        if self._inside and not self._scipy_limited:
+        if self._inside and self._scipy_limited is None:
             # scipy's OpenBLAS may have loaded inside the block, after its limit was set (which
             # covers the libraries loaded then): limit it too, until the block ends
             from threadpoolctl import threadpool_limits
@@ -194,11 +194,7 @@ class Ops:
 
     def eigh(self, a):
         """Eigenvalues and vectors of symmetric matrices (n, n), or of a stack of them."""
-        la = self.linalg(a.shape[-1], a.dtype)
-        if a.ndim == 2:
-            return la.eigh(a)
-        pairs = [la.eigh(m) for m in a]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        return self.linalg(a.shape[-1], a.dtype).eigh(a)
 
     def eps(self, dtype) -> float:
         return float(np.finfo(dtype).eps)
@@ -377,7 +373,10 @@ class _ScipyLinalg(_NumpyLinalg):
         return self.gemm(1.0, B.T, A.T).T   # (B^T A^T)^T
 
     def eigh(self, G):
-        return self._eigh(G, lower=False, driver="evd", check_finite=False)
+        if G.ndim == 2:
+            return self._eigh(G, lower=False, driver="evd", check_finite=False)
+        pairs = [self.eigh(g) for g in G]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
 class _TorchLinalg(_NumpyLinalg):
@@ -887,7 +886,8 @@ def _column_blocks(D: int, n: int):
 class _RowSpan:
     """An orthonormal basis of the span of one model's training rows, centred: ``Z = (x -
     offset) / scale`` with ``offset`` their mean, kept as ``Q = Z_train^T U / sqrt(Lambda)``
-    without forming Z (n x D) or Q (D x r); ``Phi`` (n, r) are every row's coordinates ``Z Q``.
+    without forming Z (n x D) or Q (D x r); every row's coordinates ``Z Q`` are written into
+    ``into`` (n, >= r).
 
     The model's weights on its input are ``W = Q omega`` with a free intercept, except for the
     SVM, whose penalised intercept ``c`` makes the weights ``[W, c]`` lie in the span of the
@@ -906,7 +906,7 @@ class _RowSpan:
     everything here is float64 (rows taken as given).
     """
 
-    def __init__(self, ops: Ops, X, train, offset, scale, mean=None, exact: bool = False, into=None):
+    def __init__(self, ops: Ops, X, train, offset, scale, into, mean=None, exact: bool = False):
         self.ops, self.X, self.train = ops, X, train
         self.offset, self.scale, self.mean = offset, scale, mean
         self.shift = None    # softmax on uncentred input: true intercept = b - shift . W
@@ -930,8 +930,8 @@ class _RowSpan:
         for cols in _column_blocks(D, n):
             Zt = self._z(train, cols)
             G = la.add_gram(G, Zt)
-            Zo = self._z(out, cols) if no else None
             if no:
+                Zo = self._z(out, cols)
                 K = la.add_cross(K, Zo, Zt)
             if mean is not None:
                 mc = ops.astype(m64[cols], dt)[:, None]
@@ -943,8 +943,9 @@ class _RowSpan:
         lam, U = lam[keep], U[:, keep]
         self.U = U / lam ** 0.5                                                  # (n_train, r), in dt
         self.r = r = self.U.shape[1]
-        # every row's Z Q, written into ``into`` (n, >= r) of the codes' dtype where given
-        direct = into is not None and dt == X.dtype
+        # every row's Z Q, written into ``into`` (n, >= r, the codes' dtype): straight there, or
+        # first in float64 (``exact``) for the mean's terms below
+        direct = dt == X.dtype
         Phi = into[:, :r] if direct else ops.zeros((n, r), dt)
         Phi[train] = U * lam ** 0.5       # = G U / sqrt(lam): no product for the training rows
         if no:
@@ -958,16 +959,14 @@ class _RowSpan:
             self.gap = max(float(m64 @ m64) - float(p64 @ p64), 0.0) + 1.0
             self.p = p
             self.outside = ops.astype((zm - la.matmul(Phi, p[:, None])[:, 0]) / self.gap, X.dtype)
-        if into is not None and not direct:
+        if not direct:
             into[:, :r] = ops.astype(Phi, X.dtype)
-        self.Phi = into[:, :r] if into is not None else ops.astype(Phi, X.dtype)
 
     def _z(self, rows, cols):
         """The standardised rows ``rows`` (an index array: a copy) at columns ``cols``, in the
         span's precision: one new array, standardised in place."""
         ops, dt = self.ops, self.dt
-        Z = self.X[rows, cols]
-        Z = ops.astype(Z, dt) if Z.dtype != dt else Z
+        Z = ops.astype(self.X[rows, cols], dt)
         Z -= ops.astype(self.offset[cols], dt)
         Z /= ops.astype(self.scale[cols], dt)
         return Z
@@ -1023,10 +1022,9 @@ def dual_design(ops: Ops, X, masks, standardise: bool, loss: str, exact: bool = 
     for m in range(M):
         sc = sd[m] if standardise else sd[m] * 0 + 1
         mean = None if not svm else (mu[m] * 0 if standardise else mu[m])    # input = Z + mean
-        span = _RowSpan(ops, X, ops.flatnonzero(masks[m]), mu[m], sc, mean=mean, exact=exact, into=Phi[m])
+        span = _RowSpan(ops, X, ops.flatnonzero(masks[m]), mu[m], sc, Phi[m], mean=mean, exact=exact)
         if not (standardise or svm):
             span.shift = mu[m]
-        span.Phi = None
         spans.append(span)
     r = max(s.r for s in spans)
     Phi = Phi[:, :, :r]   # a view: BLAS reads its rows with their stride

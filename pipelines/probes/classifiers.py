@@ -283,8 +283,13 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     solver = solver_name(solver)
     if solver == "batched" and parse_pca(pca) is not None:
         raise SettingsError("--solver batched does not do PCA; use --solver sklearn with --pca.")
+    if solver == "auto":
+        # Measured (benchmarks/classify.py, README table): the batched solver is faster than
+        # scikit-learn on every width from 16 to 21,952 dimensions and every case tried, at the
+        # same CV accuracy; PCA is a scikit-learn pipeline step, so it keeps that solver.
+        solver = "batched" if parse_pca(pca) is None else "sklearn"
     prefetch = None
-    if not knn and solver in ("auto", "batched") and parse_pca(pca) is None:
+    if solver == "batched" and not knn:  # its linear algebra's import overlaps the reading
         from cnncodes.pipelines.probes.batched import prefetch_linalg as prefetch
     codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete, prefetch)
     train, test = split_rows(codes, holdout, seed)
@@ -298,13 +303,6 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         fold_of_row[held] = k
     if knn:
         scores, oof = knn_probe.cv_knn(X, y, fold_of_row, grid, temperature, norm)
-    elif solver == "auto":
-        # Measured (benchmarks/classify.py, README table): the batched solver is faster than
-        # scikit-learn on every width from 16 to 21,952 dimensions and every case tried, at the
-        # same CV accuracy; PCA is a scikit-learn pipeline step, so it keeps that solver.
-        solver = "batched" if parse_pca(pca) is None else "sklearn"
-    if knn:
-        pass
     elif solver == "batched":
         from cnncodes.pipelines.probes.batched import CVPath
         path = CVPath(X, y, splits, classifier, norm)
