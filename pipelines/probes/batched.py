@@ -49,8 +49,9 @@ import time
 
 import numpy as np
 
-from cnncodes.pipelines.probes.linear_model import LinearProbe, normalise_rows
+from cnncodes.pipelines.probes.linear_model import LinearProbe
 from cnncodes.pipelines.probes.newton import NEWTON_MAX_DIM, NewtonSVM
+from cnncodes.pipelines.probes.normalise import normalise_rows
 
 LOSSES = ("squared_hinge", "log_loss")
 

@@ -19,8 +19,8 @@ from cnncodes.extractor.errors import SettingsError
 from cnncodes.extractor.recipe import Recipe
 
 from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
-from cnncodes.pipelines.probes.linear_model import signed_sqrt
 from cnncodes.pipelines.probes.metrics import classification_scores, confusion, stratified_kfold
+from cnncodes.pipelines.probes.normalise import signed_sqrt
 
 CLASSIFIERS = ("svm", "softmax", "knn")
 LINEAR = ("svm", "softmax")

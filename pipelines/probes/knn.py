@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 def normalise_rows(X, norm: str = "l2") -> np.ndarray:
     """Unit rows (after the signed square root for ``power``), as a new float32 array."""
-    from cnncodes.pipelines.probes.linear_model import normalise_rows as blockwise
+    from cnncodes.pipelines.probes.normalise import normalise_rows as blockwise
     return blockwise(X, norm)
 
 DEFAULT_K_GRID = (1, 5, 10, 20, 50, 100, 200)

@@ -13,23 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def signed_sqrt(X):
-    """Power normalisation's first half (Perronnin et al. 2010): sign(x) * sqrt(|x|)."""
-    return np.sign(X) * np.sqrt(np.abs(X))
-
-
-def normalise_rows(X: np.ndarray, norm: str) -> np.ndarray:
-    """``l2`` or ``power`` normalisation into a new float32 array, a block of rows at a time."""
-    out = np.empty(X.shape, dtype=np.float32)
-    step = max(1, (16 << 20) // max(1, 4 * X.shape[1]))
-    for lo in range(0, len(X), step):
-        Z = np.asarray(X[lo:lo + step], dtype=np.float32)
-        if norm == "power":
-            Z = signed_sqrt(Z)
-        out[lo:lo + step] = Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True),
-                                           np.finfo(np.float32).tiny)
-    return out
+from cnncodes.pipelines.probes.normalise import signed_sqrt
+from cnncodes.pipelines.probes.pipeline_steps import pipeline_from_arrays, probe_arrays
 
 
 def labels_of(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -124,8 +109,7 @@ class LinearProbe:
 
     def to_pipeline(self):
         """The fitted scikit-learn Pipeline of the same steps (what a saved probe reads back as)."""
-        from cnncodes.pipelines.probes import model_arrays
-        return model_arrays.pipeline_from_arrays(*model_arrays.pipeline_to_arrays(self))
+        return pipeline_from_arrays(*probe_arrays(self))
 
     @property
     def steps(self) -> list:
