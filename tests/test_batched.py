@@ -57,8 +57,9 @@ def test_cv_path_fits_each_fold_as_scikit_learn_would(classifier, norm, n, d):
     rows alone (normalisation fitted on them too), and the refit is the model on all rows."""
     from sklearn.model_selection import StratifiedKFold
 
-    from cnncodes.pipelines.probes.batched import CV_TOL, CVPath, model_weights
     from cnncodes.pipelines.probes.classifiers import make_pipeline
+    from cnncodes.pipelines.probes.solver.cv_path import CV_TOL, CVPath
+    from cnncodes.pipelines.probes.solver.forms import model_weights
     X, y = _problem(n, d, seed=1, offset=1.0)
     splits = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
     path = CVPath(X, y, splits, classifier, norm)
@@ -90,14 +91,14 @@ def test_the_primal_form_on_fewer_rows_than_dimensions_fits_each_fold(classifier
     """The primal form where the cost model picks it over the dual (few classes): a
     rank-deficient second moment, softmax's one basis for all folds; each fold's model is
     scikit-learn's on that fold's rows."""
-    from cnncodes.pipelines.probes import batched
     from cnncodes.pipelines.probes.classifiers import make_pipeline
-    monkeypatch.setattr(batched, "form_costs", lambda *a, **k: (0.0, 1.0))
+    from cnncodes.pipelines.probes.solver import cv_path, forms, primal
+    monkeypatch.setattr(forms, "form_costs", lambda *a, **k: (0.0, 1.0))
     X, y = _problem(60, 90, seed=2, offset=1.0)
     splits = stratified_kfold(y, 3, 0)
-    path = batched.CVPath(X, y, splits, classifier, "standard")
+    path = cv_path.CVPath(X, y, splits, classifier, "standard")
     _, oof = path.run((0.05,))
-    assert isinstance(path.design, batched.SharedRows)
+    assert isinstance(path.design, primal.SharedRows)
     assert (path.design.V.ndim == 2) == (classifier == "softmax")   # one basis for all folds
     for train, held in splits:
         ref = make_pipeline(classifier, 0.05, "standard", n_samples=len(train), n_features=90)
@@ -113,7 +114,8 @@ def test_dual_form_for_few_wide_rows_is_small_and_quick():
 
     from sklearn.model_selection import StratifiedKFold
 
-    from cnncodes.pipelines.probes.batched import CVPath, FoldBases
+    from cnncodes.pipelines.probes.solver.cv_path import CVPath
+    from cnncodes.pipelines.probes.solver.dual import FoldBases
     X, y = _problem(36, 20000, k=3)
     splits = list(StratifiedKFold(2, shuffle=True, random_state=0).split(X, y))
     t0 = time.perf_counter()
@@ -129,7 +131,7 @@ def test_dual_form_for_few_wide_rows_is_small_and_quick():
 def test_threads_for_the_solver_are_the_cores_left_free():
     import os
 
-    from cnncodes.pipelines.probes.batched import _running_elsewhere, threads_for_solver
+    from cnncodes.pipelines.probes.solver.backends import _running_elsewhere, threads_for_solver
     cores = len(os.sched_getaffinity(0))
     assert 1 <= threads_for_solver() <= cores
     others = _running_elsewhere()
@@ -138,7 +140,7 @@ def test_threads_for_the_solver_are_the_cores_left_free():
 
 @pytest.mark.parametrize("xp", ["numpy", "torch"])
 def test_lbfgs_minimises_a_badly_scaled_quadratic(xp):
-    from cnncodes.pipelines.probes.batched import lbfgs
+    from cnncodes.pipelines.probes.solver.lbfgs import lbfgs
     h = np.logspace(-2, 2, 50, dtype=np.float32)
     target = np.linspace(-1, 1, 50, dtype=np.float32)
     x0 = np.zeros(50, np.float32)
@@ -172,8 +174,8 @@ def test_two_classes_are_scikit_learns_binary_problem(loss, ref):
 
 def test_large_feature_means_keep_float32_precision():
     """Codes far from zero (mean 1e4, spread 1): the blocks are centred before the product."""
-    from cnncodes.pipelines.probes.batched import CVPath
     from cnncodes.pipelines.probes.classifiers import make_pipeline
+    from cnncodes.pipelines.probes.solver.cv_path import CVPath
     X, y = _problem(200, 10, offset=0.0)
     X = (X + 1e4).astype(np.float32)
     path = CVPath(X, y, [(np.arange(100, 200), np.arange(100)), (np.arange(100), np.arange(100, 200))],
@@ -200,7 +202,9 @@ def test_the_dual_svm_on_rows_far_from_zero_reaches_the_optimum(offset):
     the spread is lost to float32 (the uncentred Gram matrix lost them: objective 960 against
     0.8 at offset 100). The reference is liblinear's primal solver, which converges here where
     its dual one does not."""
-    from cnncodes.pipelines.probes.batched import backend, fit_one, make_design
+    from cnncodes.pipelines.probes.solver.backends import backend
+    from cnncodes.pipelines.probes.solver.cv_path import fit_one
+    from cnncodes.pipelines.probes.solver.forms import make_design
     X, y = _problem(40, 300, offset=offset)
     design, spans = make_design(backend("cpu"), X, np.ones((1, 40), dtype=bool), False, "squared_hinge", 3)
     assert spans is not None  # the dual form
@@ -217,7 +221,9 @@ def test_the_dual_svm_keeps_every_direction_under_a_dominant_one():
     """Rows a_i m + noise with m ~ 1e4 (``--norm none``): centring leaves the common scale's
     direction dwarfing the others by 1e8; the Gram matrix of rows as given is decomposed in
     float64, so none is lost (in float32: 25 of 39 kept, 7.6% off the optimum)."""
-    from cnncodes.pipelines.probes.batched import backend, fit_one, make_design
+    from cnncodes.pipelines.probes.solver.backends import backend
+    from cnncodes.pipelines.probes.solver.cv_path import fit_one
+    from cnncodes.pipelines.probes.solver.forms import make_design
     rng = np.random.default_rng(1)
     n, D = 40, 120
     y = rng.integers(0, 3, n)
@@ -238,7 +244,8 @@ def test_the_torch_backend_gives_the_numpy_backends_models(classifier, n, d):
     """The CUDA backend's code (torch tensors), run on the CPU: the same path as numpy's."""
     import torch
 
-    from cnncodes.pipelines.probes.batched import CVPath, TorchOps
+    from cnncodes.pipelines.probes.solver.backends import TorchOps
+    from cnncodes.pipelines.probes.solver.cv_path import CVPath
     X, y = _problem(n, d, seed=4, offset=0.5)
     splits = stratified_kfold(y, 3, 0)
     a = CVPath(X, y, splits, classifier, "standard")
@@ -257,7 +264,7 @@ def test_the_torch_backend_gives_the_numpy_backends_models(classifier, n, d):
 def test_the_cv_path_on_cuda_matches_the_cpu(classifier, n, d):
     from sklearn.model_selection import StratifiedKFold
 
-    from cnncodes.pipelines.probes.batched import CVPath
+    from cnncodes.pipelines.probes.solver.cv_path import CVPath
     X, y = _problem(n, d, seed=2)
     splits = list(StratifiedKFold(2, shuffle=True, random_state=0).split(X, y))
     cpu, gpu = (CVPath(X, y, splits, classifier, "standard", device=dev) for dev in ("cpu", "cuda"))
@@ -274,7 +281,7 @@ def test_a_numbered_cuda_device_is_understood():
 
     from cnncodes.extractor.errors import SettingsError
 
-    from cnncodes.pipelines.probes.batched import backend
+    from cnncodes.pipelines.probes.solver.backends import backend
     if torch.cuda.is_available():
         assert backend("cuda:0").device.index == 0
         with pytest.raises(SettingsError, match="CUDA device"):
@@ -300,8 +307,8 @@ def test_binary_probabilities_of_extreme_logits_do_not_overflow():
 def test_narrow_svms_are_solved_by_newtons_method_to_liblinears_optimum(offset):
     """Narrow codes (<= NEWTON_MAX_DIM) go to Newton's method, rows far from zero included:
     the same optimum as liblinear's primal solver, per fold and class, and the CV path uses it."""
-    from cnncodes.pipelines.probes.batched import CVPath, fit_one
-    from cnncodes.pipelines.probes.newton import NEWTON_MAX_DIM, NewtonSVM
+    from cnncodes.pipelines.probes.solver.cv_path import CVPath, fit_one
+    from cnncodes.pipelines.probes.solver.newton import NEWTON_MAX_DIM, NewtonSVM
     X, y = _problem(240, 12, k=4, seed=3, offset=offset)
     assert X.shape[1] <= NEWTON_MAX_DIM
     mine, steps = fit_one(X, y, "squared_hinge", 2.0, tol=1e-8)
@@ -324,7 +331,10 @@ def test_narrow_svms_are_solved_by_newtons_method_to_liblinears_optimum(offset):
 def test_every_models_weights_give_its_own_scores():
     """``model_weights`` of model m (not only the first) on rows as given: its intercept takes
     its own shift (the rows' mean it was centred on)."""
-    from cnncodes.pipelines.probes.batched import BatchedProblem, backend, model_weights, shared_design
+    from cnncodes.pipelines.probes.solver.backends import backend
+    from cnncodes.pipelines.probes.solver.forms import model_weights
+    from cnncodes.pipelines.probes.solver.primal import shared_design
+    from cnncodes.pipelines.probes.solver.problem import BatchedProblem
     X, y = _problem(120, 8, offset=3.0)
     masks = np.zeros((2, 120), dtype=bool)
     masks[0, :80], masks[1, 40:] = True, True
@@ -341,11 +351,11 @@ def test_scipys_products_and_eigendecomposition_are_numpys(dtype):
     """The dual form's setup runs in one library (scipy's BLAS beside its LAPACK, numpy's for
     small matrices): the same Gram matrices, products and eigenpairs from either, for C-ordered
     blocks and for strided ones (which BLAS gets as copies)."""
-    from cnncodes.pipelines.probes.batched import _NumpyLinalg, _ScipyLinalg
+    from cnncodes.pipelines.probes.solver.linalg import NumpyLinalg, ScipyLinalg
     rng = np.random.default_rng(0)
     A, B = rng.normal(size=(50, 70)).astype(dtype), rng.normal(size=(30, 70)).astype(dtype)
     tol = 1e-4 if dtype == np.float32 else 1e-10
-    for la in (_NumpyLinalg(), _ScipyLinalg(dtype)):
+    for la in (NumpyLinalg(), ScipyLinalg(dtype)):
         G, K = la.zeros((50, 50), dtype), la.zeros((30, 50), dtype)
         for cols in (slice(0, 40), slice(40, 70)):
             a, b = np.ascontiguousarray(A[:, cols]), B[:, cols]          # contiguous / strided
@@ -365,15 +375,15 @@ def test_the_dual_form_in_scipy_is_the_dual_form_in_numpy(classifier, norm, monk
     """Spans from 256 training rows on are built in scipy (``SCIPY_EIGH_FROM``): the same
     folds' models, scores and refit as numpy's path for smaller ones, the SVM's centred span
     with its mean terms and the float64 span of rows as given (``--norm none``) included."""
-    from cnncodes.pipelines.probes import batched
+    from cnncodes.pipelines.probes.solver import cv_path, dual, linalg
     X, y = _problem(45, 200, seed=5, offset=1.5)
     splits = stratified_kfold(y, 3, 0)
     runs = []
     for start in (10_000, 2):
-        monkeypatch.setattr(batched, "SCIPY_EIGH_FROM", start)
-        path = batched.CVPath(X, y, splits, classifier, norm)
+        monkeypatch.setattr(linalg, "SCIPY_EIGH_FROM", start)
+        path = cv_path.CVPath(X, y, splits, classifier, norm)
         scores, oof = path.run((0.05, 1.0))
-        assert isinstance(path.design, batched.FoldBases)
+        assert isinstance(path.design, dual.FoldBases)
         runs.append((np.array(scores), oof, path.refit(1.0, tol=1e-6, max_iter=2000).decision_function(X)))
     (sa, oa, da), (sb, ob, db) = runs
     np.testing.assert_allclose(sa, sb, atol=1 / 15)
@@ -394,8 +404,8 @@ def test_scipy_is_imported_while_the_codes_are_read_only_where_it_will_be_used(t
     seen = []
     c = load_codes(tmp_path / "c.h5", "penultimate", before_read=lambda n, d: seen.append((n, d)))
     assert seen == [c.X.shape]
-    probe = ("import sys, threading; from cnncodes.pipelines.probes import batched; "
-             "batched.prefetch_linalg({}, {}); "
+    probe = ("import sys, threading; from cnncodes.pipelines.probes.solver import linalg; "
+             "linalg.prefetch_linalg({}, {}); "
              "[t.join() for t in threading.enumerate() if t.name == 'import scipy.linalg']; "
              "print('scipy.linalg' in sys.modules)")
     for (n, d), expected in (((1000, 2000), "True"), ((1000, 40), "False"), ((300, 2000), "False")):
@@ -413,9 +423,9 @@ def test_scipys_blas_loaded_inside_a_solver_block_gets_the_blocks_thread_limit()
     probe = """
 import numpy as np
 from threadpoolctl import threadpool_info
-from cnncodes.pipelines.probes import batched
-batched.threads_for_solver = lambda: 1
-ops = batched.Ops()
+from cnncodes.pipelines.probes.solver import backends
+backends.threads_for_solver = lambda: 1
+ops = backends.Ops()
 with ops.threads():
     ops.linalg(300, np.float32)
     inside = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}

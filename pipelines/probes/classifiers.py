@@ -290,7 +290,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         solver = "batched" if parse_pca(pca) is None else "sklearn"
     prefetch = None
     if solver == "batched" and not knn:  # its linear algebra's import overlaps the reading
-        from cnncodes.pipelines.probes.batched import prefetch_linalg as prefetch
+        from cnncodes.pipelines.probes.solver.linalg import prefetch_linalg as prefetch
     codes = cache if isinstance(cache, Codes) else load_codes(cache, layer, allow_incomplete, prefetch)
     train, test = split_rows(codes, holdout, seed)
     # every row trains (no test split): the codes themselves, not a copy
@@ -304,7 +304,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     if knn:
         scores, oof = knn_probe.cv_knn(X, y, fold_of_row, grid, temperature, norm)
     elif solver == "batched":
-        from cnncodes.pipelines.probes.batched import CVPath
+        from cnncodes.pipelines.probes.solver.cv_path import CVPath
         path = CVPath(X, y, splits, classifier, norm)
         scores, oof = path.run(grid)
     else:

@@ -1,7 +1,7 @@
 """The batched solver as a scikit-learn estimator (for Pipelines and grid searches of one's own).
 
 :func:`pipelines.classifiers.fit_linear_probe` does not use it: it drives
-:class:`~.batched.CVPath` directly, every fold of a C at once.
+:class:`~.solver.cv_path.CVPath` directly, every fold of a C at once.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from cnncodes.pipelines.probes.batched import LOSSES, fit_one
 from cnncodes.pipelines.probes.linear_model import labels_of, probabilities
+from cnncodes.pipelines.probes.solver.cv_path import fit_one
+from cnncodes.pipelines.probes.solver.losses import LOSSES
 
 
 class BatchedLinearClassifier(ClassifierMixin, BaseEstimator):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnncodes.pipelines.probes.solver.rows import row_blocks
+
 # Widest codes solved by Newton's method; wider ones go to L-BFGS. Measured on this 2-core
 # machine (Lite0 codes, five folds, C grid 1e-4 .. 1e2, grid and refit), Newton against L-BFGS:
 # Caltech 16-d, 102 classes: 0.81 s against 2.3 s; 40-d, 10 merged classes: 0.17 against
@@ -57,9 +59,8 @@ class NewtonSVM:
         P[:, :D, D] = P[:, D, :D] = -self.e
         P[:, D, D] = 1.0
         self.P = P
-        # blocks of rows as the batched solver's (imported here: that module imports this one)
-        from cnncodes.pipelines.probes.batched import _blocks
-        self.blocks = _blocks(self.n, 8 * 4 * self.M * n_classes + 4 * (D + 1) ** 2 + 16 * (D + 1))
+        # blocks of rows as the other designs'
+        self.blocks = row_blocks(self.n, 8 * 4 * self.M * n_classes + 4 * (D + 1) ** 2 + 16 * (D + 1))
         # the Hessians are symmetric: only the upper triangle's (D+1)(D+2)/2 entries of each
         # row's outer product are multiplied (measured: the 40-d digits SVM grid and refit,
         # 0.24-0.29 -> 0.20 s)
