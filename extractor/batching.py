@@ -22,10 +22,11 @@ from .layers import Probe, Tap, Tapper
 
 class DecodedImages(torch.utils.data.Dataset):
     """Decodes one row into ``(row, tensor or None, error, Content)``; a failure is returned, not
-    raised, so one bad file never stops a run. ``Content`` identifies the bytes decoded."""
+    raised, so one bad file never stops a run. ``Content`` identifies the bytes decoded;
+    ``min_size`` asks for a reduced decode (:func:`.images.decode_rgb`)."""
 
-    def __init__(self, table: ImageTable, transform):
-        self.table, self.transform = table, transform
+    def __init__(self, table: ImageTable, transform, min_size: tuple[int, int] | None = None):
+        self.table, self.transform, self.min_size = table, transform, min_size
 
     def __len__(self):
         return len(self.table)
@@ -33,7 +34,7 @@ class DecodedImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         content = Content()
         try:
-            return i, self.transform(self.table.load(i, content)), "", content
+            return i, self.transform(self.table.load(i, content, self.min_size)), "", content
         except Exception as e:  # noqa: BLE001 - any decode error becomes a failed row
             return i, None, f"{type(e).__name__}: {e}".strip()[:500], content
 

@@ -1,8 +1,8 @@
 """``--decode gpu``: JPEGs decoded by nvJPEG and resized on the device, for GPUs that data-loader
 cores cannot keep fed.
 
-The default path (``--decode cpu``) decodes with Pillow and resamples exactly as the weights'
-own transform does (:mod:`.resize`), bitwise. This one ships the encoded bytes from the loader
+The Pillow paths (``--decode reduced``, the default, and ``exact``; :mod:`.decoding`) resample
+exactly as the weights' own transform does (:mod:`.resize`). This one ships the encoded bytes from the loader
 workers, decodes a batch of JPEGs at once with ``torchvision.io.decode_jpeg(device=...)``
 (grayscale and CMYK converted to RGB; EXIF orientation read from the headers on the host and
 applied on the device, as torchvision's CUDA decoder ignores it), resizes the short side with
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
+from .decoding import requested_decode
 from .errors import SettingsError
 from .images import decode_rgb
-
-DECODES = ("cpu", "gpu")
 
 
 def _interpolation(pil_filter):
@@ -38,16 +37,16 @@ def _interpolation(pil_filter):
 
 def check_decode(decode: str, dev, split, model: str) -> str:
     """``decode`` if this run can decode that way; a one-line :class:`SettingsError` otherwise."""
-    if decode not in DECODES:
-        raise SettingsError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}.")
-    if decode == "cpu":
+    decode = requested_decode(decode)
+    if decode != "gpu":
         return decode
     if dev.type != "cuda":
-        raise SettingsError(f"--decode gpu decodes with nvJPEG on a CUDA device; this run is on {dev.type} "
-                            f"(use --decode cpu, the default).")
+        raise SettingsError(f"--decode gpu decodes with nvJPEG on a CUDA device; this run is on "
+                            f"{dev.type} (use --decode reduced, the default, or exact).")
     if split is None or not split.resize_crop or _interpolation(split.resize_crop[2]) is None:
         raise SettingsError(f"--decode gpu needs 'resize the short side, centre-crop' preprocessing with a "
-                            f"bilinear, bicubic or nearest filter; {model}'s is not that (use --decode cpu).")
+                            f"bilinear, bicubic or nearest filter; {model}'s is not that "
+                            f"(use --decode reduced or exact).")
     return decode
 
 

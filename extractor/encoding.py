@@ -24,6 +24,7 @@ from .batching import (
     row_blocks,
 )
 from .cache import LayerSpec
+from .decoding import decode_min_size
 from .devices import resolve_device, resolve_precision
 from .errors import PoolingError
 from .fusion import fold_batchnorm
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def backbone_recipe(bb: Backbone, pooling: Pooling, dtype: str, precision: str,
-                    table: ImageTable | None = None, runtime: str = "torch", decode: str = "cpu") -> Recipe:
+                    table: ImageTable | None = None, runtime: str = "torch", decode: str = "exact") -> Recipe:
     """The :class:`Recipe` of codes that ``bb`` makes with these settings (of ``table``'s images)."""
     return Recipe(bb.name, bb.weights, bb.preprocessing, str(pooling), dtype, precision, bb.input_size,
                   table.list_fingerprint() if table is not None else None, runtime, decode)
@@ -109,9 +110,10 @@ class PreparedNetwork:
 def make_encoder(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, dev, prec: str,
                  batch_size: int, dims: dict[str, int], dtype: str,
                  table: ImageTable, prepared: PreparedNetwork | None = None,
-                 decode: str = "cpu") -> tuple[Encoder, DecodedImages]:
+                 decode: str = "exact") -> tuple[Encoder, DecodedImages]:
     """The prepared network as an :class:`Encoder`, and the decoding of ``table``'s images
-    (``decode="gpu"``: the loader reads bytes, :mod:`.device_decode` decodes them on ``dev``)."""
+    (:mod:`.decoding`; ``decode="gpu"``: the loader reads bytes, :mod:`.device_decode` decodes
+    them on ``dev``)."""
     prepared = prepared or PreparedNetwork(bb, taps, pooling, dev)
     # a runtime takes the whole batch: its kernels do not page-fault as PyTorch's large
     # activations do, so the allocator-friendly micro-batches are PyTorch's alone
@@ -124,7 +126,8 @@ def make_encoder(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, 
         from .device_decode import DeviceDecoder
         decoder, dataset = DeviceDecoder(split, dev, table.paths), EncodedImages(table)
     else:
-        dataset = DecodedImages(table, split.pil if split else bb.transform)
+        dataset = DecodedImages(table, split.pil if split else bb.transform,
+                                decode_min_size(decode, bb.preprocessing))
     encoder = Encoder(prepared.net, taps, pooling, split, dev, prec, micro, dims, np.dtype(dtype),
                       prepared.tapper, decoder)
     # a lane's uint8 batch (stacked: twice), its float micro-batch and the largest activations
@@ -135,11 +138,12 @@ def make_encoder(bb: Backbone, probe: Probe, taps: list[Tap], pooling: Pooling, 
 
 def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str = "auto",
                   precision: str = "auto", batch_size: int = 32, dtype: str = "float32",
-                  runtime: str | None = None):
+                  runtime: str | None = None, decode: str = "exact"):
     """Codes of image files in memory, with no cache: ``({layer: N x D}, errors)``.
 
     ``errors[i]`` is "" for an image that decoded, else its error (its codes are zeros). The
-    same decoding, taps, pooling, network preparation and runtime choice as :func:`extract`.
+    same decoding (``decode``: ``reduced`` or ``exact``, :mod:`.decoding`), taps, pooling,
+    network preparation and runtime choice as :func:`extract`.
 
     Examples
     --------
@@ -162,7 +166,7 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
     wanted = resolve_runtime(runtime, dev, prec)
     prepared = PreparedNetwork(bb, taps, pooling, dev, wanted, strict=requested(runtime) != "auto")
     encoder, dataset = make_encoder(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table,
-                                    prepared)
+                                    prepared, decode)
     with encoder:
         for rows, _, errs, codes, _ in encoded_batches(encoder, dataset,
                                                     row_blocks(np.arange(len(paths)), batch_size),

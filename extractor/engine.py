@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .batching import encoded_batches, row_blocks
 from .cache import DONE, FAILED, PENDING, create_cache, open_cache, read_attrs
+from .decoding import resolve_decode
 from .device_decode import check_decode
 from .devices import check_dtype, resolve_device, resolve_precision
 from .distributed import Dist, RankFailedError, init_distributed
@@ -106,7 +107,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
             device: str = "auto", precision: str = "auto", batch_size: int = 32,
             workers: int | None = None, strict: bool = False, overwrite: bool = False,
             allow_overlap: bool = False, progress: bool | None = None,
-            runtime: str | None = None, decode: str = "cpu") -> ExtractResult:
+            runtime: str | None = None, decode: str = "auto") -> ExtractResult:
     """Extract CNN codes of one or more layers for every image of ``data`` into an HDF5 cache.
 
     Resumes an interrupted run at the same ``out``; a finished one is left as is ("up to date").
@@ -147,9 +148,13 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
         installed inference runtime whose codes match PyTorch's on a probe batch (a cache made
         before keeps its own runtime), else PyTorch; the recipe records the runtime and its
         version, so a cache is never resumed with another runtime's rows.
-    decode : {'cpu', 'gpu'}
-        ``cpu``: Pillow and the weights' exact transform (bitwise reproducible). ``gpu``: on
-        CUDA, JPEGs decoded by nvJPEG and resized on the device (:mod:`.device_decode`).
+    decode : {'auto', 'reduced', 'exact', 'gpu'}
+        How images become network inputs (:mod:`.decoding`). ``reduced``: Pillow decodes at the
+        smallest scale that keeps the pixels the resize needs (JPEG DCT scaling), then the
+        weights' exact resize. ``exact``: Pillow at full size and the weights' transform,
+        bitwise (``cpu`` is its former name). ``gpu``: on CUDA, JPEGs decoded by nvJPEG and
+        resized on the device (:mod:`.device_decode`). ``auto``: an existing cache's path, else
+        ``reduced``.
 
     Under ``torchrun`` every rank calls this with the same arguments: the ranks share the
     cache's fixed row blocks, write journal shards beside it, and rank 0 commits the cache, the
@@ -219,9 +224,10 @@ def _run_extraction(ranks: Dist, t_start: float, data: Path, out, a: _Settings) 
     with ranks.zero_first("loading the weights"):  # one download into a shared hub cache
         bb = load_backbone(a.model, a.weights)
     check_decode(a.decode, dev, bb.split, bb.name)
-    cached = ranks.decide(lambda: _cached_runtime(out) if not a.overwrite else None)
-    wanted = resolve_runtime(a.runtime, dev, prec, cached)
-    recipe = backbone_recipe(bb, pooling, a.dtype, prec, table, wanted, a.decode)
+    cached = ranks.decide(lambda: _cached_recipe(out) if not a.overwrite else None)
+    wanted = resolve_runtime(a.runtime, dev, prec, cached.runtime if cached else None)
+    decode = resolve_decode(a.decode, cached.decode if cached else None)
+    recipe = backbone_recipe(bb, pooling, a.dtype, prec, table, wanted, decode)
     job = _Job(bb, table, recipe, pooling, dev, prec, data, a.batch_size, a.workers, a.strict, a.progress,
                t_start, strict_runtime=requested_runtime(a.runtime) != "auto", ranks=ranks)
     plan = ranks.decide(lambda: _plan(out, job, layers, a.overwrite), "planning")
@@ -248,12 +254,13 @@ def _plan(out: Path, job: _Job, layers, overwrite: bool) -> ExtractionPlan:
     return plan
 
 
-def _cached_runtime(out: Path) -> str | None:
-    """The runtime an existing cache at ``out`` was made with (None: no readable cache)."""
+def _cached_recipe(out: Path) -> Recipe | None:
+    """The recipe of an existing cache at ``out`` (None: no readable cache), whose runtime and
+    decode path ``auto`` keeps."""
     if not out.exists():
         return None
     try:
-        return Recipe.from_attrs(read_attrs(out)).runtime
+        return Recipe.from_attrs(read_attrs(out))
     except CnnCodesError:
         return None
 

@@ -93,10 +93,11 @@ class ImageTable:
         except OSError:
             return ""
 
-    def load(self, i: int, content: Content | None = None) -> Image.Image:
-        """Row ``i`` decoded by :func:`load_rgb`'s rules, ``content`` filled as it does."""
+    def load(self, i: int, content: Content | None = None,
+             min_size: tuple[int, int] | None = None) -> Image.Image:
+        """Row ``i`` decoded by :func:`decode_rgb`'s rules, ``content`` filled as it does."""
         data, mtime = self.read(i)
-        return decode_rgb(data, Path(self.paths[i]).name, content, mtime)
+        return decode_rgb(data, Path(self.paths[i]).name, content, mtime, min_size)
 
     def list_fingerprint(self) -> str:
         """sha256 over every (path, label, split) and the class names: changes when the image
@@ -393,8 +394,19 @@ def load_rgb(path: str | os.PathLike, content: Content | None = None) -> Image.I
     return decode_rgb(data, Path(path).name, content, st.st_mtime_ns)
 
 
-def decode_rgb(data: bytes, name: str, content: Content | None = None, mtime_ns: int = -1) -> Image.Image:
-    """:func:`load_rgb` of bytes already read (``name`` for messages)."""
+def decode_rgb(data: bytes, name: str, content: Content | None = None, mtime_ns: int = -1,
+               min_size: tuple[int, int] | None = None) -> Image.Image:
+    """:func:`load_rgb` of bytes already read (``name`` for messages).
+
+    ``min_size`` (width, height) asks for a reduced decode (``--decode reduced``): the image at
+    the smallest scale that still has at least that many pixels on each side, when it is at
+    least twice as large. A JPEG is decoded at that scale (libjpeg's DCT scaling, 1/2, 1/4 or
+    1/8, through Pillow's ``draft``: the costly full-size decode and resampling never happen);
+    any image still twice as large after that (other formats, which no decoder Pillow has can
+    reduce, or a JPEG over 8x) is box-averaged by the largest integer factor that keeps the
+    size (``Image.reduce``). Both sides are asked for, so the rule is the same before and after
+    EXIF rotation.
+    """
     if content is not None:
         content.record(data, mtime_ns)
     if not data:
@@ -404,9 +416,16 @@ def decode_rgb(data: bytes, name: str, content: Content | None = None, mtime_ns:
     except UnidentifiedImageError:  # Pillow's message names the BytesIO object, not the file
         raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
     with img:
+        if min_size is not None:
+            img.draft(None, min_size)  # JPEG only (a no-op for other formats)
         img.load()  # decode now: truncated data raises here, not later in a worker
         img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        img = to_rgb(img)
+    if min_size is not None:
+        factor = min(img.size[0] // min_size[0], img.size[1] // min_size[1])
+        if factor >= 2:
+            img = img.reduce(factor)
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

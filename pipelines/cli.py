@@ -274,9 +274,13 @@ def _existing_data(ctx, param, value):
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True, help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
 @_RUNTIME
-@click.option("--decode", type=click.Choice(("cpu", "gpu")), default="cpu", show_default=True,
-              help="cpu: Pillow and the weights' exact transform (bitwise reproducible). gpu: on CUDA, "
-                   "JPEGs decoded by nvJPEG and resized on the device (close, not bitwise; see README).")
+@click.option("--decode", type=click.Choice(("auto", "reduced", "exact", "gpu", "cpu")), default="auto",
+              show_default=True,
+              help="reduced: Pillow decodes at the smallest scale that keeps the pixels the resize needs "
+                   "(JPEG DCT scaling; 5-10x faster on phone photos), then the weights' exact resize. "
+                   "exact: full-size decode, bitwise the weights' own transform (cpu is its former name). "
+                   "gpu: on CUDA, JPEGs decoded by nvJPEG and resized on the device (close, not bitwise). "
+                   "auto: an existing cache's path, else reduced. See docs/engine.md.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
               help="Decoding worker processes [default: 0 on a CPU (one thread per core decodes a "
@@ -719,6 +723,11 @@ def _train_options(fn):
                      help="Batch norm in frozen parts: frozen = eval mode, statistics kept; "
                           "train = re-estimated. LayerNorm (ViT, Swin) has no statistics: no effect there."),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--decode", type=click.Choice(["reduced", "exact"]), default="reduced",
+                     show_default=True,
+                     help="reduced: each image decoded at the smallest scale that keeps the pixels the "
+                          "weights' resize needs (JPEG DCT scaling), as extract's default; "
+                          "exact: full size."),
         click.option("--device", type=DEVICE, default="auto", show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                      show_default=True, help="auto: bf16 autocast on CUDA (AMP), fp32 elsewhere."),

@@ -104,7 +104,7 @@ def test_decode_gpu_is_refused_where_it_cannot_run(lite0, image_folder, tmp_path
         check_decode("gpu", torch.device("cpu"), lite0.split, lite0.name)
     with pytest.raises(SettingsError, match="decode must be"):
         check_decode("nvjpeg", torch.device("cpu"), lite0.split, lite0.name)
-    assert check_decode("cpu", torch.device("cpu"), None, "x") == "cpu"
+    assert check_decode("cpu", torch.device("cpu"), None, "x") == "exact"  # its former name
     r = CliRunner().invoke(cli, ["extract", str(image_folder), "--out", str(tmp_path / "c.h5"),
                                  "--decode", "gpu"])
     assert r.exit_code == 1 and "--decode gpu" in r.output and "Traceback" not in r.output
@@ -112,7 +112,7 @@ def test_decode_gpu_is_refused_where_it_cannot_run(lite0, image_folder, tmp_path
     # the decode path is part of the recipe: a cache of one is never resumed by the other
     a = Recipe("m", {}, {}, decode="gpu")
     assert any("decode" in d for d in a.differences(Recipe("m", {}, {})))
-    assert Recipe.from_attrs({"model": "m"}).decode == "cpu"  # caches made before --decode
+    assert Recipe.from_attrs({"model": "m"}).decode == "exact"  # caches made before --decode
 
 
 def test_cpu_lanes_are_capped_by_memory():

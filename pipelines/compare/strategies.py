@@ -66,7 +66,8 @@ def _probe(data, out: Path, cfg: FinetuneConfig, layer: str, progress, runtime: 
     t0 = time.perf_counter()
     try:
         ex = extract(data, out / "codes.h5", model=cfg.model, weights=cfg.weights, layers=[layer],
-                     device=cfg.device, batch_size=cfg.batch_size, progress=progress, runtime=runtime)
+                     device=cfg.device, batch_size=cfg.batch_size, progress=progress, runtime=runtime,
+                     decode=cfg.decode)
     except IncompatibleCacheError as e:
         raise e.with_remedy(f"Delete {e.path} (compare made it) or choose another --report.") from None
     codes = load_codes(ex.path, layer)

@@ -107,7 +107,9 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
                 raise
             log.info("%s cannot be read: starting again (--overwrite)", last)
             return None
-        diffs = describe_differences(ckpt["recipe"], recipe, where=("in the run", "now"))
+        # runs made before the decode setting decoded every image at full size
+        made = {"decode": "exact", **ckpt["recipe"]}
+        diffs = describe_differences(made, recipe, where=("in the run", "now"))
         if not diffs:
             return ckpt
         if not overwrite:

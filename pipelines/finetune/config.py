@@ -43,6 +43,9 @@ class FinetuneConfig:
     bn: str = "frozen"
     from_scratch: bool = False
     seed: int = 0
+    # how images are decoded (cnncodes.extractor.decoding): `reduced` (at the smallest scale the
+    # resize needs) or `exact` (full size; the only path of runs made before this setting)
+    decode: str = "reduced"
     precision: str = "auto"
     device: str = "auto"
     workers: int | None = None

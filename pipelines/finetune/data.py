@@ -89,10 +89,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 class ImageDataset(torch.utils.data.Dataset):
     """``(tensor or None, label, row)`` per image; an image that fails to decode gives None
-    (the collate function drops it and reports its row) instead of stopping the run."""
+    (the collate function drops it and reports its row) instead of stopping the run.
+    ``min_size`` asks for a reduced decode (:func:`cnncodes.extractor.images.decode_rgb`)."""
 
-    def __init__(self, table: ImageTable, rows, transform, seed: int | None = None):
+    def __init__(self, table: ImageTable, rows, transform, seed: int | None = None,
+                 min_size: tuple[int, int] | None = None):
         self.table, self.rows, self.transform, self.seed = table, np.asarray(rows), transform, seed
+        self.min_size = min_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -105,7 +108,7 @@ class ImageDataset(torch.utils.data.Dataset):
         row = int(self.rows[i])
         label = int(self.table.labels[row])
         try:
-            img = self.table.load(row)
+            img = self.table.load(row, min_size=self.min_size)
         except Exception as e:  # any decode failure: recorded, skipped
             log.debug("skipping %s: %s", self.table.paths[row], e)
             return None, label, row

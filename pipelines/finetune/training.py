@@ -19,6 +19,7 @@ Examples
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cnncodes.extractor.backbones import load_backbone
+from cnncodes.extractor.decoding import decode_min_size, resolve_decode
 from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.layers import Probe
 from cnncodes.extractor.provenance import library_versions
@@ -102,6 +104,10 @@ class _Run(Passes):
     """One fine-tuning run; ``finetune`` is its public face."""
 
     def __init__(self, cfg: FinetuneConfig, ctx: Dist, progress: bool):
+        decode = resolve_decode(cfg.decode)  # `cpu` is `exact`, `auto` the default
+        if decode == "gpu":
+            raise FinetuneError("fine-tuning decodes with Pillow: decode must be reduced or exact, not gpu.")
+        cfg = dataclasses.replace(cfg, decode=decode)
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
         self.out = Path(cfg.out)
         self.dev = resolve_device(cfg.device)
@@ -166,11 +172,13 @@ class _Run(Passes):
     # --- start ---------------------------------------------------------------------------------
     def _loaders(self):
         cfg, ctx, pin = self.cfg, self.ctx, self.dev.type == "cuda"
+        size = decode_min_size(cfg.decode, self.bb.preprocessing)
         train_ds = ImageDataset(self.splits.table, self.splits.train, train_transform(self.bb.preprocessing),
-                                seed=cfg.seed)
+                                seed=cfg.seed, min_size=size)
         kw = dict(rank=ctx.rank, world=ctx.world, workers=self.workers, pin_memory=pin, seed=cfg.seed)
         train = make_loader(train_ds, cfg.batch_size, shuffle=True, **kw)
-        evals = {part: make_loader(ImageDataset(self.splits.table, rows, self.bb.split or self.bb.transform),
+        evals = {part: make_loader(ImageDataset(self.splits.table, rows, self.bb.split or self.bb.transform,
+                                                min_size=size),
                                    cfg.batch_size, shuffle=False, **kw)
                  for part, rows in (("val", self.splits.val), ("test", self.splits.test)) if len(rows)}
         return train_ds, train, evals

@@ -91,8 +91,10 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
         raise IncompatibleCacheError(f"the backbone cnncodes builds for {m.path} "
                                      f"is not the one it was trained "
                                      f"on: " + "; ".join(diffs) + ".")
+    # new images are decoded as the training images were (nvJPEG's path aside, which needs CUDA)
+    decode = "exact" if trained.decode == "gpu" else trained.decode
     codes, errors = encode_images(bb, files, [m.layer], trained.pooling, device=device, batch_size=batch_size,
-                                  runtime=runtime)
+                                  runtime=runtime, decode=decode)
     X = codes[m.layer]
     ok = np.array([not e for e in errors])
     out = [Prediction(str(f), None, None, e) for f, e in zip(files, errors)]
