@@ -1,18 +1,29 @@
-"""Put a benchmark's Markdown table between its markers in the README (shared by the scripts)."""
+"""Put a benchmark's Markdown table between its markers in the README and the manual (shared by
+the scripts)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def marked_files() -> list[Path]:
+    """The files a table may live in: the README, then the manual's pages (docs/*.md)."""
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def update_readme(table: str, name: str) -> bool:
-    """Replace what lies between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; False
-    when the README has no such markers (nothing is written then)."""
-    text = README.read_text()
+    """Replace what lies between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in every file
+    of :func:`marked_files` that holds both markers (a headline table shown in the README and on
+    the benchmarks page is one table); False when no file has them (nothing is written then)."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    README.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
-    return True
+    found = False
+    for path in marked_files():
+        text = path.read_text()
+        if start not in text or end not in text:
+            continue
+        head, rest = text.split(start, 1)
+        path.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+        found = True
+    return found

@@ -80,7 +80,7 @@ def main() -> None:
     ])
     print(table)
     if args.update_readme and not update_readme(table, "startup-cpu"):
-        print("README.md has no bench:startup-cpu markers; not updated", file=sys.stderr)
+        print("neither README.md nor docs/*.md has bench:startup-cpu markers; not updated", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ workers, decodes a batch of JPEGs at once with ``torchvision.io.decode_jpeg(devi
 applied on the device, as torchvision's CUDA decoder ignores it), resizes the short side with
 ``torchvision.transforms.v2.functional.resize`` (antialiased, the weights' filter) and
 centre-crops on the device. The codes are close to the exact path's but not equal (other IDCT
-and resampling arithmetic; the README gives the measured difference). Anything that is not a
+and resampling arithmetic; docs/benchmarks.md gives the measured difference). Anything that is not a
 JPEG, or that the device decoder refuses, takes the exact Pillow path for that image alone, so
 a PNG or an odd JPEG never fails a batch.
 

@@ -284,7 +284,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     if solver == "batched" and parse_pca(pca) is not None:
         raise SettingsError("--solver batched does not do PCA; use --solver sklearn with --pca.")
     if solver == "auto":
-        # Measured (benchmarks/classify.py, README table): the batched solver is faster than
+        # Measured (benchmarks/classify.py, docs/benchmarks.md): the batched solver is faster than
         # scikit-learn on every width from 16 to 21,952 dimensions and every case tried, at the
         # same CV accuracy; PCA is a scikit-learn pipeline step, so it keeps that solver.
         solver = "batched" if parse_pca(pca) is None else "sklearn"
