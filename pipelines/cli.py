@@ -834,9 +834,10 @@ def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, repo
     """Linear probe vs fine-tuning the top stage vs fine-tuning everything vs from scratch.
 
     Runs the strategies on the same splits and seed, and writes index.html, compare.md/.csv/.json
-    and compare.png (accuracy, training time, trainable parameters) with a reading of where the
-    data falls in the classic small/large x similar/different advice. Each strategy is kept
-    when finished: rerun to resume.
+    and compare.png (accuracy, training time, trainable parameters) with a reading of what the
+    measured gaps show: a fine-tuning run that had not converged (validation accuracy still
+    rising at its last epoch) is called inconclusive, with the --epochs to rerun with, never
+    read as a verdict. Each strategy is kept when finished: rerun to resume.
 
     \b
     Examples:

@@ -29,6 +29,7 @@ from cnncodes.extractor.files import dataset_name, slug
 from cnncodes.pipelines.compare.report import CompareResult, write_compare_report
 from cnncodes.pipelines.finetune.data import make_splits
 from cnncodes.pipelines.finetune.freezing import FinetuneError
+from cnncodes.pipelines.finetune.result import convergence
 from cnncodes.pipelines.finetune.training import FinetuneConfig, finetune, recipe_settings
 from cnncodes.pipelines.records import read_record, write_record
 
@@ -171,44 +172,71 @@ def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer
                 "head_epochs": head_epochs, "epochs": epochs, "seed": base.seed, "lr": base.lr,
                 "head_lr_mult": base.head_lr_mult, "batch_size": base.batch_size, "images": splits.sizes(),
                 "classes": len(splits.classes)}
-    result = CompareResult(table=df, conclusion=conclude(df, splits.sizes(), len(splits.classes), top, layer),
+    result = CompareResult(table=df, conclusion=conclude(df, splits.sizes(), len(splits.classes), top, layer,
+                                                         epochs),
                            settings=settings, seconds=round(time.perf_counter() - t0, 1), report=str(out))
     result.files = {k: str(v) for k, v in write_compare_report(result).items()}
     return result
 
 
-def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str) -> list[str]:
-    """Plain sentences: the winner, and where the data sits in the classic "small/large x
-    similar/different" advice, read from the measured gaps (2 points = a real difference)."""
+def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str,
+             epochs: int | None = None) -> list[str]:
+    """Plain sentences: the winner, and what the measured gaps say (2 points = a real difference).
+
+    Only what the figures show: a fine-tuning run whose last stage had not converged
+    (:func:`~cnncodes.pipelines.finetune.result.convergence`) is never read as a verdict: where
+    it lost, the reading says so and how to rerun; no sentence infers how similar the data is
+    to ImageNet from which strategy won.
+    """
     acc = {r["strategy"]: r["test_accuracy"] for _, r in df.iterrows() if r["test_accuracy"] is not None}
     if not acc:
         return []
+    unfinished = {r["strategy"]: why for _, r in df.iterrows()
+                  if isinstance(r.get("stages"), list) and (why := convergence(r["stages"]))}
+    rerun = (f"rerun with --epochs {2 * epochs} (the probe is kept; the fine-tuning strategies start again)"
+             if epochs else "rerun with more --epochs")
     best = max(acc, key=acc.get)
     lines = [f"Best: {best} ({acc[best]:.4f} test accuracy) with {sizes['train'] + sizes['val']} training "
              f"images, {(sizes['train'] + sizes['val']) / n_classes:.0f} per class."]
     gap = 0.02
-    tuned = max(acc.get("top", 0), acc.get("all", 0))
-    fine_tuned = "top" in acc or "all" in acc  # nothing to say of fine-tuning when none ran
-    if "probe" in acc and fine_tuned and tuned <= acc["probe"] + gap:
-        lines.append(f"Fine-tuning ({tuned:.4f} at best) does not beat the linear probe ({acc['probe']:.4f}) "
-                     f"by more than 2 points: the pretrained codes already fit this data (the 'small data' "
-                     f"advice: keep the network fixed"
-                     + (", read an earlier layer" if layer not in ("penultimate", top) else "") + ").")
-    elif "probe" in acc and fine_tuned:
-        lines.append(f"Fine-tuning beats the linear probe by "
-                     f"{100 * (max(acc.get('top', 0), acc.get('all', 0)) - acc['probe']):.1f} points: "
-                     f"there is enough data to move the weights (the 'large data' advice).")
+    tuned_runs = {k: acc[k] for k in ("top", "all") if k in acc}
+    tuned = max(tuned_runs.values(), default=0)
+    open_runs = [k for k in tuned_runs if k in unfinished]
+    if "probe" in acc and tuned_runs and tuned <= acc["probe"] + gap:
+        if open_runs:
+            lines.append(f"Inconclusive: fine-tuning ({tuned:.4f} at best) has not beaten the linear probe "
+                         f"({acc['probe']:.4f}) by more than 2 points, but it had not converged ("
+                         + "; ".join(f"{k}: {unfinished[k]}" for k in open_runs) + f"); {rerun}.")
+        else:
+            lines.append(f"Fine-tuning ({tuned:.4f} at best, converged) does not beat the linear probe "
+                         f"({acc['probe']:.4f}) by more than 2 points: the pretrained codes already fit this "
+                         f"data; keep the network fixed"
+                         + (", reading an earlier layer" if layer not in ("penultimate", top) else "") + ".")
+    elif "probe" in acc and tuned_runs:
+        lines.append(f"Fine-tuning beats the linear probe by {100 * (tuned - acc['probe']):.1f} points: "
+                     f"moving the weights pays on this data"
+                     + (" (and it had not converged: more epochs may add more)." if open_runs else "."))
     if "top" in acc and "all" in acc:
-        if acc["all"] > acc["top"] + gap:
-            lines.append(f"Unfreezing everything beats tuning only {top}: the data differs from ImageNet "
-                         f"enough that early features need to change ('different').")
+        if open_runs:
+            lines.append(f"Tuning {top} against tuning everything is not read: "
+                         + " and ".join(open_runs) + " had not converged.")
+        elif acc["all"] > acc["top"] + gap:
+            lines.append(f"Unfreezing everything beats tuning only {top} by "
+                         f"{100 * (acc['all'] - acc['top']):.1f} points: the early layers had to change for "
+                         f"this data.")
         else:
             lines.append(f"Tuning only {top} ({acc['top']:.4f}) is at least as good as tuning everything "
-                         f"({acc['all']:.4f}): ImageNet's early features transfer ('similar').")
-    if "scratch" in acc:
+                         f"({acc['all']:.4f}): ImageNet's early layers serve this data as they are.")
+    if "scratch" in acc and len(acc) > 1:
         pre = max(v for k, v in acc.items() if k != "scratch")
-        lines.append(f"Training from scratch reaches {acc['scratch']:.4f}, "
-                     f"{100 * (pre - acc['scratch']):.1f} points below the best pretrained strategy: "
-                     + ("pretraining is what makes this data set learnable." if pre - acc["scratch"] > gap
-                        else "this data set is large enough to learn without pretraining."))
+        behind = pre - acc["scratch"]
+        head = (f"Training from scratch reaches {acc['scratch']:.4f}, {100 * behind:.1f} points below the "
+                f"best pretrained strategy: ")
+        if behind <= gap:
+            lines.append(head + "this data set is large enough to learn without pretraining.")
+        elif "scratch" in unfinished:
+            lines.append(head + f"but it had not converged ({unfinished['scratch']}), so this shows that "
+                         f"pretraining learns faster, not that the data needs it.")
+        else:
+            lines.append(head + "pretraining is what makes this data set learnable.")
     return lines

@@ -103,12 +103,46 @@ class FinetuneResult:
 
 
 def stage_summary(stages, history: list[dict]) -> list[dict]:
-    """Per stage of the schedule: its spec and what its epochs in ``history`` did."""
+    """Per stage of the schedule: its spec and what its epochs in ``history`` did, with its
+    validation and training accuracy per epoch (what :func:`convergence` reads)."""
     out = []
     for s in stages:
         hs = [h for h in history if h["stage"] == s.name]
         out.append({**s.as_dict(), "epochs_run": len(hs),
                     "trainable_params": hs[0]["trainable_params"] if hs else None,
                     "seconds_per_epoch": round(sum(h["seconds"] for h in hs) / len(hs), 2) if hs else None,
-                    "best_val_accuracy": max((h["val_accuracy"] for h in hs), default=None)})
+                    "best_val_accuracy": max((h["val_accuracy"] for h in hs), default=None),
+                    "val_accuracy_by_epoch": [round(h["val_accuracy"], 4) for h in hs],
+                    "train_accuracy_by_epoch": [round(h["train_accuracy"], 4) for h in hs]})
     return out
+
+
+# A run has not converged while its last stage's validation accuracy still climbs by this much
+# from the epoch before to its last (its best) epoch, or while its training accuracy still
+# climbs by TRAIN_RISE at its last epoch from below TRAIN_SATURATED.
+STILL_RISING = 0.01
+TRAIN_RISE, TRAIN_SATURATED = 0.02, 0.9
+
+
+def convergence(stages: list[dict]) -> str | None:
+    """Why a run's last stage had not converged, in words (None: it had, by these signs).
+
+    The signs: validation accuracy still rising at the last epoch (it is the best epoch and
+    rose by at least a point over the one before); training accuracy still rising by 2 points
+    or more while below 0.9 (far from saturation); or a single epoch, which shows no trend.
+    A run stopped early by ``--patience`` had converged by definition.
+    """
+    last = next((s for s in reversed(stages) if s.get("epochs_run")), None)
+    if last is None:
+        return None
+    val, train = last.get("val_accuracy_by_epoch") or [], last.get("train_accuracy_by_epoch") or []
+    if len(val) < 2:
+        return (f"its last stage ({last['name']}) ran {len(val)} epoch, too few to show whether "
+                f"validation accuracy had stopped rising") if val else None
+    if val[-1] >= max(val) and val[-1] - val[-2] >= STILL_RISING:
+        return (f"validation accuracy was still rising at its last epoch ({val[-2]:.3f} -> {val[-1]:.3f} "
+                f"in {last['name']})")
+    if len(train) >= 2 and train[-1] < TRAIN_SATURATED and train[-1] - train[-2] >= TRAIN_RISE:
+        return (f"training accuracy was still rising far from saturation ({train[-2]:.3f} -> "
+                f"{train[-1]:.3f} in {last['name']})")
+    return None

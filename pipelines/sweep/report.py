@@ -112,14 +112,18 @@ def conclude(df: pd.DataFrame) -> tuple[list[str], dict | None]:
     if len(line) >= 2:
         top, below = line.iloc[-1], line.iloc[-2]
         delta = top["cv_accuracy"] - below["cv_accuracy"]
+        # What the curve shows is which *fixed* layer reads this data best; it does not say how
+        # much the data resembles ImageNet (dissimilar data can rise to the top too, as PACS
+        # sketches do), so no sentence here names a quadrant of the seeds' rule.
         if delta > 0.005:
             trend = (f"Accuracy still rises at the top ({below['layer']} {below['cv_accuracy']:.3f} -> "
-                     f"{top['layer']} {top['cv_accuracy']:.3f}): the deepest codes are the best here, the "
-                     f"pattern expected for images like ImageNet's.")
+                     f"{top['layer']} {top['cv_accuracy']:.3f}): the deepest codes are the best fixed "
+                     f"features here. That alone does not make the data similar to ImageNet's; whether "
+                     f"fine-tuning pays is measured by `cnncodes compare`.")
         elif delta < -0.005:
             trend = (f"Accuracy falls at the top ({below['layer']} {below['cv_accuracy']:.3f} -> "
-                     f"{top['layer']} {top['cv_accuracy']:.3f}): an earlier layer transfers better, the "
-                     f"pattern expected for images unlike ImageNet's.")
+                     f"{top['layer']} {top['cv_accuracy']:.3f}): an earlier layer's codes read this data "
+                     f"better than the top's, whose features are the most specific to ImageNet's classes.")
         else:
             trend = (f"Accuracy levels off at the top ({below['layer']} {below['cv_accuracy']:.3f}, "
                      f"{top['layer']} {top['cv_accuracy']:.3f}).")
