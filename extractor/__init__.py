@@ -13,8 +13,8 @@ Examples
 from cnncodes._lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["DEFAULT_MODEL", "Backbone", "list_models", "load_backbone",
-                     "list_layers"], ".backbones"),
+    **dict.fromkeys(["DEFAULT_MODEL", "Backbone"], ".backbones.backbone"),
+    **dict.fromkeys(["list_models", "load_backbone", "list_layers"], ".backbones.loading"),
     **dict.fromkeys(["Cache", "open_cache"], ".cache"),
     **dict.fromkeys(["ExtractionPlan", "plan_extraction"], ".plan"),
     **dict.fromkeys(["ExtractResult", "ExtractionInterrupted", "extract"], ".engine"),

