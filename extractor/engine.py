@@ -28,7 +28,6 @@ from .distributed import Dist, init_distributed
 from .encoding import backbone_recipe
 from .errors import CnnCodesError, ImageDecodeError, SettingsError
 from .files import dataset_name, slug
-from .images import find_images
 from .journal import discard_cache
 from .plan import ADD_LAYERS, UP_TO_DATE, ExtractionPlan, plan_extraction
 from .pooling import parse_pooling
@@ -36,6 +35,7 @@ from .recipe import Recipe
 from .runtimes import requested as requested_runtime
 from .runtimes import resolve_runtime
 from .shards import SHARD_DAMAGE
+from .sources import find_images
 from .writer import CacheWriter
 
 log = logging.getLogger(__name__)
