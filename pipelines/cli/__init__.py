@@ -18,7 +18,7 @@ import click
 from .catalog import list_layers_cmd, list_models_cmd, sample_data
 from .extraction import extract_cmd, info_cmd
 from .finetune import compare_cmd, finetune_cmd
-from .options import OFFLINE_OPTION
+from .options import OFFLINE
 from .probes import evaluate_cmd, fit_knn, fit_softmax, fit_svm, predict_cmd
 from .sweep import demo, sweep_cmd
 
@@ -26,7 +26,7 @@ from .sweep import demo, sweep_cmd
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cnncodes")
 @click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv for debug).")
-@OFFLINE_OPTION
+@OFFLINE
 def cli(verbose: int) -> None:
     """Transfer learning with pretrained CNNs: CNN codes of any layer into a resumable HDF5
     cache, for linear classifiers, layer sweeps and fine-tuning.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import OFFLINE_OPTION, echo_json, fail_cleanly
+from .options import OFFLINE, echo_json, fail_cleanly
 
 
 @click.command("sample-data")
@@ -68,7 +68,7 @@ def list_models_cmd(pattern, family, pretrained, where, as_json) -> None:
 
 
 @click.command("list-layers")
-@OFFLINE_OPTION
+@OFFLINE
 @click.option("--model", "-m", default="efficientnet_lite0", show_default=True, help="Backbone name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--all", "show_all", is_flag=True, help="Also list the modules inside each block.")

@@ -9,20 +9,11 @@ import click
 from cnncodes.extractor.devices import DTYPES, PRECISIONS
 from cnncodes.extractor.errors import CnnCodesError
 
-from .options import (
-    DEVICE,
-    EXIT_INTERRUPTED,
-    OFFLINE_OPTION,
-    POOL,
-    RUNTIME_OPTION,
-    echo_json,
-    existing_data,
-    fail_cleanly,
-)
+from .options import DEVICE, EXIT_INTERRUPTED, OFFLINE, POOL, RUNTIME, echo_json, existing_data, fail_cleanly
 
 
 @click.command("extract")
-@OFFLINE_OPTION
+@OFFLINE
 @click.argument("data", callback=existing_data)
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="Cache file [default: cache/<data>-<model>.h5].")
@@ -40,7 +31,7 @@ from .options import (
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True, help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
-@RUNTIME_OPTION
+@RUNTIME
 @click.option("--decode", type=click.Choice(("cpu", "gpu")), default="cpu", show_default=True,
               help="cpu: Pillow and the weights' exact transform (bitwise reproducible). gpu: on CUDA, "
                    "JPEGs decoded by nvJPEG and resized on the device (close, not bitwise; see README).")

@@ -8,7 +8,7 @@ import click
 
 from cnncodes.extractor.devices import PRECISIONS
 
-from .options import DEVICE, OFFLINE_OPTION, RUNTIME_OPTION, echo_json, existing_data, fail_cleanly
+from .options import DEVICE, OFFLINE, RUNTIME, echo_json, existing_data, fail_cleanly
 
 
 # Fine-tuning settings: shared by finetune and compare.
@@ -62,7 +62,7 @@ def _config(data, out, **kw):
 
 
 @click.command("finetune")
-@OFFLINE_OPTION
+@OFFLINE
 @click.argument("data", callback=existing_data)
 @click.option("--out", "-o", type=click.Path(file_okay=False),
               help="Run folder [default: runs/<data>-<model>, -scratch with --from-scratch].")
@@ -127,7 +127,7 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
 
 
 @click.command("compare")
-@OFFLINE_OPTION
+@OFFLINE
 @click.argument("data", callback=existing_data)
 @click.option("--layer", "-l",
               help="The linear probe's layer [default: best of --sweep-report, else penultimate].")
@@ -141,7 +141,7 @@ def finetune_cmd(data, out, stages, freeze_until, epochs, from_scratch, resume, 
               help="Epochs of the unfrozen stage.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Report folder [default: reports/compare-<data>-<model>].")
-@RUNTIME_OPTION
+@RUNTIME
 @_train_options
 @fail_cleanly
 def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, report_dir, runtime, quiet,

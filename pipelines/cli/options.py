@@ -86,15 +86,14 @@ def _go_offline(ctx, param, value):
     return value
 
 
-RUNTIME_OPTION = click.option(
+RUNTIME = click.option(
     "--runtime", type=click.Choice(RUNTIMES), default=None,
     help="What runs the network on a CPU: auto = OpenVINO, else ONNX Runtime when installed and its "
          "codes match PyTorch's (a cache keeps the runtime it was made with), else PyTorch. "
          "[default: $CNNCODES_RUNTIME, else auto]")
 
-OFFLINE_OPTION = click.option(
-    "--offline", is_flag=True, expose_value=False, callback=_go_offline, is_eager=True,
-    help="Never touch the network (as CNNCODES_OFFLINE=1): missing weights fail at once.")
+OFFLINE = click.option("--offline", is_flag=True, expose_value=False, callback=_go_offline, is_eager=True,
+                       help="Never touch the network (as CNNCODES_OFFLINE=1): missing weights fail at once.")
 
 
 def existing_data(ctx, param, value):

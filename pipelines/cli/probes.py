@@ -6,15 +6,7 @@ import sys
 
 import click
 
-from .options import (
-    CV_OPTIONS,
-    DEVICE,
-    OFFLINE_OPTION,
-    RUNTIME_OPTION,
-    checked_by,
-    echo_json,
-    fail_cleanly,
-)
+from .options import CV_OPTIONS, DEVICE, OFFLINE, RUNTIME, checked_by, echo_json, fail_cleanly
 
 _PCA = checked_by("cnncodes.pipelines.probes.classifiers", "parse_pca")
 _K_GRID = checked_by("cnncodes.pipelines.probes.knn", "parse_k_grid")
@@ -183,13 +175,13 @@ def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
 
 
 @click.command("predict")
-@OFFLINE_OPTION
+@OFFLINE
 @click.option("--model", "-m", "model_file", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write CSV here instead of stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
-@RUNTIME_OPTION
+@RUNTIME
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @fail_cleanly
 def predict_cmd(model_file, paths, out, overwrite, device, runtime, batch_size) -> None:

@@ -3,16 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import (
-    CV_OPTIONS,
-    DEVICE,
-    OFFLINE_OPTION,
-    POOL,
-    RUNTIME_OPTION,
-    echo_json,
-    existing_data,
-    fail_cleanly,
-)
+from .options import CV_OPTIONS, DEVICE, OFFLINE, POOL, RUNTIME, echo_json, existing_data, fail_cleanly
 
 
 def _sweep_options(fn):
@@ -59,7 +50,7 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
 
 
 @click.command("sweep")
-@OFFLINE_OPTION
+@OFFLINE
 @click.argument("data", callback=existing_data)
 @click.option("--model", "-m", "models", multiple=True, default=["efficientnet_lite0"], show_default=True,
               help="Backbone; repeat to compare several.")
@@ -80,7 +71,7 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
               help="Without a test split: keep this stratified share as the test.")
 @click.option("--pool", default="avg", show_default=True, callback=POOL,
               help="Pooling of feature maps and token layers, as for extract (cls, mean, cls+mean ...).")
-@RUNTIME_OPTION
+@RUNTIME
 @_sweep_options
 @fail_cleanly
 def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, prescreen, holdout, pool,
@@ -108,7 +99,7 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
 
 
 @click.command("demo")
-@OFFLINE_OPTION
+@OFFLINE
 @click.option("--data", default="data/digits", show_default=True, type=click.Path(file_okay=False),
               help="Where the digits image folder is (generated when missing).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
