@@ -13,17 +13,19 @@ Examples
 from cnncodes._lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["DEFAULT_MODEL", "Backbone", "list_models", "load_backbone",
-                     "list_layers"], ".backbones"),
+    **dict.fromkeys(["DEFAULT_MODEL", "Backbone"], ".backbones.backbone"),
+    **dict.fromkeys(["list_models", "load_backbone", "list_layers"], ".backbones.loading"),
     **dict.fromkeys(["Cache", "open_cache"], ".cache"),
     **dict.fromkeys(["ExtractionPlan", "plan_extraction"], ".plan"),
-    **dict.fromkeys(["ExtractResult", "ExtractionInterrupted", "extract"], ".engine"),
+    **dict.fromkeys(["ExtractResult", "ExtractionInterrupted"], ".cache_run"),
+    "extract": ".engine",
     "encode_images": ".encoding",
     **dict.fromkeys(["CacheError", "CacheLockedError", "CnnCodesError", "ImageDecodeError",
                      "ImageSourceError",
                      "IncompatibleCacheError", "LayerNotFoundError", "ModelNotFoundError", "PoolingError",
                      "SettingsError", "WeightsNotFoundError"], ".errors"),
-    **dict.fromkeys(["ImageTable", "find_images", "load_rgb"], ".images"),
+    **dict.fromkeys(["ImageTable", "load_rgb"], ".images"),
+    "find_images": ".sources",
     **dict.fromkeys(["Probe", "Tapper"], ".layers"),
     "parse_pooling": ".pooling",
     "Recipe": ".recipe",

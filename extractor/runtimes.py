@@ -133,7 +133,7 @@ def graph_key(net: torch.nn.Module, taps: list[Tap], pooling: Pooling, input_siz
 class _Tapped(torch.nn.Module):
     """The network up to its deepest tap, returning every tap's pooled codes in order.
 
-    With ``split`` (the weights' preprocessing cut in two, :class:`~.backbones.SplitTransform`)
+    With ``split`` (the weights' preprocessing cut in two, :class:`~.backbones.backbone.SplitTransform`)
     the graph takes the decoders' uint8 batch as it is laid out in memory (N x H x W x C) and
     does the float conversion and normalisation itself: the runtime fuses them into its first
     layer, and the batch crosses into the runtime as 4x fewer bytes without a copy.

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageSourceError
+from .images import SPLIT_NAMES, ImageTable, relative_posix
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "tif", "tiff", "gif")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
@@ -68,7 +69,6 @@ def _tars(folder: Path) -> list[Path]:
 def _folder_shards(folder: Path) -> list[Path]:
     """The shards of a folder: the ``.tar`` files at its top and in its split folders
     (``train/``, ``val/``, ...; the split is then the folder's)."""
-    from .images import SPLIT_NAMES
     subs = []
     try:
         subs = sorted(q for q in folder.iterdir() if q.is_dir() and q.name.lower() in SPLIT_NAMES)
@@ -124,9 +124,8 @@ def dedupe(shards: list[Path], skipped: dict[str, list[str]]) -> list[Path]:
 
 def split_of(shard: Path) -> str:
     """``train`` for ``train-000012.tar`` or ``train/000012.tar``; ``""`` when neither says."""
-    from .images import SPLIT_NAMES as splits
     first = re.split(r"[-_.]", shard.name, maxsplit=1)[0].lower()
-    return splits.get(first) or splits.get(shard.parent.name.lower(), "")
+    return SPLIT_NAMES.get(first) or SPLIT_NAMES.get(shard.parent.name.lower(), "")
 
 
 def _label(ext: str, data: bytes) -> tuple[str, object] | None:
@@ -225,7 +224,6 @@ def index_shard(path: Path, skipped: dict[str, list[str]]) -> list[tuple[str, in
 def shard_table(source: str | os.PathLike, exclude=None):
     """The :class:`~.images.ImageTable` of a shard source (see the module docstring);
     ``exclude`` is the output file (never a shard, should it be named ``.tar``)."""
-    from .images import ImageTable, _relative
     root, shards = shard_paths(source)
     skipped: dict[str, list[str]] = {}
     shards = dedupe(shards, skipped)
@@ -236,7 +234,7 @@ def shard_table(source: str | os.PathLike, exclude=None):
         raise ImageSourceError(f"{source} names no .tar shards.")
     paths, labels_raw, split_col, members, shard_names, stats = [], [], [], [], [], []
     for s, shard in enumerate(shards):
-        rel = _relative(shard.absolute(), root.absolute())
+        rel = relative_posix(shard.absolute(), root.absolute())
         shard_names.append(rel)
         st = shard.stat()
         stats.append((st.st_size, st.st_mtime_ns))

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from cnncodes.extractor.backbones import hub_checkpoint, list_models, load_backbone
+from cnncodes.extractor.backbones.downloads import hub_checkpoint
+from cnncodes.extractor.backbones.loading import list_models, load_backbone
 from cnncodes.extractor.errors import ModelNotFoundError, WeightsNotFoundError
 from cnncodes.extractor.images import load_rgb
 

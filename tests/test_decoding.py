@@ -223,7 +223,7 @@ def test_reduced_codes_of_phone_size_photos_stay_close_to_the_exact_ones(tmp_pat
         path = root / f.parent.name / f"{i}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.open(f).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(path, quality=90)
-    from cnncodes.extractor.backbones import load_backbone
+    from cnncodes.extractor.backbones.loading import load_backbone
     from cnncodes.extractor.encoding import encode_images
     bb = load_backbone()
     paths = sorted(root.rglob("*.jpg"))

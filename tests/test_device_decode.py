@@ -13,10 +13,10 @@ from cnncodes.extractor.batching import collate, encoded_batches, row_blocks
 from cnncodes.extractor.device_decode import DeviceDecoder, check_decode
 from cnncodes.extractor.encoding import PreparedNetwork, make_encoder
 from cnncodes.extractor.errors import SettingsError
-from cnncodes.extractor.images import find_images
 from cnncodes.extractor.layers import Probe
 from cnncodes.extractor.pooling import parse_pooling
 from cnncodes.extractor.recipe import Recipe
+from cnncodes.extractor.sources import find_images
 
 from cnncodes.pipelines.cli import cli
 

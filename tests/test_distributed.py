@@ -167,7 +167,7 @@ def test_tar_shards_under_torchrun(tmp_path, pattern):
 
 
 def test_rank_0_counts_the_other_ranks_rows_from_their_shards(tmp_path):
-    from cnncodes.extractor.engine import _OtherRanks
+    from cnncodes.extractor.background import OtherRanks
 
     class Bar:
         n = 0
@@ -178,7 +178,7 @@ def test_rank_0_counts_the_other_ranks_rows_from_their_shards(tmp_path):
     journal = Journal(tmp_path / "c.h5")
     journal.dir.mkdir()
     bar = Bar()
-    with _OtherRanks(journal, {4: 4, 12: 3}, bar, active=True) as watch:
+    with OtherRanks(journal, {4: 4, 12: 3}, bar, active=True) as watch:
         (journal.dir / "rows-000000000004-000000000007.npz").write_bytes(b"")
         (journal.dir / "rows-000000000000-000000000003.npz").write_bytes(b"")  # rank 0's own
         time.sleep(1.2)

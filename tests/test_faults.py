@@ -430,11 +430,11 @@ def test_stage_specs_get_messages_that_help():
 
 
 def test_ctrl_c_while_setting_up_exits_130(tmp_path, monkeypatch):
-    from cnncodes.extractor import images
+    from cnncodes.extractor import sources
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(images, "find_images", interrupted)
+    monkeypatch.setattr(sources, "find_images", interrupted)
     monkeypatch.setattr("cnncodes.extractor.engine.find_images", interrupted)
     result = CliRunner().invoke(cli, ["extract", str(tmp_path)])
     assert result.exit_code == 130 and "interrupted" in result.output

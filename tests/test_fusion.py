@@ -41,7 +41,7 @@ def test_a_tapped_convolution_keeps_its_own_output():
 
 
 def test_prepare_model_matches_plain_forward(r18_weights):
-    from cnncodes.extractor.backbones import load_backbone
+    from cnncodes.extractor.backbones.loading import load_backbone
     bb = load_backbone("resnet18", str(r18_weights))
     taps = Probe(bb.model, 224).resolve(["layer3"])
     net = prepare_model(bb, taps, torch.device("cpu"))

@@ -245,3 +245,50 @@ def test_atomic_write_publishes_whole_files_or_nothing(tmp_path):
 def test_one_slug_rule():
     assert slug("timm:convnext_tiny.fb_in22k_ft_in1k") == "timm-convnext_tiny.fb_in22k_ft_in1k"
     assert slug("a/b c") == "a-b-c" and slug("efficientnet_lite0") == "efficientnet_lite0"
+
+
+# --- rooms of one idea, arrows one way ------------------------------------------------------------
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed package by its dotted name (extractor/ and pipelines/)."""
+    out = {}
+    for folder, package in (("extractor", "cnncodes.extractor"), ("pipelines", "cnncodes.pipelines")):
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join((package, *parts))] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules ``name`` imports anywhere in its file (inside functions too)."""
+    import ast
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                found.add(target if target in known else base)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m in known and m != name}
+
+
+def test_no_two_modules_import_each_other():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    pairs = sorted({tuple(sorted((a, b))) for a, targets in graph.items() for b in targets
+                    if a in graph.get(b, set()) and not (a.startswith(b + ".") or b.startswith(a + "."))})
+    assert not pairs, f"modules that import each other: {pairs}"
+
+
+def test_no_module_is_two_rooms():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in _modules().values()}
+    assert not {k: v for k, v in sizes.items() if v > 700}, "over 700 lines: split it by idea"

@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from cnncodes.extractor.errors import ImageSourceError
-from cnncodes.extractor.images import find_images, load_rgb, to_rgb
+from cnncodes.extractor.images import load_rgb, to_rgb
+from cnncodes.extractor.sources import find_images
 
 from .conftest import write_image
 

@@ -5,7 +5,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from cnncodes.extractor.backbones import load_backbone
+from cnncodes.extractor.backbones.loading import load_backbone
 from cnncodes.extractor.images import load_rgb
 from cnncodes.extractor.resize import pass_order, resize_center_crop
 

@@ -196,8 +196,8 @@ def test_a_cache_whose_runtime_is_gone_is_read_but_not_continued(photos, tmp_pat
     out = tmp_path / "c.h5"
     kw = dict(model="timm:test_resnet", weights="none", layers=["layer2"], progress=False)
     made_by = extract(photos, out, runtime=RUNTIMES[0], **kw).runtime
-    import cnncodes.extractor.engine as engine
-    for module in (R, engine):   # uninstalled since
+    import cnncodes.extractor.cache_run as cache_run
+    for module in (R, cache_run):   # uninstalled since
         monkeypatch.setattr(module, "runtime_version", lambda name: None)
     assert extract(photos, out, runtime="auto", **kw).state == "up to date"   # nothing to compute
     with h5py.File(out, "r+") as f:

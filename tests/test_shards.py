@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cnncodes.extractor.errors import ImageSourceError
-from cnncodes.extractor.images import find_images
+from cnncodes.extractor.sources import find_images
 
 from cnncodes.pipelines.cli import cli
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cnncodes.extractor.backbones import DEFAULT_MODEL
+from cnncodes.extractor.backbones.backbone import DEFAULT_MODEL
 from cnncodes.extractor.errors import IncompatibleCacheError
 from cnncodes.extractor.files import dataset_name, slug
 

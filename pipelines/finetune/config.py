@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnncodes.extractor.backbones import DEFAULT_MODEL
+from cnncodes.extractor.backbones.backbone import DEFAULT_MODEL
 from cnncodes.extractor.files import dataset_name, slug
 
 from cnncodes.pipelines.finetune.freezing import FinetuneError

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cnncodes.extractor.images import ImageTable, find_images
+from cnncodes.extractor.images import ImageTable
+from cnncodes.extractor.sources import find_images
 
 from cnncodes.pipelines.finetune.freezing import FinetuneError
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cnncodes.extractor.backbones import load_backbone
+from cnncodes.extractor.backbones.loading import load_backbone
 from cnncodes.extractor.decoding import decode_min_size, resolve_decode
 from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.layers import Probe

@@ -76,7 +76,7 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
 
     An image that cannot be decoded is a row with its error, not an exception.
     """
-    from cnncodes.extractor.backbones import load_backbone
+    from cnncodes.extractor.backbones.loading import load_backbone
     from cnncodes.extractor.encoding import backbone_recipe, encode_images
     from cnncodes.extractor.pooling import parse_pooling
     m = model if isinstance(model, SavedModel) else load_model(model)

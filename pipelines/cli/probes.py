@@ -1,0 +1,220 @@
+"""Probes on cached codes: ``fit-svm``, ``fit-softmax``, ``fit-knn``, ``evaluate``, ``predict``."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .options import CV_OPTIONS, DEVICE, OFFLINE, RUNTIME, checked_by, echo_json, fail_cleanly
+
+_PCA = checked_by("cnncodes.pipelines.probes.classifiers", "parse_pca")
+_K_GRID = checked_by("cnncodes.pipelines.probes.knn", "parse_k_grid")
+
+
+def _fit_options(fn):
+    """Options shared by fit-svm and fit-softmax."""
+    options = [
+        click.option("--cache", "-c", required=True, type=click.Path(exists=True, dir_okay=False),
+                     help="HDF5 cache written by `cnncodes extract`."),
+        click.option("--layer", "-l", help="Layer of the cache [default: its only layer, or penultimate]."),
+        *CV_OPTIONS,
+        click.option("--pca", callback=_PCA,
+                     help="Number of PCA components, or 'whiten' (fitted inside each fold)."),
+        click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="Without a test split in the cache: keep this stratified share as the test."),
+        click.option("--allow-incomplete", is_flag=True,
+                     help="Use the finished rows of an incomplete cache."),
+        click.option("--solver", type=click.Choice(["auto", "sklearn", "batched", "torch"]), default="auto",
+                     show_default=True, help="batched: the folds of each C fitted at once as one problem "
+                     "(numpy on the CPU, torch on a GPU when present; 'torch' is its former name); "
+                     "auto: batched unless --pca."),
+        click.option("--n-jobs", "-j", type=int, default=1, show_default=True,
+                     help="Folds fitted in parallel (threads; the codes are shared, not copied)."),
+        click.option("--report", "report_dir", type=click.Path(file_okay=False),
+                     help="Write per-class metrics, a confusion matrix (PNG, CSV) and fit.json here."),
+        click.option("--out", "-o", type=click.Path(dir_okay=False),
+                     help="Save the fitted model (joblib, with a .sha256 sidecar) for `predict`."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out file."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete, report_dir, out, overwrite,
+         as_json, c_grid=None, pca=None, solver="auto", n_jobs=1, k_grid=None, temperature=None) -> None:
+    from cnncodes.extractor.files import check_writable
+
+    from cnncodes.pipelines.probes.artifacts import save_model
+    from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    if out and os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
+    for path, is_folder in ((out, False), (report_dir, True)):  # before the fit, not after it
+        if path:
+            check_writable(path, folder=is_folder)
+    r = fit_linear_probe(cache, layer, classifier, c_grid=c_grid, folds=folds, seed=seed, norm=norm,
+                         pca=pca, holdout=holdout, allow_incomplete=allow_incomplete, n_jobs=n_jobs,
+                         solver=solver, k_grid=k_grid, temperature=temperature)
+    summary = r.as_dict()
+    if out:  # the model first: an optional report that fails must not lose the fit
+        summary["model_file"] = str(save_model(r, out, overwrite=overwrite))
+    if report_dir:  # imported here: scikit-learn's metrics (2 s of imports) only for a report
+        from cnncodes.pipelines.reports import write_fit_report
+        summary["report"] = {k: str(v) for k, v in write_fit_report(r, report_dir).items()}
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(f"{classifier} on {r.layer} of {cache}: {r.n_train} training rows, {r.n_test} test rows"
+               + (f" ({', '.join(f'{v} {k}' for k, v in r.excluded.items())} excluded)"
+                  if r.excluded else ""))
+    click.echo(f"{r.hyper:>10}  {'CV accuracy':>18}")
+    for g in r.grid:
+        mark = "  <- chosen" if g["C"] == r.C else ""
+        click.echo(f"{g['C']:>10g}  {g['mean']:>9.4f} +- {g['std']:.4f}{mark}")
+    if r.test_accuracy is None:
+        click.echo(f"no test rows (use split folders or --holdout); CV accuracy {r.cv_accuracy:.4f}")
+    else:
+        click.echo(f"test: accuracy {r.test_accuracy:.4f}, balanced accuracy {r.balanced_accuracy:.4f}, "
+                   f"macro-F1 {r.macro_f1:.4f}")
+    for key, label in (("report", "report"), ("model_file", "model")):
+        if key in summary:
+            click.echo(f"{label}: {summary[key] if key == 'model_file' else report_dir}")
+    click.echo(f"({r.seconds:.1f}s, solver {r.solver})")
+
+
+@click.command("fit-svm")
+@_fit_options
+@fail_cleanly
+def fit_svm(**kw) -> None:
+    """Linear SVM (LinearSVC) on cached CNN codes, C chosen by cross-validation.
+
+    With train/val/test splits in the cache, C is cross-validated on train (+ val), the model is
+    refitted on them with the best C and scored once on test. Without splits all rows are
+    cross-validated, and --holdout keeps a test part aside.
+
+    \b
+    Examples:
+      cnncodes fit-svm --cache cache/digits-efficientnet_lite0.h5 --layer stage3
+      cnncodes fit-svm -c codes.h5 --c-grid 0.01,0.1,1 --norm power --report reports/svm --out svm.joblib
+    """
+    _fit("svm", **kw)
+
+
+@click.command("fit-knn")
+@click.option("--cache", "-c", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="HDF5 cache written by `cnncodes extract`.")
+@click.option("--layer", "-l", help="Layer of the cache [default: its only layer, or penultimate].")
+@click.option("--k-grid", callback=_K_GRID, help="Comma-separated k values [default: 1,5,10,20,50,100,200].")
+@click.option("--temperature", "-t", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True,
+              help="Votes weigh exp(cosine similarity / T) (DINO's 0.07).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Stratified, shuffled cross-validation folds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds (and holdout).")
+@click.option("--norm", type=click.Choice(["l2", "power"]), default="l2", show_default=True,
+              help="Rows to unit length (power: signed sqrt first); similarity is their dot product.")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Without a test split in the cache: keep this stratified share as the test.")
+@click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write per-class metrics, a confusion matrix (PNG, CSV) and fit.json here.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="Save the model (its training codes, k and T, with a .sha256 sidecar) for `predict`.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@fail_cleanly
+def fit_knn(**kw) -> None:
+    """k-nearest-neighbour probe on cached CNN codes (cosine similarity), k chosen by CV.
+
+    The k most similar training codes vote, each with weight exp(similarity / T), as in DINO's
+    k-NN evaluation. Cross-validation is leakage-free like the linear probes': a held-out row's
+    neighbours are only the training rows of its fold. Runs on CUDA when present.
+
+    \b
+    Examples:
+      cnncodes fit-knn --cache cache/digits-efficientnet_lite0.h5 --layer stage5
+      cnncodes fit-knn -c codes.h5 --k-grid 10,20,50 --temperature 0.1 --out knn.joblib --json
+    """
+    _fit("knn", **kw)
+
+
+@click.command("fit-softmax")
+@_fit_options
+@fail_cleanly
+def fit_softmax(**kw) -> None:
+    """Multinomial logistic regression (softmax) on cached CNN codes; options as fit-svm.
+
+    \b
+    Example:
+      cnncodes fit-softmax --cache cache/digits-efficientnet_lite0.h5 --json
+    """
+    _fit("softmax", **kw)
+
+
+@click.command("evaluate")
+@click.option("--model", "-m", "model_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--cache", "-c", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@fail_cleanly
+def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
+    """Score a saved model on another cache made by the same recipe.
+
+    \b
+    Example:
+      cnncodes evaluate --model svm.joblib --cache cache/holdout-efficientnet_lite0.h5
+    """
+    from cnncodes.pipelines.probes.predict import evaluate_model
+    r = evaluate_model(model_file, cache, allow_incomplete)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"{r['n']} images: accuracy {r['accuracy']:.4f}, balanced accuracy "
+               f"{r['balanced_accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}")
+
+
+@click.command("predict")
+@OFFLINE
+@click.option("--model", "-m", "model_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write CSV here instead of stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@RUNTIME
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
+@fail_cleanly
+def predict_cmd(model_file, paths, out, overwrite, device, runtime, batch_size) -> None:
+    """Classify image files or folders with a saved model, extracting codes with its own recipe.
+
+    Prints (or writes) CSV: path, label, score (probability for softmax, decision score for SVM)
+    and error; an unreadable image is a row with its error, not a failure of the run.
+
+    \b
+    Example:
+      cnncodes predict --model svm.joblib photos/ extra.jpg --out predictions.csv
+    """
+    import csv
+
+    from cnncodes.extractor.files import atomic_write, check_writable
+
+    from cnncodes.pipelines.probes.predict import predict_images
+    if out and os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
+    if out:
+        check_writable(out)  # before the extraction, not after it
+    rows = predict_images(model_file, paths, batch_size=batch_size, device=device, runtime=runtime)
+
+    def write(fh):
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "score", "error"])
+        for p in rows:
+            w.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}", p.error])
+    if out:
+        with atomic_write(out) as tmp, open(tmp, "w", newline="") as fh:
+            write(fh)
+    else:
+        write(sys.stdout)
+    failed = sum(1 for p in rows if p.error)
+    if failed:
+        click.echo(f"{failed} of {len(rows)} images could not be read (see the error column)", err=True)
