@@ -21,7 +21,6 @@ from .batching import (
     Encoder,
     encoded_batches,
     micro_batch_size,
-    row_blocks,
 )
 from .cache import LayerSpec
 from .decoding import decode_min_size
@@ -150,29 +149,41 @@ def encode_images(bb: Backbone, paths, layers, pool: str = "avg", *, device: str
     >>> codes, errors = encode_images(load_backbone(), ["a.jpg", "b.png"], ["penultimate"])  # doctest: +SKIP
     """
     from pathlib import Path as _P
+    paths = [str(_P(p).resolve()) for p in paths]
+    table = ImageTable(_P("/"), paths, np.full(len(paths), -1, dtype=np.int64), [""] * len(paths), [])
+    return encode_rows(bb, table, np.arange(len(paths)), layers, pool, device=device, precision=precision,
+                       batch_size=batch_size, dtype=dtype, runtime=runtime, decode=decode)
+
+
+def encode_rows(bb: Backbone, table: ImageTable, rows, layers, pool: str = "avg", *, device: str = "auto",
+                precision: str = "auto", batch_size: int = 32, dtype: str = "float32",
+                runtime: str | None = None, decode: str = "exact"):
+    """:func:`encode_images` of rows of an image table (files or tar members): codes in the
+    order of ``rows``."""
     pooling = parse_pooling(pool)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    paths = [str(_P(p).resolve()) for p in paths]
-    table = ImageTable(_P("/"), paths, np.full(len(paths), -1, dtype=np.int64), [""] * len(paths), [])
+    rows = np.asarray(rows, dtype=np.int64)
     probe = Probe(bb.model, bb.input_size, bb.name)
     taps = probe.resolve(list(layers))
     dims = {s.name: s.dim for s in layer_specs(taps, pooling, bb.input_size, probe)}
-    out = {name: np.zeros((len(paths), d), np.dtype(dtype)) for name, d in dims.items()}
-    errors = [""] * len(paths)
-    if not paths:
+    out = {name: np.zeros((len(rows), d), np.dtype(dtype)) for name, d in dims.items()}
+    errors = [""] * len(rows)
+    if not len(rows):
         return out, errors
     from .runtimes import requested, resolve_runtime
     wanted = resolve_runtime(runtime, dev, prec)
     prepared = PreparedNetwork(bb, taps, pooling, dev, wanted, strict=requested(runtime) != "auto")
     encoder, dataset = make_encoder(bb, probe, taps, pooling, dev, prec, batch_size, dims, dtype, table,
                                     prepared, decode)
+    where = {int(r): i for i, r in enumerate(rows)}
     with encoder:
-        for rows, _, errs, codes, _ in encoded_batches(encoder, dataset,
-                                                    row_blocks(np.arange(len(paths)), batch_size),
-                                                    dev, workers=0):
+        # full batches in the given order (the fixed row blocks are for caches' resume)
+        batches = [rows[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
+        for done, _, errs, codes, _ in encoded_batches(encoder, dataset, batches, dev, workers=0):
+            at = [where[int(r)] for r in done]
             for name, block in codes.items():
-                out[name][rows] = block
-            for r, e in zip(rows.tolist(), errs):
-                errors[r] = e
+                out[name][at] = block
+            for i, e in zip(at, errs):
+                errors[i] = e
     return out, errors

@@ -48,6 +48,11 @@ def _train_options(fn):
                      help="reduced: each image decoded at the smallest scale that keeps the pixels the "
                           "weights' resize needs (JPEG DCT scaling), as extract's default; "
                           "exact: full size."),
+        click.option("--init-head", type=click.Choice(["probe", "random"]), default="probe",
+                     show_default=True,
+                     help="probe: the new head starts as the softmax probe of the training images' "
+                          "penultimate codes (probe, then fine-tune; one extraction pass first); "
+                          "random: a fresh Linear layer."),
         click.option("--device", type=DEVICE, default="auto", show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                      show_default=True, help="auto: bf16 autocast on CUDA (AMP), fp32 elsewhere."),

@@ -107,8 +107,9 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
                 raise
             log.info("%s cannot be read: starting again (--overwrite)", last)
             return None
-        # runs made before the decode setting decoded every image at full size
-        made = {"decode": "exact", **ckpt["recipe"]}
+        # runs made before these settings decoded every image at full size and started the
+        # head at random
+        made = {"decode": "exact", "init_head": "random", **ckpt["recipe"]}
         diffs = describe_differences(made, recipe, where=("in the run", "now"))
         if not diffs:
             return ckpt

@@ -46,6 +46,9 @@ class FinetuneConfig:
     # how images are decoded (cnncodes.extractor.decoding): `reduced` (at the smallest scale the
     # resize needs) or `exact` (full size; the only path of runs made before this setting)
     decode: str = "reduced"
+    # the new head's start (head_init.py): `probe` (the softmax probe of the training images'
+    # penultimate codes: probe, then fine-tune) or `random` (the only start before this setting)
+    init_head: str = "probe"
     precision: str = "auto"
     device: str = "auto"
     workers: int | None = None

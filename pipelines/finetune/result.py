@@ -50,6 +50,9 @@ class FinetuneResult:
         On ``evaluated_on``; set when the report is written.
     files : dict
         The report's files by kind; set when the report is written.
+    head_init : dict, optional
+        How the new head started (:class:`~cnncodes.pipelines.finetune.head_init.HeadInit`):
+        ``kind`` (``probe`` or ``random``), the probe's ``C`` and CV accuracy, or ``why`` random.
     """
 
     run_dir: str
@@ -76,6 +79,7 @@ class FinetuneResult:
     classes: list = field(default_factory=list)
     confusion: list | None = None
     files: dict = field(default_factory=dict)
+    head_init: dict | None = None
 
     @property
     def test_accuracy(self) -> float | None:
@@ -99,7 +103,8 @@ class FinetuneResult:
                 "failed_images": self.failed_images, "device": self.device, "precision": self.precision,
                 "world_size": self.world_size, "rank_digests": self.rank_digests,
                 "ranks_agree": self.ranks_agree, "recipe": self.recipe, "versions": self.versions,
-                "confusion": self.confusion, "classes": self.classes, "files": self.files}
+                "confusion": self.confusion, "classes": self.classes, "files": self.files,
+                "head_init": self.head_init}
 
 
 def stage_summary(stages, history: list[dict]) -> list[dict]:

@@ -76,6 +76,7 @@ from cnncodes.pipelines.finetune.freezing import (
     replace_head,
     resolve_stages,
 )
+from cnncodes.pipelines.finetune.head_init import INIT_HEADS, HeadInit, apply_head, fit_probe_head
 from cnncodes.pipelines.finetune.report import write_finetune_report
 from cnncodes.pipelines.finetune.result import FinetuneResult, stage_summary
 
@@ -108,6 +109,8 @@ class _Run(Passes):
         if decode == "gpu":
             raise FinetuneError("fine-tuning decodes with Pillow: decode must be reduced or exact, not gpu.")
         cfg = dataclasses.replace(cfg, decode=decode)
+        if cfg.init_head not in INIT_HEADS:
+            raise FinetuneError(f"init_head must be one of {', '.join(INIT_HEADS)}, got {cfg.init_head!r}.")
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
         self.out = Path(cfg.out)
         self.dev = resolve_device(cfg.device)
@@ -193,6 +196,25 @@ class _Run(Passes):
         self._write_metrics(p.history)
         return p
 
+    def _start_head(self) -> dict:
+        """A new run's head: the softmax probe of the training images' codes (``init_head``
+        ``probe``, the default; :mod:`.head_init`), else as ``replace_head`` left it (random).
+        Rank 0 fits the probe, every rank starts from its weights."""
+        cfg = self.cfg
+        why = ("asked for" if cfg.init_head == "random" else "from scratch" if cfg.from_scratch
+               else f"{len(self.head)} heads" if len(self.head) != 1 else "")
+        module = self.model.get_submodule(self.head[0])
+        if not why and not isinstance(module, nn.Linear):
+            why = f"the head is a {type(module).__name__}, not a Linear layer"
+        if why:
+            return HeadInit("random", why=why).as_dict()
+        init = self.ctx.decide(lambda: fit_probe_head(
+            cfg.model, cfg.weights, self.splits.table, self.splits.train, len(self.splits.classes), module,
+            decode=cfg.decode, seed=cfg.seed, device=cfg.device, batch_size=cfg.batch_size),
+            "fitting the probe that starts the head")
+        apply_head(module, init)
+        return init.as_dict()
+
     def _scaler(self, ckpt: dict | None):
         scaler = torch.amp.GradScaler("cuda", enabled=self.prec == "fp16")
         if ckpt is not None and ckpt.get("scaler"):
@@ -204,6 +226,7 @@ class _Run(Passes):
         ckpt = self._start_state(resume, overwrite)
         t0 = time.perf_counter()
         p = self._resume(ckpt)
+        self.head_init = self._start_head() if ckpt is None else ckpt.get("head_init")
         self.model.to(self.dev, memory_format=self._memory_format)
         loaders = self._loaders()
         scaler = self._scaler(ckpt)
@@ -288,7 +311,8 @@ class _Run(Passes):
                 "scheduler": st.sched.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch + 1, "stage": st.stage.name, "frozen": sorted(st.frozen),
                 "next_stage": p.stage_i, "next_stage_epoch": p.stage_ep, "best": p.best,
-                "history": p.history, "rng": rng_state(), "recipe": self.recipe}
+                "history": p.history, "rng": rng_state(), "recipe": self.recipe,
+                "head_init": self.head_init}
 
     def _report_epoch(self, h: dict, stage: Stage, tr: dict, va: dict, improved: bool) -> None:
         if not self.ctx.main:
@@ -317,7 +341,7 @@ class _Run(Passes):
             stages=stage_summary(self.stages, history), images=self.splits.sizes(),
             failed_images=sorted(failed), device=str(self.dev), precision=self.prec,
             world_size=self.ctx.world, rank_digests=digests, recipe=self.recipe,
-            versions=library_versions(), classes=list(self.splits.classes))
+            versions=library_versions(), classes=list(self.splits.classes), head_init=self.head_init)
         if self.ctx.main:
             write_finetune_report(result, history, truth, ev["preds"], self.out)
         self._barrier()

@@ -1,0 +1,124 @@
+"""Probe, then fine-tune (LP-FT): the new head starts as the linear probe of the penultimate codes.
+
+A random head pushes large, random gradients through the pretrained layers at the first
+unfrozen step and distorts the features the probe would have used (Kumar et al., "Fine-Tuning
+can Distort Pretrained Features and Underperform Out-of-Distribution", ICLR 2022: about +1 point
+in distribution and +10 out of distribution over plain fine-tuning). So, before the first
+epoch, the training split's penultimate codes are computed once (the eval transform, no
+augmentation; the run's decode path) and a cross-validated softmax probe is fitted on them by
+the same solver as ``fit-softmax``; its weights, mapped through its standardisation, become the
+head's. This is also why the two halves of the toolkit meet here: a saved softmax probe *is* a
+head.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnncodes.extractor.images import ImageTable
+
+from cnncodes.pipelines.probes.codes import Codes
+
+log = logging.getLogger(__name__)
+INIT_HEADS = ("probe", "random")
+
+
+@dataclass
+class HeadInit:
+    """How the head started: ``probe`` (weight, bias for the head, and the probe's figures) or
+    ``random`` (with why, when a probe was asked for)."""
+
+    kind: str
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    C: float | None = None
+    cv_accuracy: float | None = None
+    rows: int = 0
+    seconds: float = 0.0
+    why: str = ""
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "C": self.C,
+                "cv_accuracy": None if self.cv_accuracy is None else round(float(self.cv_accuracy), 4),
+                "rows": self.rows, "seconds": round(self.seconds, 2), "why": self.why}
+
+
+def head_arrays(probe, n_classes: int, init_weight: np.ndarray, init_bias: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A softmax :class:`~cnncodes.pipelines.probes.linear_model.LinearProbe` (standardised rows)
+    as a ``Linear`` head's ``(weight, bias)`` on the raw codes.
+
+    ``x W^T + b`` on standardised rows is ``x (W / scale)^T + (b - (W / scale) mean)`` on raw
+    ones. A binary probe's one logit ``s`` becomes the two logits ``(0, s)`` (the same softmax).
+    Classes the probe never saw keep the head's initial rows.
+    """
+    coef, intercept = np.asarray(probe.coef, np.float64), np.asarray(probe.intercept, np.float64)
+    if probe.norm == "standard":
+        scale = np.asarray(probe.scale, np.float64)
+        coef = coef / scale
+        intercept = intercept - coef @ np.asarray(probe.mean, np.float64)
+    elif probe.norm != "none":
+        raise ValueError(f"a head can start from a probe on standardised or raw codes, not {probe.norm!r}.")
+    if coef.shape[0] == 1 and len(probe.classes_) == 2:
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    weight, bias = init_weight.astype(np.float64).copy(), init_bias.astype(np.float64).copy()
+    idx = np.asarray(probe.classes_, dtype=np.int64)
+    weight[idx], bias[idx] = coef, intercept
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_classes: int,
+                   head: torch.nn.Linear, *, decode: str, seed: int, device: str = "auto",
+                   batch_size: int = 32) -> HeadInit:
+    """The softmax probe of ``rows``' penultimate codes as the head's weights (not applied).
+
+    The codes come from a network built afresh with the run's weights, so the model about to be
+    fine-tuned is never touched (batch norm folding, devices, eval mode). A probe needs at least
+    2 images of every class present: otherwise the head stays random, and the result says why.
+    """
+    import time
+
+    from cnncodes.extractor.backbones.loading import load_backbone
+    from cnncodes.extractor.encoding import encode_rows
+
+    from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    t0 = time.perf_counter()
+    rows = np.asarray(rows, dtype=np.int64)
+    y = table.labels[rows]
+    counts = np.bincount(y, minlength=n_classes)
+    smallest = int(counts[counts > 0].min()) if len(rows) else 0
+    if smallest < 2 or (counts > 0).sum() < 2:
+        return HeadInit("random", why=f"a probe needs 2 training images of every class and 2 classes; "
+                                      f"the smallest class has {smallest}")
+    bb = load_backbone(model_name, weights, seed=seed)  # the run's network, random weights too
+    codes, errors = encode_rows(bb, table, rows, ["penultimate"], device=device, batch_size=batch_size,
+                                decode=decode)
+    ok = np.array([not e for e in errors], dtype=bool)
+    X, y, kept = codes["penultimate"][ok], y[ok], rows[ok]
+    counts = np.bincount(y, minlength=n_classes)
+    smallest = int(counts[counts > 0].min()) if len(y) else 0
+    if smallest < 2 or (counts > 0).sum() < 2:
+        return HeadInit("random", why="too few training images decoded for a probe")
+    data = Codes(Path(""), "penultimate", X, y, np.full(len(y), "train", dtype=object), kept,
+                 [table.paths[r] for r in kept], list(table.classes), {}, {})
+    fit = fit_linear_probe(data, "penultimate", "softmax", folds=min(5, smallest), seed=seed,
+                           solver="batched")
+    w, b = head_arrays(fit.pipeline, n_classes, head.weight.detach().cpu().numpy(),
+                       head.bias.detach().cpu().numpy())
+    log.info("head from a softmax probe (C=%g, CV accuracy %.3f on %d images)", fit.C, fit.cv_accuracy,
+             len(y))
+    return HeadInit("probe", w, b, fit.C, fit.cv_accuracy, len(y), time.perf_counter() - t0)
+
+
+def apply_head(head: torch.nn.Linear, init: HeadInit) -> None:
+    """Copy a probe's ``(weight, bias)`` into ``head`` (nothing for a random start)."""
+    if init.kind != "probe":
+        return
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(init.weight, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(init.bias, dtype=head.bias.dtype))

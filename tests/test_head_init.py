@@ -1,0 +1,97 @@
+"""Probe, then fine-tune: the new head starts as the softmax probe of the training codes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cnncodes.pipelines.finetune.checkpoints import load_checkpoint
+from cnncodes.pipelines.finetune.head_init import head_arrays
+from cnncodes.pipelines.finetune.training import finetune
+from cnncodes.pipelines.probes.codes import Codes
+
+from .test_finetune import tiny_config, write_many
+
+
+def _codes(n_classes: int, seed: int = 0) -> Codes:
+    rng = np.random.default_rng(seed)
+    y = np.arange(60) % n_classes
+    X = (rng.normal(size=(60, 12)) * rng.uniform(0.1, 5, 12) + rng.normal(size=12) + 2.0 * y[:, None]
+         ).astype(np.float32)
+    from pathlib import Path
+    return Codes(Path(""), "l", X, y, np.full(60, "train", dtype=object), np.arange(60),
+                 [f"{i}.png" for i in range(60)], [f"c{k}" for k in range(n_classes)], {}, {})
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_the_head_computes_the_probes_scores_on_raw_codes(n_classes):
+    from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    from cnncodes.pipelines.probes.linear_model import probabilities
+    codes = _codes(n_classes)
+    fit = fit_linear_probe(codes, "l", "softmax", folds=3, solver="batched")
+    probe = fit.pipeline
+    w, b = head_arrays(probe, n_classes, np.zeros((n_classes, 12), np.float32),
+                       np.zeros(n_classes, np.float32))
+    logits = codes.X.astype(np.float64) @ w.T.astype(np.float64) + b
+    want = probe.to_pipeline().predict_proba(codes.X)
+    assert np.allclose(probabilities(logits), want, atol=1e-5)
+
+
+def test_classes_the_probe_never_saw_keep_their_initial_rows():
+    from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    codes = _codes(3)
+    probe = fit_linear_probe(codes, "l", "softmax", folds=3, solver="batched").pipeline
+    w0, b0 = np.full((5, 12), 7, np.float32), np.full(5, 9, np.float32)  # a head of 5 classes
+    w, b = head_arrays(probe, 5, w0, b0)
+    assert np.array_equal(w[3:], w0[3:]) and np.array_equal(b[3:], b0[3:])
+    assert not np.array_equal(w[:3], w0[:3])
+
+
+def test_a_new_run_starts_from_the_probe_and_a_resume_keeps_its_record(tmp_path):
+    data = write_many(tmp_path / "data")
+    # a learning rate too small to move anything: the head after one epoch is the head it started as
+    r = finetune(tiny_config(data, tmp_path / "run", stages="head:1", lr=1e-12, head_lr_mult=1.0),
+                 progress=False)
+    assert r.head_init["kind"] == "probe" and r.head_init["rows"] == r.images["train"]
+    assert r.head_init["C"] > 0 and 0 <= r.head_init["cv_accuracy"] <= 1
+    from cnncodes.extractor.backbones.loading import load_backbone
+
+    from cnncodes.pipelines.finetune.data import make_splits
+    from cnncodes.pipelines.finetune.head_init import fit_probe_head
+    splits = make_splits(data, 0.3, 0)
+    dim = load_backbone("timm:test_efficientnet", "none").model.get_classifier().in_features
+    head = torch.nn.Linear(dim, 3)
+    init = fit_probe_head("timm:test_efficientnet", "none", splits.table, splits.train, 3, head,
+                          decode="reduced", seed=0, device="cpu", batch_size=4)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    assert np.allclose(state["classifier.weight"].numpy(), init.weight, atol=1e-6)
+    assert np.allclose(state["classifier.bias"].numpy(), init.bias, atol=1e-6)
+    again = finetune(tiny_config(data, tmp_path / "run", stages="head:1", lr=1e-12, head_lr_mult=1.0),
+                     resume=True, progress=False)
+    assert again.status == "up to date" and again.head_init == r.head_init
+
+
+def test_random_heads_say_why(tmp_path):
+    data = write_many(tmp_path / "data")
+    r = finetune(tiny_config(data, tmp_path / "a", stages="head:1", init_head="random"), progress=False)
+    assert r.head_init == {"kind": "random", "C": None, "cv_accuracy": None, "rows": 0, "seconds": 0.0,
+                           "why": "asked for"}
+    r = finetune(tiny_config(data, tmp_path / "b", stages="all:1", from_scratch=True), progress=False)
+    assert r.head_init["kind"] == "random" and r.head_init["why"] == "from scratch"
+
+
+def test_runs_made_before_decode_and_init_head_resume_as_exact_and_random(tmp_path):
+    data = write_many(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", stages="head:1,all:1", decode="exact", init_head="random")
+    finetune(cfg, progress=False)
+    last = tmp_path / "run" / "last.pt"
+    ckpt = load_checkpoint(last)
+    for key in ("decode", "init_head"):  # as a run of an older cnncodes wrote it
+        del ckpt["recipe"][key]
+    del ckpt["head_init"]
+    torch.save(ckpt, last)
+    r = finetune(cfg, resume=True, progress=False)
+    assert r.status == "up to date"
+    with pytest.raises(Exception, match="decode: 'exact' in the run, 'reduced' now"):
+        finetune(tiny_config(data, tmp_path / "run", stages="head:1,all:1", init_head="random"), resume=True,
+                 progress=False)
