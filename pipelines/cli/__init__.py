@@ -4,9 +4,9 @@ torch and the models are imported inside the commands so that ``--help`` is inst
 
 The group is defined here and its commands live in one module per command group:
 :mod:`.catalog` (sample-data, list-models, list-layers), :mod:`.extraction` (extract, info),
-:mod:`.probes` (fit-svm, fit-softmax, fit-knn, evaluate, predict), :mod:`.sweep` (sweep, demo)
-and :mod:`.finetune` (finetune, compare); what they share (option types, options, error
-handling) is in :mod:`.options`.
+:mod:`.probes` (fit-svm, fit-softmax, fit-knn, evaluate, predict), :mod:`.sweep` (sweep, demo),
+:mod:`.advise` (advise) and :mod:`.finetune` (finetune, compare); what they share (option types,
+options, error handling) is in :mod:`.options`.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from .advise import advise_cmd
 from .catalog import list_layers_cmd, list_models_cmd, sample_data
 from .extraction import extract_cmd, info_cmd
 from .finetune import compare_cmd, finetune_cmd
@@ -41,6 +42,7 @@ def cli(verbose: int) -> None:
       cnncodes fit-svm --cache cache/digits-efficientnet_lite0.h5 --layer stage3 --out svm.joblib
       cnncodes predict --model svm.joblib data/digits/test/3
       cnncodes sweep data/digits --layers stage2,stage3,stage4
+      cnncodes advise data/digits
       cnncodes finetune data/digits --stages head:1,stage5:2 --out runs/digits
       cnncodes compare data/digits --head-epochs 1 --epochs 2
     """
@@ -50,7 +52,8 @@ def cli(verbose: int) -> None:
 
 
 for command in (sample_data, list_models_cmd, list_layers_cmd, extract_cmd, info_cmd, fit_svm, fit_knn,
-                fit_softmax, sweep_cmd, demo, finetune_cmd, compare_cmd, evaluate_cmd, predict_cmd):
+                fit_softmax, sweep_cmd, demo, advise_cmd, finetune_cmd, compare_cmd, evaluate_cmd,
+                predict_cmd):
     cli.add_command(command)
 
 
