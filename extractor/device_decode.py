@@ -35,12 +35,17 @@ def _interpolation(pil_filter):
     return modes.get(pil_filter)
 
 
-def check_decode(decode: str, dev, split, model: str) -> str:
-    """``decode`` if this run can decode that way; a one-line :class:`SettingsError` otherwise."""
+def check_decode(decode: str, dev, split, model: str, made_by: str | None = None) -> str:
+    """``decode`` if this run can decode that way; a one-line :class:`SettingsError` otherwise
+    (``made_by``: the cache whose path ``auto`` kept, named in the message)."""
     decode = requested_decode(decode)
     if decode != "gpu":
         return decode
     if dev.type != "cuda":
+        if made_by:
+            raise SettingsError(f"{made_by} was made with --decode gpu (nvJPEG on a CUDA device); this "
+                                f"run is on {dev.type}: resume it on CUDA, or make another cache (--out, "
+                                f"or --overwrite).")
         raise SettingsError(f"--decode gpu decodes with nvJPEG on a CUDA device; this run is on "
                             f"{dev.type} (use --decode reduced, the default, or exact).")
     if split is None or not split.resize_crop or _interpolation(split.resize_crop[2]) is None:

@@ -22,7 +22,7 @@ from .backbones.backbone import DEFAULT_MODEL
 from .backbones.loading import load_backbone
 from .cache import FAILED, open_cache, read_attrs
 from .cache_run import CacheRun, ExtractResult, Job
-from .decoding import resolve_decode
+from .decoding import requested_decode, resolve_decode
 from .device_decode import check_decode
 from .devices import check_dtype, resolve_device, resolve_precision
 from .distributed import Dist, init_distributed
@@ -163,10 +163,13 @@ def _run_extraction(ranks: Dist, t_start: float, data: Path, out, a: _Settings) 
     out.parent.mkdir(parents=True, exist_ok=True)
     with ranks.zero_first("loading the weights"):  # one download into a shared hub cache
         bb = load_backbone(a.model, a.weights)
-    check_decode(a.decode, dev, bb.split, bb.name)
     cached = ranks.decide(lambda: _cached_recipe(out) if not a.overwrite else None)
     wanted = resolve_runtime(a.runtime, dev, prec, cached.runtime if cached else None)
     decode = resolve_decode(a.decode, cached.decode if cached else None)
+    # checked once resolved: `auto` keeps a cache's path, which this run must be able to take too
+    # (a `gpu` cache resumed on a CPU would mix libjpeg's rows with nvJPEG's)
+    check_decode(decode, dev, bb.split, bb.name,
+                 made_by=str(out) if cached is not None and requested_decode(a.decode) == "auto" else None)
     recipe = backbone_recipe(bb, pooling, a.dtype, prec, table, wanted, decode)
     job = Job(bb, table, recipe, pooling, dev, prec, data, a.batch_size, a.workers, a.strict, a.progress,
                t_start, strict_runtime=requested_runtime(a.runtime) != "auto", ranks=ranks)

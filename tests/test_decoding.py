@@ -234,3 +234,12 @@ def test_reduced_codes_of_phone_size_photos_stay_close_to_the_exact_ones(tmp_pat
         x, y = a[layer], b[layer]
         cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
         assert cos.mean() >= 0.995 and cos.min() >= 0.98, (layer, cos.mean(), cos.min())
+
+
+def test_auto_never_resumes_a_gpu_cache_on_a_cpu(tmp_path, r18_weights):
+    data = _big_jpegs(tmp_path / "data", 4)
+    out = _extract(data, tmp_path / "c.h5", r18_weights, decode="exact").path
+    with h5py.File(out, "r+") as f:  # as a run on CUDA with --decode gpu leaves it
+        f.attrs["decode"] = "gpu"
+    with pytest.raises(SettingsError, match="was made with --decode gpu .* this run is on cpu"):
+        _extract(data, out, r18_weights, layers=["layer3"])

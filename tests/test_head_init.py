@@ -30,21 +30,21 @@ def test_the_head_computes_the_probes_scores_on_raw_codes(n_classes):
     codes = _codes(n_classes)
     fit = fit_linear_probe(codes, "l", "softmax", folds=3, solver="batched")
     probe = fit.pipeline
-    w, b = head_arrays(probe, n_classes, np.zeros((n_classes, 12), np.float32),
-                       np.zeros(n_classes, np.float32))
+    w, b = head_arrays(probe, n_classes)
     logits = codes.X.astype(np.float64) @ w.T.astype(np.float64) + b
     want = probe.to_pipeline().predict_proba(codes.X)
     assert np.allclose(probabilities(logits), want, atol=1e-5)
 
 
-def test_classes_the_probe_never_saw_keep_their_initial_rows():
+@pytest.mark.parametrize("n_seen", [2, 3])
+def test_classes_the_probe_never_saw_never_win_at_the_start(n_seen):
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
-    codes = _codes(3)
+    codes = _codes(n_seen)
     probe = fit_linear_probe(codes, "l", "softmax", folds=3, solver="batched").pipeline
-    w0, b0 = np.full((5, 12), 7, np.float32), np.full(5, 9, np.float32)  # a head of 5 classes
-    w, b = head_arrays(probe, 5, w0, b0)
-    assert np.array_equal(w[3:], w0[3:]) and np.array_equal(b[3:], b0[3:])
-    assert not np.array_equal(w[:3], w0[:3])
+    w, b = head_arrays(probe, 5)  # a head of 5 classes, of which the training images hold n_seen
+    assert not w[n_seen:].any() and (b[n_seen:] < b[:n_seen].min() - 29).all()
+    logits = codes.X @ w.T + b
+    assert np.array_equal(logits.argmax(1), probe.to_pipeline().predict(codes.X))  # the probe, exactly
 
 
 def test_a_new_run_starts_from_the_probe_and_a_resume_keeps_its_record(tmp_path):

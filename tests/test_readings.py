@@ -53,6 +53,8 @@ def test_convergence_reads_the_last_stage_of_a_run():
     assert "training accuracy was still rising far from saturation" in convergence(
         [head, _stage("all", [0.60, 0.605], [0.40, 0.50])])
     assert "ran 1 epoch" in convergence([head, _stage("all", [0.8], [0.9])])
+    stopped = {**_stage("all", [0.60, 0.605], [0.40, 0.50]), "epochs": 10}  # ended by --patience
+    assert convergence([head, stopped]) is None
     assert convergence([]) is None
 
 

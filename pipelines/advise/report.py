@@ -39,13 +39,15 @@ def figures(advice) -> list[str]:
     lines = [f"Training images: {s['train_images']} in {s['classes']} classes; per class: median "
              f"{s['per_class_median']:g}, smallest {s['per_class_min']}, largest {s['per_class_max']}.",
              f"Measured on {m['images']} of them (up to {m['per_class']} per class, seed {m['seed']}; "
-             f"codes from {m['codes_from']})."]
+             f"codes from {m['codes_from']})."
+             + (f" Left out, with fewer than 2 images that decode: {', '.join(m['classes_left_out'][:10])}."
+                if m.get("classes_left_out") else "")]
     if h:
         lines.append(f"ImageNet's head ({h['layer']}): normalised entropy {h['normalised_entropy']:.3f}, "
                      f"LEEP {h['leep']:.3f}, LEEP gain {h['leep_gain']:.3f}.")
     else:
-        lines.append("No pretrained ImageNet head (random weights): similarity is read from the layers "
-                     "alone.")
+        lines.append("No ImageNet-1k head to read (random weights, or a head of another label set): "
+                     "similarity is read from the layers alone.")
     return lines
 
 

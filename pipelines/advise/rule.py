@@ -23,6 +23,8 @@ Every figure the rule read is in the advice, so a user can check the reasoning.
 """
 from __future__ import annotations
 
+import math
+import shlex
 from dataclasses import dataclass, field
 
 # Images per class (median) below which fine-tuning overfits more than it adapts, and from
@@ -41,7 +43,7 @@ class Recommendation:
     """What to run, and why, in words a user can check against the figures."""
 
     strategy: str                  # linear probe | probe, then fine-tune | fine-tune everything
-    layer: str | None              # the probe's layer (also the start of a fine-tune's probe)
+    layer: str | None              # the best fixed layer (the probe's; fine-tuning keeps it fixed)
     unfreeze_from: str | None      # the first stage trained (``all`` for everything)
     size: str                      # small | medium | large
     similarity: str                # similar | different | unknown
@@ -66,7 +68,8 @@ def size_class(per_class_median: float) -> str:
     return "large" if per_class_median >= LARGE_PER_CLASS else "medium"
 
 
-def similarity_class(entropy: float | None, leep_gain: float | None, gap: float) -> tuple[str, list[str]]:
+def similarity_class(entropy: float | None, leep_gain: float | None, gap: float,
+                     noise: float = 0.0) -> tuple[str, list[str]]:
     """``similar`` / ``different`` / ``unknown`` and the evidence, one clause each."""
     evidence = []
     head_says = None
@@ -78,8 +81,9 @@ def similarity_class(entropy: float | None, leep_gain: float | None, gap: float)
                         f"{UNSURE_ENTROPY} or more counts as unsure) and its predictions "
                         f"{'say little of' if leep_gain < WEAK_LEEP_GAIN else 'carry information on'} "
                         f"the labels (LEEP gain {leep_gain:.2f}; below {WEAK_LEEP_GAIN} counts as little)")
-    if gap >= EARLIER_WINS:
-        evidence.append(f"an earlier layer's codes beat the top's by {100 * gap:.1f} points")
+    if gap >= max(EARLIER_WINS, noise):
+        evidence.append(f"an earlier layer's codes beat the top's by {100 * gap:.1f} points (more than "
+                        f"twice the folds' standard error, {100 * noise / 2:.1f})")
         return "different", evidence
     if head_says is None:
         evidence.append("the top layer's codes are the best fixed ones (which alone says nothing of "
@@ -89,9 +93,12 @@ def similarity_class(entropy: float | None, leep_gain: float | None, gap: float)
 
 
 def recommend(*, data: str, model: str, cache: str, per_class_median: float, n_train: int, n_classes: int,
-              entropy: float | None, leep_gain: float | None, layers: list[dict], top: str) -> Recommendation:
+              entropy: float | None, leep_gain: float | None, layers: list[dict], top: str,
+              weights: str = "DEFAULT", decode: str = "reduced") -> Recommendation:
     """The advice from the measured figures (``layers``: one dict per stage in depth order, with
-    ``layer`` and ``probe_accuracy``; ``top`` the deepest of them)."""
+    ``layer``, ``probe_accuracy`` and, where known, ``probe_std`` and ``folds``; ``top`` the
+    deepest of them). The command carries ``weights`` and ``decode`` when they are not the
+    defaults, so it runs what was measured."""
     scored = [r for r in layers if r.get("probe_accuracy") is not None]
     best = max(scored, key=lambda r: (round(r["probe_accuracy"], 3), -r.get("relative_depth", 0)))
     top_row = next(r for r in scored if r["layer"] == top)
@@ -99,15 +106,23 @@ def recommend(*, data: str, model: str, cache: str, per_class_median: float, n_t
     cheapest = min((r for r in scored if r["probe_accuracy"] >= best["probe_accuracy"] - 0.01),
                    key=lambda r: r.get("relative_depth", 0))
     gap = best["probe_accuracy"] - top_row["probe_accuracy"]
+    # a gap within the folds' noise is no evidence: twice the best layer's standard error
+    noise = 2 * best.get("probe_std", 0.0) / math.sqrt(max(1, best.get("folds", 1)))
     size = size_class(per_class_median)
-    similarity, evidence = similarity_class(entropy, leep_gain, gap)
+    similarity, evidence = similarity_class(entropy, leep_gain, gap, noise)
     reasons = [f"{n_train} training images in {n_classes} classes, {per_class_median:g} per class (median): "
                f"{size} data (fewer than {SMALL_PER_CLASS} per class is small, {LARGE_PER_CLASS} or more "
                f"large).",
                "Similarity to ImageNet: " + "; ".join(evidence) + f" -> {similarity}."]
+    if weights == "none":
+        reasons.append("These are random weights: the figures describe an untrained network, and so "
+                       "does the advice.")
     layer = cheapest["layer"]
-    probe_cmd = (f"cnncodes extract {data} -m {model} -l {layer} -o {cache} && "
-                 f"cnncodes fit-svm --cache {cache} -l {layer}")
+    q = shlex.quote
+    extra = (f" -w {q(weights)}" if weights != "DEFAULT" else "") + \
+        (f" --decode {q(decode)}" if decode != "reduced" else "")
+    probe_cmd = (f"cnncodes extract {q(data)} -m {q(model)}{extra} -l {layer} -o {q(cache)} && "
+                 f"cnncodes fit-svm --cache {q(cache)} -l {layer}")
     if best["probe_accuracy"] >= NO_HEADROOM:
         reasons.append(f"A linear probe on {layer} already reaches {best['probe_accuracy']:.3f} (CV): "
                        f"fine-tuning has less than {100 * (1 - NO_HEADROOM):.0f} points to win.")
@@ -133,5 +148,6 @@ def recommend(*, data: str, model: str, cache: str, per_class_median: float, n_t
     reasons.append(f"{why.capitalize()}; the new head starts as the linear probe of the penultimate "
                    f"codes (LP-FT), so unfreezing does not push a random head's gradients through the "
                    f"pretrained layers.")
-    command = (f"cnncodes finetune {data} -m {model} --stages head:1,{start}:{EPOCHS} --init-head probe")
+    command = (f"cnncodes finetune {q(data)} -m {q(model)}{extra} --stages head:1,{start}:{EPOCHS} "
+               f"--init-head probe")
     return Recommendation(strategy, layer, start, size, similarity, command, reasons)

@@ -57,16 +57,6 @@ def training_rows(table: ImageTable) -> np.ndarray:
     return np.flatnonzero(labelled & ((splits == "train") if has_splits else True))
 
 
-def stratified_sample(y: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Positions of at most ``size`` rows, an equal share of each class (all of a class smaller
-    than its share; at least 2 of each class where it has them, so folds can be drawn)."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(y)
-    share = max(2, size // max(1, len(classes)))
-    picked = [rng.permutation(np.flatnonzero(y == c))[:share] for c in classes]
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
-
-
 def advise(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", sample: int = DEFAULT_SAMPLE,
            seed: int = 0, device: str = "auto", runtime: str | None = None, decode: str = "reduced",
            batch_size: int = 32) -> Advice:
@@ -82,6 +72,7 @@ def advise(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", sample
     from cnncodes.extractor.layers import Probe
     from cnncodes.extractor.sources import find_images
 
+    from cnncodes.pipelines.probes.metrics import stratified_sample
     from cnncodes.pipelines.sweep.runner import sweep_layers
     t0 = time.perf_counter()
     if sample < 20:
@@ -102,24 +93,36 @@ def advise(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", sample
     probe = Probe(bb.model, bb.input_size, model)
     stages = sweep_layers(model)
     head = _imagenet_head(bb, probe)
-    codes, source = _codes(data, model, bb, table, rows, stages + ([head] if head else []),
-                           device=device, runtime=runtime, decode=decode, batch_size=batch_size)
+    wanted = list(dict.fromkeys(stages + ["penultimate"]))
+    codes, source = _codes(data, model, bb, table, rows, wanted, stages, device=device, runtime=runtime,
+                           decode=decode, batch_size=batch_size)
     ok = codes.pop("__ok__")
     rows, y = rows[ok], table.labels[rows[ok]]
-    sample_info = {"images": int(len(rows)), "per_class": int(np.bincount(y).max()) if len(y) else 0,
-                   "seed": seed, "codes_from": source, "failed": int((~ok).sum())}
+    codes = {k: v[ok] for k, v in codes.items()}
+    # a class needs 2 decoded images for the probes' folds; the rest is left out, and said so
+    per_class = np.bincount(y, minlength=len(table.classes))
+    keep = per_class[y] >= 2
+    left_out = sorted({table.classes[c] for c in y[~keep]})
+    rows, y, codes = rows[keep], y[keep], {k: v[keep] for k, v in codes.items()}
+    if len(np.unique(y)) < 2:
+        raise SettingsError(f"fewer than 2 classes of {data} have 2 images that decode; advice needs at "
+                            f"least 2.")
+    sample_info = {"images": int(len(rows)), "per_class": int(np.bincount(y).max()), "seed": seed,
+                   "codes_from": source, "failed": int((~ok).sum()), "classes_left_out": left_out}
     head_figures = None
-    if head:
-        logits = codes.pop(head)
-        head_figures = {"layer": head, "normalised_entropy": round(normalised_entropy(logits), 4),
-                        "leep": round(leep(logits, y), 4), "leep_gain": round(leep_gain(logits, y), 4)}
+    if head is not None:
+        name, weight, bias = head
+        logits = codes["penultimate"].astype(np.float64) @ weight.T + bias
+        head_figures = {"layer": name, "normalised_entropy": round(normalised_entropy(logits), 4),
+                        "leep": round(leep(logits, y, seed=seed), 4),
+                        "leep_gain": round(leep_gain(logits, y, seed=seed), 4)}
     aliases = probe.aliases()
     layers = [_measure_layer(name, codes[name], y, rows, table, aliases.get(name), seed) for name in stages]
-    cache = str(_default_cache(data, model))
-    rec = recommend(data=str(data), model=model, cache=cache, per_class_median=size["per_class_median"],
-                    n_train=size["train_images"], n_classes=size["classes"],
-                    entropy=head_figures and head_figures["normalised_entropy"],
-                    leep_gain=head_figures and head_figures["leep_gain"], layers=layers, top=stages[-1])
+    rec = recommend(data=str(data), model=model, cache=str(_default_cache(data, model)),
+                    per_class_median=size["per_class_median"], n_train=size["train_images"],
+                    n_classes=size["classes"], entropy=head_figures and head_figures["normalised_entropy"],
+                    leep_gain=head_figures and head_figures["leep_gain"], layers=layers, top=stages[-1],
+                    weights=weights, decode=decode)
     return Advice(str(data), model, size, sample_info, head_figures, layers, rec, time.perf_counter() - t0)
 
 
@@ -127,27 +130,40 @@ def _default_cache(data, model: str) -> Path:
     return Path("cache") / f"{dataset_name(data)}-{slug(model)}.h5"
 
 
-def _imagenet_head(bb, probe) -> str | None:
-    """The pretrained classifier's layer name when the weights have one (not random ones)."""
+def _imagenet_head(bb, probe) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """The pretrained ImageNet-1k classifier as ``(name, weight, bias)``, for the logits of the
+    penultimate codes; None for random weights or a head of another label set (a fine-tuning
+    checkpoint's, ImageNet-21k's), whose figures would not be comparable."""
+    import torch
     if (bb.weights or {}).get("name") in (None, "none") or probe.classifier is None:
         return None
-    return probe.classifier[0]
+    name = probe.classifier[0]
+    module = bb.model.get_submodule(name)
+    if not isinstance(module, torch.nn.Linear) or module.out_features != 1000:
+        return None
+    bias = module.bias.detach().double().numpy() if module.bias is not None else np.zeros(1000)
+    return name, module.weight.detach().double().numpy(), bias
 
 
-def _codes(data, model, bb, table, rows, layers, **kw) -> tuple[dict, str]:
+def _codes(data, model, bb, table, rows, layers, stages, **kw) -> tuple[dict, str]:
     """``{layer: codes of rows}`` plus ``__ok__`` (decoded rows), from the complete default
-    cache when it holds every layer with this backbone's recipe, else one pass in memory."""
-    cached = _from_cache(_default_cache(data, model), bb, table, rows, layers)
+    cache when it holds them with this backbone's recipe and these images, else one pass in
+    memory."""
+    path = _default_cache(data, model)
+    cached = _from_cache(path, bb, table, rows, layers, stages, kw.get("decode"))
     if cached is not None:
-        return cached, str(_default_cache(data, model))
+        return cached, str(path)
     from cnncodes.extractor.encoding import encode_rows
     codes, errors = encode_rows(bb, table, rows, layers, **kw)
     codes["__ok__"] = np.array([not e for e in errors], dtype=bool)
     return codes, "one pass over the sample"
 
 
-def _from_cache(path: Path, bb, table, rows, layers) -> dict | None:
-    from cnncodes.extractor.cache import DONE, open_cache, read_attrs
+def _from_cache(path: Path, bb, table, rows, layers, stages, decode) -> dict | None:
+    """The codes of a complete cache of the same images, backbone, pooling and decode path
+    (a sweep's or the demo's), or None. ``penultimate`` may be missing when it is the pooled
+    last stage (sweep leaves it out then: the same codes)."""
+    from cnncodes.extractor.cache import DONE, FAILED, open_cache, read_attrs
     from cnncodes.extractor.encoding import backbone_recipe
     from cnncodes.extractor.pooling import parse_pooling
     from cnncodes.extractor.recipe import Recipe
@@ -156,21 +172,20 @@ def _from_cache(path: Path, bb, table, rows, layers) -> dict | None:
     try:
         made = Recipe.from_attrs(read_attrs(path))
         if made.differences(backbone_recipe(bb, parse_pooling("avg"), made.dtype, made.precision),
-                            Recipe.FEATURE_KEYS):
+                            Recipe.FEATURE_KEYS) or made.decode != decode \
+                or made.image_fingerprint != table.list_fingerprint():
             return None
         with open_cache(path) as c:
-            if not set(layers) <= set(c.layers):
+            status = c.status
+            if not np.isin(status, (DONE, FAILED)).all():
+                return None  # an unfinished cache: its pending rows are no failures
+            names = {n: n for n in layers}
+            if "penultimate" not in c.layers and "penultimate" not in stages:
+                names["penultimate"] = stages[-1]
+            if not set(names.values()) <= set(c.layers):
                 return None
-            where = {p: i for i, p in enumerate(c.paths)}
-            at = [where.get(table.paths[r]) for r in rows]
-            if any(i is None for i in at):
-                return None
-            at = np.asarray(at)
-            order = np.argsort(at)  # HDF5 reads rows in increasing order
-            back = np.argsort(order)
-            out = {name: c.codes(name, at[order])[back] for name in layers}
-            out["__ok__"] = c.status[at] == DONE
-            return out
+            at = np.asarray(rows)  # the same image list: the same rows
+            return {**{n: c.codes(src, at) for n, src in names.items()}, "__ok__": status[at] == DONE}
     except Exception as e:  # noqa: BLE001 - an unreadable cache is only a missed shortcut
         log.info("not reading %s: %s", path, e)
         return None
@@ -180,7 +195,8 @@ def _measure_layer(name: str, X: np.ndarray, y: np.ndarray, rows, table, alias, 
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
     from cnncodes.pipelines.probes.codes import Codes
     from cnncodes.pipelines.probes.logme import logme
-    folds = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
+    counts = np.bincount(y)
+    folds = int(min(5, counts[counts > 0].min()))
     codes = Codes(Path(""), name, X.astype(np.float32, copy=False), y, np.full(len(y), "train", dtype=object),
                   np.asarray(rows), [table.paths[r] for r in rows], list(table.classes), {}, {})
     t0 = time.perf_counter()

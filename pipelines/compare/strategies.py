@@ -118,7 +118,7 @@ def _strategy_row(strategy: str, data, out: Path, base: FinetuneConfig, fingerpr
     settings = {"data": str(data), "model": base.model, "weights": base.weights, "seed": base.seed,
                 "fingerprint": fingerprint}
     if strategy == "probe":
-        key = {**settings, "layer": layer}
+        key = {**settings, "layer": layer, "decode": base.decode}
     else:
         cfg, what = plans[strategy]
         cfg = replace(cfg, out=str(out / "runs" / strategy))

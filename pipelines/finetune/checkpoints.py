@@ -114,8 +114,13 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
         if not diffs:
             return ckpt
         if not overwrite:
+            older = [k for k in ("decode", "init_head")
+                     if k not in ckpt["recipe"] and made[k] != recipe.get(k)]
+            hint = (" It was made before " + " and ".join(f"--{k.replace('_', '-')}" for k in older)
+                    + " existed: resume it with --decode exact --init-head random." if older else "")
             raise FinetuneError(f"cannot resume {out}: it was made by a different recipe: "
-                                f"{'; '.join(diffs)}. Use another --out, or --overwrite to start again.")
+                                f"{'; '.join(diffs)}.{hint} Use another --out, or --overwrite to start "
+                                f"again.")
         log.info("%s was made by another recipe (%s): starting again", out, "; ".join(diffs))
     elif last.exists() and not overwrite:
         raise FinetuneError(f"{out} already holds a run; pass --resume to continue it or "

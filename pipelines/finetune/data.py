@@ -5,6 +5,7 @@ uninterrupted one would have seen, whatever the number of workers.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,12 +74,27 @@ def make_splits(data, val_fraction: float = 0.1, seed: int = 0) -> Splits:
     return Splits(table, train, val, test)
 
 
+# RandomResizedCrop's smallest crop, as a share of the image's area (torchvision's default)
+SMALLEST_CROP = 0.08
+
+
+def train_min_size(decode: str, preprocessing: dict) -> tuple[int, int] | None:
+    """The ``min_size`` of a reduced decode for training images: the smallest random crop (8% of
+    the area) still holds the crop size's pixels, so a reduced decode never blurs a training
+    crop (the evaluation resize needs far fewer: :func:`~cnncodes.extractor.decoding.decode_min_size`)."""
+    if decode != "reduced":
+        return None
+    side = math.ceil(int(preprocessing["crop"]) / math.sqrt(SMALLEST_CROP))
+    return side, side
+
+
 def train_transform(preprocessing: dict):
     """Random resized crop + horizontal flip at the weights' crop size, interpolation and
     normalisation (the seeds' augmentation)."""
     from torchvision import transforms as T
     interp = T.InterpolationMode(preprocessing.get("interpolation", "bilinear"))
-    return T.Compose([T.RandomResizedCrop(int(preprocessing["crop"]), interpolation=interp),
+    return T.Compose([T.RandomResizedCrop(int(preprocessing["crop"]), scale=(SMALLEST_CROP, 1.0),
+                                          interpolation=interp),
                       T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(preprocessing["mean"], preprocessing["std"])])
 

@@ -25,6 +25,9 @@ from cnncodes.pipelines.probes.codes import Codes
 
 log = logging.getLogger(__name__)
 INIT_HEADS = ("probe", "random")
+# The probe of a large training set is fitted on a stratified share of it: rank 0 encodes these
+# rows while the other ranks wait (about 100 s at 100 images/s on a CPU).
+MAX_ROWS = 10_000
 
 
 @dataclass
@@ -47,14 +50,14 @@ class HeadInit:
                 "rows": self.rows, "seconds": round(self.seconds, 2), "why": self.why}
 
 
-def head_arrays(probe, n_classes: int, init_weight: np.ndarray, init_bias: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+def head_arrays(probe, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """A softmax :class:`~cnncodes.pipelines.probes.linear_model.LinearProbe` (standardised rows)
     as a ``Linear`` head's ``(weight, bias)`` on the raw codes.
 
     ``x W^T + b`` on standardised rows is ``x (W / scale)^T + (b - (W / scale) mean)`` on raw
     ones. A binary probe's one logit ``s`` becomes the two logits ``(0, s)`` (the same softmax).
-    Classes the probe never saw keep the head's initial rows.
+    Classes the probe never saw (none of their images in training) get zero weights and a bias
+    30 below the lowest of the others, so the head starts as the probe on every input.
     """
     coef, intercept = np.asarray(probe.coef, np.float64), np.asarray(probe.intercept, np.float64)
     if probe.norm == "standard":
@@ -66,7 +69,8 @@ def head_arrays(probe, n_classes: int, init_weight: np.ndarray, init_bias: np.nd
     if coef.shape[0] == 1 and len(probe.classes_) == 2:
         coef = np.vstack([np.zeros_like(coef), coef])
         intercept = np.concatenate([[0.0], intercept])
-    weight, bias = init_weight.astype(np.float64).copy(), init_bias.astype(np.float64).copy()
+    weight = np.zeros((n_classes, coef.shape[1]))
+    bias = np.full(n_classes, intercept.min() - 30.0)
     idx = np.asarray(probe.classes_, dtype=np.int64)
     weight[idx], bias[idx] = coef, intercept
     return weight.astype(np.float32), bias.astype(np.float32)
@@ -74,12 +78,13 @@ def head_arrays(probe, n_classes: int, init_weight: np.ndarray, init_bias: np.nd
 
 def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_classes: int,
                    head: torch.nn.Linear, *, decode: str, seed: int, device: str = "auto",
-                   batch_size: int = 32) -> HeadInit:
+                   batch_size: int = 32, max_rows: int = MAX_ROWS) -> HeadInit:
     """The softmax probe of ``rows``' penultimate codes as the head's weights (not applied).
 
     The codes come from a network built afresh with the run's weights, so the model about to be
-    fine-tuned is never touched (batch norm folding, devices, eval mode). A probe needs at least
-    2 images of every class present: otherwise the head stays random, and the result says why.
+    fine-tuned is never touched (batch norm folding, devices, eval mode); of more than
+    ``max_rows`` training images, a stratified share. A probe needs at least 2 images of every
+    class present: otherwise the head stays random, and the result says why.
     """
     import time
 
@@ -87,8 +92,11 @@ def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_cla
     from cnncodes.extractor.encoding import encode_rows
 
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    from cnncodes.pipelines.probes.metrics import stratified_sample
     t0 = time.perf_counter()
     rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > max_rows:  # a start for the head, not the final word: a stratified share will do
+        rows = rows[stratified_sample(table.labels[rows], max_rows, seed)]
     y = table.labels[rows]
     counts = np.bincount(y, minlength=n_classes)
     smallest = int(counts[counts > 0].min()) if len(rows) else 0
@@ -108,8 +116,7 @@ def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_cla
                  [table.paths[r] for r in kept], list(table.classes), {}, {})
     fit = fit_linear_probe(data, "penultimate", "softmax", folds=min(5, smallest), seed=seed,
                            solver="batched")
-    w, b = head_arrays(fit.pipeline, n_classes, head.weight.detach().cpu().numpy(),
-                       head.bias.detach().cpu().numpy())
+    w, b = head_arrays(fit.pipeline, n_classes)
     log.info("head from a softmax probe (C=%g, CV accuracy %.3f on %d images)", fit.C, fit.cv_accuracy,
              len(y))
     return HeadInit("probe", w, b, fit.C, fit.cv_accuracy, len(y), time.perf_counter() - t0)

@@ -138,8 +138,8 @@ def convergence(stages: list[dict]) -> str | None:
     A run stopped early by ``--patience`` had converged by definition.
     """
     last = next((s for s in reversed(stages) if s.get("epochs_run")), None)
-    if last is None:
-        return None
+    if last is None or last["epochs_run"] < last.get("epochs", last["epochs_run"]):
+        return None  # ended by --patience: validation accuracy had stopped rising
     val, train = last.get("val_accuracy_by_epoch") or [], last.get("train_accuracy_by_epoch") or []
     if len(val) < 2:
         return (f"its last stage ({last['name']}) ran {len(val)} epoch, too few to show whether "

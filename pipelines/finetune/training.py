@@ -58,7 +58,13 @@ from cnncodes.pipelines.finetune.config import (
     recipe_settings,
     warmup_cosine,
 )
-from cnncodes.pipelines.finetune.data import ImageDataset, make_loader, make_splits, train_transform
+from cnncodes.pipelines.finetune.data import (
+    ImageDataset,
+    make_loader,
+    make_splits,
+    train_min_size,
+    train_transform,
+)
 from cnncodes.pipelines.finetune.epochs import (
     Dist,
     Passes,
@@ -177,7 +183,7 @@ class _Run(Passes):
         cfg, ctx, pin = self.cfg, self.ctx, self.dev.type == "cuda"
         size = decode_min_size(cfg.decode, self.bb.preprocessing)
         train_ds = ImageDataset(self.splits.table, self.splits.train, train_transform(self.bb.preprocessing),
-                                seed=cfg.seed, min_size=size)
+                                seed=cfg.seed, min_size=train_min_size(cfg.decode, self.bb.preprocessing))
         kw = dict(rank=ctx.rank, world=ctx.world, workers=self.workers, pin_memory=pin, seed=cfg.seed)
         train = make_loader(train_ds, cfg.batch_size, shuffle=True, **kw)
         evals = {part: make_loader(ImageDataset(self.splits.table, rows, self.bb.split or self.bb.transform,
@@ -226,7 +232,8 @@ class _Run(Passes):
         ckpt = self._start_state(resume, overwrite)
         t0 = time.perf_counter()
         p = self._resume(ckpt)
-        self.head_init = self._start_head() if ckpt is None else ckpt.get("head_init")
+        self.head_init = self._start_head() if ckpt is None else ckpt.get("head_init") or \
+            HeadInit("random", why="a run made before --init-head").as_dict()
         self.model.to(self.dev, memory_format=self._memory_format)
         loaders = self._loaders()
         scaler = self._scaler(ckpt)

@@ -57,3 +57,15 @@ def classification_scores(y_true, y_pred) -> tuple[float, float, float]:
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     return accuracy, balanced, float(f1.mean())
+
+
+def stratified_sample(y, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of at most ``size`` rows of ``y``, an equal share of every class (all of
+    a class smaller than its share; at least 2 of a class that has them, so folds can be drawn).
+    Seeded, so the same call gives the same sample."""
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    share = max(2, size // max(1, len(classes)))
+    picked = [rng.permutation(np.flatnonzero(y == c))[:share] for c in classes]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
