@@ -95,3 +95,23 @@ def test_runs_made_before_decode_and_init_head_resume_as_exact_and_random(tmp_pa
     with pytest.raises(Exception, match="decode: 'exact' in the run, 'reduced' now"):
         finetune(tiny_config(data, tmp_path / "run", stages="head:1,all:1", init_head="random"), resume=True,
                  progress=False)
+
+
+def test_a_finished_run_is_extended_by_more_epochs_of_its_last_stage(tmp_path):
+    import json
+    data = write_many(tmp_path / "data")
+    out = tmp_path / "run"
+    first = finetune(tiny_config(data, out, stages="head:1,all:1"), progress=False)
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    longer = finetune(tiny_config(data, out, stages="head:1,all:3"), resume=True, progress=False)
+    after = (out / "metrics.jsonl").read_text().splitlines()
+    assert first.status == "trained" and longer.status == "extended" and longer.epochs_run == 4
+    assert after[:2] == before and [json.loads(l)["stage"] for l in after] == ["head", "all", "all", "all"]
+    assert longer.head_init == first.head_init  # the head was not fitted again
+    assert finetune(tiny_config(data, out, stages="head:1,all:3"), resume=True, progress=False).status == \
+        "up to date"
+    # anything else that changes is another recipe: refused, or started again with --overwrite
+    with pytest.raises(Exception, match="different recipe"):
+        finetune(tiny_config(data, out, stages="head:2,all:3"), resume=True, progress=False)
+    with pytest.raises(Exception, match="different recipe"):
+        finetune(tiny_config(data, out, stages="head:1,all:2"), resume=True, progress=False)  # fewer

@@ -79,7 +79,8 @@ def test_an_under_trained_fine_tune_is_inconclusive_not_a_verdict():
     lines = conclude_compare(df, SIZES, CLASSES, "stage5", "penultimate", epochs=2)
     text = " ".join(lines)
     assert lines[1].startswith("Inconclusive: fine-tuning (0.8700 at best) has not beaten the linear probe")
-    assert "had not converged" in lines[1] and "rerun with --epochs 4" in lines[1]
+    assert "had not converged" in lines[1] and "rerun with --epochs 4 (finished strategies are kept and " \
+        "extended" in lines[1]
     assert "keep the network fixed" not in text
     assert "is not read: top and all had not converged" in text
     assert "pretraining learns faster, not that the data needs it" in text

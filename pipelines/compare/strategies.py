@@ -193,8 +193,8 @@ def conclude(df: pd.DataFrame, sizes: dict, n_classes: int, top: str, layer: str
         return []
     unfinished = {r["strategy"]: why for _, r in df.iterrows()
                   if isinstance(r.get("stages"), list) and (why := convergence(r["stages"]))}
-    rerun = (f"rerun with --epochs {2 * epochs} (the probe is kept; the fine-tuning strategies start again)"
-             if epochs else "rerun with more --epochs")
+    rerun = (f"rerun with --epochs {2 * epochs} (finished strategies are kept and extended, not started "
+             f"again)" if epochs else "rerun with more --epochs")
     best = max(acc, key=acc.get)
     lines = [f"Best: {best} ({acc[best]:.4f} test accuracy) with {sizes['train'] + sizes['val']} training "
              f"images, {(sizes['train'] + sizes['val']) / n_classes:.0f} per class."]

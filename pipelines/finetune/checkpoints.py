@@ -94,9 +94,11 @@ def remove_stale_temporaries(out: Path) -> None:
 def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bool) -> dict | None:
     """The checkpoint in ``out`` to continue from, or None when the run starts afresh.
 
-    With ``resume``, a ``last.pt`` made by the same ``recipe`` is continued; one made by another
-    is an error unless ``overwrite`` (then the run starts again). Without ``resume``, an existing
-    run is an error unless ``overwrite``.
+    With ``resume``, a ``last.pt`` made by the same ``recipe`` is continued, and so is one whose
+    recipe differs only by more epochs of its last stage (the run is *extended*: the checkpoint
+    comes back with ``extended`` set); one made by another is an error unless ``overwrite``
+    (then the run starts again). Without ``resume``, an existing run is an error unless
+    ``overwrite``.
     """
     last = out / "last.pt"
     if last.exists() and resume:
@@ -113,6 +115,9 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
         diffs = describe_differences(made, recipe, where=("in the run", "now"))
         if not diffs:
             return ckpt
+        if extends(made, recipe):
+            log.info("extending %s: its last stage runs %s epochs now", out, recipe["stages"][-1]["epochs"])
+            return {**ckpt, "extended": True}
         if not overwrite:
             older = [k for k in ("decode", "init_head")
                      if k not in ckpt["recipe"] and made[k] != recipe.get(k)]
@@ -135,6 +140,22 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
     elif resume:
         log.info("nothing to resume in %s: starting a new run", out)
     return None
+
+
+def extends(made: dict, recipe: dict) -> bool:
+    """Whether ``recipe`` is ``made`` with more epochs of its last stage and nothing else changed
+    (``stages``: the resolved list of ``{name, epochs, module}``; the ``stages`` setting's text
+    is resolved into it, so only the list is compared)."""
+    old, new = made.get("stages"), recipe.get("stages")
+    if not (isinstance(old, list) and isinstance(new, list) and old and len(old) == len(new)):
+        return False
+    others = [k for k in set(made) | set(recipe) if k != "stages"]
+    if describe_differences(made, recipe, keys=others):
+        return False
+    *head_old, last_old = old
+    *head_new, last_new = new
+    return head_old == head_new and {k: v for k, v in last_old.items() if k != "epochs"} == \
+        {k: v for k, v in last_new.items() if k != "epochs"} and last_new["epochs"] > last_old["epochs"]
 
 
 def _contents(out: Path) -> list[str]:

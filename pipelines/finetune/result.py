@@ -14,7 +14,8 @@ class FinetuneResult:
     run_dir : str
         The run folder.
     status : str
-        ``trained``, ``resumed`` or ``up to date`` (nothing was left to train).
+        ``trained``, ``resumed``, ``extended`` (a finished run given more epochs of its last
+        stage) or ``up to date`` (nothing was left to train).
     model : str
         The backbone.
     from_scratch : bool

@@ -198,6 +198,12 @@ class _Run(Passes):
             return Progress()
         self.model.load_state_dict(ckpt["model"])
         p = Progress.from_checkpoint(ckpt)
+        if ckpt.get("extended") and p.stage_i >= len(self.stages):
+            # a finished run with more epochs of its last stage: back into that stage, after the
+            # epochs it ran (fewer than planned when --patience ended it), its schedule stretched
+            # to the new length from where it stands (not bitwise a run planned that long)
+            last = self.stages[-1].name
+            p.stage_i, p.stage_ep = len(self.stages) - 1, sum(h["stage"] == last for h in p.history)
         set_rng_state(ckpt["rng"])
         self._write_metrics(p.history)
         return p
@@ -237,7 +243,8 @@ class _Run(Passes):
         self.model.to(self.dev, memory_format=self._memory_format)
         loaders = self._loaders()
         scaler = self._scaler(ckpt)
-        status = "up to date" if p.stage_i >= len(self.stages) else ("resumed" if ckpt else "trained")
+        status = "up to date" if p.stage_i >= len(self.stages) else \
+            ("extended" if ckpt and ckpt.get("extended") else "resumed" if ckpt else "trained")
         while p.stage_i < len(self.stages):
             st = self._setup_stage(p, loaders[1])
             stage_over = False
