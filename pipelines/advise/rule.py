@@ -18,7 +18,7 @@ probe that is already near perfect leaves fine-tuning nothing to win, whatever t
 
 The thresholds are provisional: the head's two are midway between the two data sets they were
 first measured on (Lite0 on the digits: entropy 0.79, LEEP gain 0.04; on Caltech-101: 0.40 and
-0.76); the regret of the whole rule against what ``compare`` finds best is not measured yet.
+0.69); the regret of the whole rule against what ``compare`` finds best is not measured yet.
 Every figure the rule read is in the advice, so a user can check the reasoning.
 """
 from __future__ import annotations
