@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from readme_table import update_readme
+from readme_table import publish, update_readme
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -323,13 +323,8 @@ def main() -> None:
         "versions": __import__("cnncodes.extractor.provenance", fromlist=["x"]).library_versions(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = HERE / "results" / f"extract-{args.device}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    print(table)
-    if args.update_readme:
-        update_readme(table, f"extract-{args.device}")
+    publish(result, HERE / "results" / f"extract-{args.device}.json", markdown(result),
+            f"extract-{args.device}", args.update_readme)
 
 
 def markdown(r: dict) -> str:

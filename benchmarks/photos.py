@@ -43,7 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from extract import CALTECH, PEER, evenly_spaced, image_folder_order, run_measured, write_manifest
-from readme_table import update_readme
+from readme_table import publish, update_readme
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -205,12 +205,7 @@ def main() -> None:
         "versions": __import__("cnncodes.extractor.provenance", fromlist=["x"]).library_versions(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    out_json.parent.mkdir(exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    print(table)
-    if args.update_readme:
-        update_readme(table, f"photos-{args.device}")
+    publish(result, out_json, markdown(result), f"photos-{args.device}", args.update_readme)
 
 
 def markdown(r: dict) -> str:

@@ -13,6 +13,17 @@ def marked_files() -> list[Path]:
     return [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
+def publish(result: dict, path: Path, table: str, name: str, update: bool) -> None:
+    """A benchmark's last step: its JSON ``result`` written to ``path``, its Markdown ``table``
+    printed, and with ``update`` put between the ``bench:NAME`` markers (:func:`update_readme`)."""
+    import json
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(table)
+    if update:
+        update_readme(table, name)
+
+
 def update_readme(table: str, name: str) -> bool:
     """Replace what lies between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in every file
     of :func:`marked_files` that holds both markers (a headline table shown in the README and on
