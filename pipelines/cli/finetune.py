@@ -48,6 +48,13 @@ def _train_options(fn):
                      help="reduced: each image decoded at the smallest scale that keeps the pixels the "
                           "weights' resize needs (JPEG DCT scaling), as extract's default; "
                           "exact: full size."),
+        click.option("--augment", type=click.Choice(["none", "light", "standard", "trivialaugment",
+                                                     "randaugment"]), default="standard", show_default=True,
+                     help="Training images: standard = random resized crop (8-100% of the area) and flip; "
+                          "light = crops of 35-100%; trivialaugment / randaugment = standard plus that "
+                          "policy; none = the weights' resize and centre crop."),
+        click.option("--clip-grad", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Largest gradient norm per step (0: no clipping)."),
         click.option("--init-head", type=click.Choice(["probe", "random"]), default="probe",
                      show_default=True,
                      help="probe: the new head starts as the softmax probe of the training images' "

@@ -19,6 +19,7 @@ import torch
 from cnncodes.extractor.files import atomic_write
 from cnncodes.extractor.recipe import describe_differences
 
+from cnncodes.pipelines.finetune.config import FORMER_DEFAULTS
 from cnncodes.pipelines.finetune.freezing import FinetuneError
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,7 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
                 raise
             log.info("%s cannot be read: starting again (--overwrite)", last)
             return None
-        # runs made before these settings decoded every image at full size and started the
-        # head at random
-        made = {"decode": "exact", "init_head": "random", **ckpt["recipe"]}
+        made = {**FORMER_DEFAULTS, **ckpt["recipe"]}  # as runs made before those settings worked
         diffs = describe_differences(made, recipe, where=("in the run", "now"))
         if not diffs:
             return ckpt
@@ -119,10 +118,10 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
             log.info("extending %s: its last stage runs %s epochs now", out, recipe["stages"][-1]["epochs"])
             return {**ckpt, "extended": True}
         if not overwrite:
-            older = [k for k in ("decode", "init_head")
-                     if k not in ckpt["recipe"] and made[k] != recipe.get(k)]
-            hint = (" It was made before " + " and ".join(f"--{k.replace('_', '-')}" for k in older)
-                    + " existed: resume it with --decode exact --init-head random." if older else "")
+            older = [k for k in FORMER_DEFAULTS if k not in ckpt["recipe"] and made[k] != recipe.get(k)]
+            flags = [f"--{k.replace('_', '-')}" for k in older]
+            hint = (f" It was made before {' and '.join(flags)} existed: resume it with "
+                    + " ".join(f"{f} {made[k]}" for f, k in zip(flags, older)) + "." if older else "")
             raise FinetuneError(f"cannot resume {out}: it was made by a different recipe: "
                                 f"{'; '.join(diffs)}.{hint} Use another --out, or --overwrite to start "
                                 f"again.")

@@ -49,12 +49,19 @@ class FinetuneConfig:
     # the new head's start (head_init.py): `probe` (the softmax probe of the training images'
     # penultimate codes: probe, then fine-tune) or `random` (the only start before this setting)
     init_head: str = "probe"
+    # the training images' augmentation (data.AUGMENTS); `standard` is the only one before it
+    augment: str = "standard"
+    # largest gradient norm per step (0: no clipping)
+    clip_grad: float = 0.0
     precision: str = "auto"
     device: str = "auto"
     workers: int | None = None
 
 
 _NOT_RECIPE = {"data", "out", "device", "workers"}
+# What the settings added since runs were first written did before they existed: a checkpoint
+# whose recipe lacks one was made that way, and resumes as such.
+FORMER_DEFAULTS = {"decode": "exact", "init_head": "random", "augment": "standard", "clip_grad": 0.0}
 
 
 def recipe_settings(cfg: FinetuneConfig) -> dict:

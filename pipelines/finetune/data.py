@@ -74,29 +74,49 @@ def make_splits(data, val_fraction: float = 0.1, seed: int = 0) -> Splits:
     return Splits(table, train, val, test)
 
 
-# RandomResizedCrop's smallest crop, as a share of the image's area (torchvision's default)
-SMALLEST_CROP = 0.08
+# The training augmentations: the smallest random crop as a share of the image's area (None: the
+# weights' own resize and centre crop, no randomness), and a policy of colour and geometry ops
+# after the crop. `standard` is torchvision's RandomResizedCrop (8% to all of the area) and a
+# flip, the seeds' augmentation and the only one before this setting.
+AUGMENTS = {"none": (None, None), "light": (0.35, None), "standard": (0.08, None),
+            "trivialaugment": (0.08, "trivialaugment"), "randaugment": (0.08, "randaugment")}
 
 
-def train_min_size(decode: str, preprocessing: dict) -> tuple[int, int] | None:
-    """The ``min_size`` of a reduced decode for training images: the smallest random crop (8% of
-    the area) still holds the crop size's pixels, so a reduced decode never blurs a training
-    crop (the evaluation resize needs far fewer: :func:`~cnncodes.extractor.decoding.decode_min_size`)."""
+def train_min_size(decode: str, preprocessing: dict, augment: str = "standard") -> tuple[int, int] | None:
+    """The ``min_size`` of a reduced decode for training images: the smallest random crop still
+    holds the crop size's pixels, so a reduced decode never blurs a training crop (evaluation's
+    resize needs fewer: :func:`~cnncodes.extractor.decoding.decode_min_size`)."""
     if decode != "reduced":
         return None
-    side = math.ceil(int(preprocessing["crop"]) / math.sqrt(SMALLEST_CROP))
+    smallest = AUGMENTS[augment][0]
+    if smallest is None:
+        size = int(preprocessing["resize"])
+        return size, size
+    side = math.ceil(int(preprocessing["crop"]) / math.sqrt(smallest))
     return side, side
 
 
-def train_transform(preprocessing: dict):
-    """Random resized crop + horizontal flip at the weights' crop size, interpolation and
-    normalisation (the seeds' augmentation)."""
+def train_transform(preprocessing: dict, augment: str = "standard"):
+    """The training images' transform at the weights' crop size, interpolation and
+    normalisation: a random resized crop of at least the preset's share of the area, a
+    horizontal flip and the preset's policy (TrivialAugment, RandAugment), or (``none``) the
+    weights' resize and centre crop alone."""
     from torchvision import transforms as T
+    if augment not in AUGMENTS:
+        raise FinetuneError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}.")
+    smallest, policy = AUGMENTS[augment]
     interp = T.InterpolationMode(preprocessing.get("interpolation", "bilinear"))
-    return T.Compose([T.RandomResizedCrop(int(preprocessing["crop"]), scale=(SMALLEST_CROP, 1.0),
-                                          interpolation=interp),
-                      T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(preprocessing["mean"], preprocessing["std"])])
+    crop = int(preprocessing["crop"])
+    if smallest is None:
+        ops = [T.Resize(int(preprocessing["resize"]), interpolation=interp), T.CenterCrop(crop)]
+    else:
+        ops = [T.RandomResizedCrop(crop, scale=(smallest, 1.0), interpolation=interp),
+               T.RandomHorizontalFlip()]
+    if policy == "trivialaugment":
+        ops.append(T.TrivialAugmentWide(interpolation=interp))
+    elif policy == "randaugment":
+        ops.append(T.RandAugment(num_ops=2, magnitude=9, interpolation=interp))
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(preprocessing["mean"], preprocessing["std"])])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -154,6 +154,10 @@ class Passes:
             sync = net.no_sync() if self.ctx.world > 1 and not step_now else contextlib.nullcontext()
             logits, loss = self._backward(net, x, y, crit, scaler, sync)
             if step_now:
+                if cfg.clip_grad:  # on the true gradients: unscaled first (a no-op without fp16)
+                    scaler.unscale_(opt)
+                    params = [p for g in opt.param_groups for p in g["params"]]
+                    nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)

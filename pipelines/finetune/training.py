@@ -59,6 +59,7 @@ from cnncodes.pipelines.finetune.config import (
     warmup_cosine,
 )
 from cnncodes.pipelines.finetune.data import (
+    AUGMENTS,
     ImageDataset,
     make_loader,
     make_splits,
@@ -117,6 +118,10 @@ class _Run(Passes):
         cfg = dataclasses.replace(cfg, decode=decode)
         if cfg.init_head not in INIT_HEADS:
             raise FinetuneError(f"init_head must be one of {', '.join(INIT_HEADS)}, got {cfg.init_head!r}.")
+        if cfg.augment not in AUGMENTS:
+            raise FinetuneError(f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}.")
+        if not cfg.clip_grad >= 0:
+            raise FinetuneError(f"clip_grad must be 0 (off) or a positive norm, got {cfg.clip_grad!r}.")
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
         self.out = Path(cfg.out)
         self.dev = resolve_device(cfg.device)
@@ -182,8 +187,9 @@ class _Run(Passes):
     def _loaders(self):
         cfg, ctx, pin = self.cfg, self.ctx, self.dev.type == "cuda"
         size = decode_min_size(cfg.decode, self.bb.preprocessing)
-        train_ds = ImageDataset(self.splits.table, self.splits.train, train_transform(self.bb.preprocessing),
-                                seed=cfg.seed, min_size=train_min_size(cfg.decode, self.bb.preprocessing))
+        train_ds = ImageDataset(self.splits.table, self.splits.train,
+                                train_transform(self.bb.preprocessing, cfg.augment), seed=cfg.seed,
+                                min_size=train_min_size(cfg.decode, self.bb.preprocessing, cfg.augment))
         kw = dict(rank=ctx.rank, world=ctx.world, workers=self.workers, pin_memory=pin, seed=cfg.seed)
         train = make_loader(train_ds, cfg.batch_size, shuffle=True, **kw)
         evals = {part: make_loader(ImageDataset(self.splits.table, rows, self.bb.split or self.bb.transform,
