@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from cnncodes.extractor.backbones.backbone import DEFAULT_MODEL
+from cnncodes.extractor.engine import default_cache_path
 from cnncodes.extractor.errors import SettingsError
-from cnncodes.extractor.files import dataset_name, slug
 from cnncodes.extractor.images import ImageTable
 
 from cnncodes.pipelines.advise.rule import Recommendation, recommend
@@ -113,21 +113,17 @@ def advise(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", sample
     if head is not None:
         name, weight, bias = head
         logits = codes["penultimate"].astype(np.float64) @ weight.T + bias
+        value = leep(logits, y, seed=seed)
         head_figures = {"layer": name, "normalised_entropy": round(normalised_entropy(logits), 4),
-                        "leep": round(leep(logits, y, seed=seed), 4),
-                        "leep_gain": round(leep_gain(logits, y, seed=seed), 4)}
+                        "leep": round(value, 4), "leep_gain": round(leep_gain(value, y), 4)}
     aliases = probe.aliases()
     layers = [_measure_layer(name, codes[name], y, rows, table, aliases.get(name), seed) for name in stages]
-    rec = recommend(data=str(data), model=model, cache=str(_default_cache(data, model)),
+    rec = recommend(data=str(data), model=model, cache=str(default_cache_path(data, model)),
                     per_class_median=size["per_class_median"], n_train=size["train_images"],
                     n_classes=size["classes"], entropy=head_figures and head_figures["normalised_entropy"],
                     leep_gain=head_figures and head_figures["leep_gain"], layers=layers, top=stages[-1],
                     weights=weights, decode=decode)
     return Advice(str(data), model, size, sample_info, head_figures, layers, rec, time.perf_counter() - t0)
-
-
-def _default_cache(data, model: str) -> Path:
-    return Path("cache") / f"{dataset_name(data)}-{slug(model)}.h5"
 
 
 def _imagenet_head(bb, probe) -> tuple[str, np.ndarray, np.ndarray] | None:
@@ -149,7 +145,7 @@ def _codes(data, model, bb, table, rows, layers, stages, **kw) -> tuple[dict, st
     """``{layer: codes of rows}`` plus ``__ok__`` (decoded rows), from the complete default
     cache when it holds them with this backbone's recipe and these images, else one pass in
     memory."""
-    path = _default_cache(data, model)
+    path = default_cache_path(data, model)
     cached = _from_cache(path, bb, table, rows, layers, stages, kw.get("decode"))
     if cached is not None:
         return cached, str(path)

@@ -68,8 +68,9 @@ def label_entropy(y: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def leep_gain(logits: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float:
-    """Cross-fitted LEEP rescaled to [0, 1]: 0 when ImageNet's predictions say nothing of the
-    labels (LEEP at or below minus the labels' entropy), 1 when they determine them (LEEP = 0)."""
+def leep_gain(leep_value: float, y: np.ndarray) -> float:
+    """A (cross-fitted) LEEP value rescaled to [0, 1]: 0 when ImageNet's predictions say nothing
+    of the labels (LEEP at or below minus the labels' entropy), 1 when they determine them
+    (LEEP = 0)."""
     h = label_entropy(y)
-    return float(np.clip(1 + leep(logits, y, folds, seed) / h, 0.0, 1.0)) if h > 0 else 0.0
+    return float(np.clip(1 + leep_value / h, 0.0, 1.0)) if h > 0 else 0.0
