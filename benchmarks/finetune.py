@@ -56,7 +56,8 @@ def main() -> None:
     if args.readme_only:
         for path in sorted((HERE / "results").glob("finetune-*.json")):
             r = json.loads(path.read_text())
-            update_readme(markdown(r), f"finetune-{r['device']}")
+            peer = r["benchmark"] == "finetune-peer"
+            update_readme((peer_markdown if peer else markdown)(r), f"{r['benchmark']}-{r['device']}")
         return
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
@@ -117,15 +118,21 @@ def versus_peer(args) -> None:
                      "peer_test_accuracy": peer["test_accuracy"], "peer_seconds": peer["seconds"],
                      "peer_process_s": round(peer_wall, 1), "cnncodes_test_accuracy": ours["test_accuracy"],
                      "cnncodes_seconds": ours["seconds"], "cnncodes_process_s": round(ours_wall, 1),
-                     "head_init": ours.get("head_init"), "fastai": peer.get("fastai")})
+                     "head_init": ours.get("head_init"), "fastai": peer.get("fastai"),
+                     "head_epochs": args.head_epochs, "epochs": args.epochs,
+                     "date": time.strftime("%Y-%m-%d")})
         print(rows[-1], file=sys.stderr)
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    result = {"benchmark": "finetune-peer", "device": device, "date": time.strftime("%Y-%m-%d"),
-              "head_epochs": args.head_epochs, "epochs": args.epochs, "rows": rows,
+    path = HERE / "results" / f"finetune-peer-{device}.json"
+    if path.exists():  # rows of other data sets or epochs measured before are kept
+        rows = [r for r in json.loads(path.read_text())["rows"]
+                if (r["data"], r.get("head_epochs"), r.get("epochs")) not in
+                {(n["data"], n["head_epochs"], n["epochs"]) for n in rows}] + rows
+    result = {"benchmark": "finetune-peer", "device": device, "date": time.strftime("%Y-%m-%d"), "rows": rows,
               "device_name": f"{torch.get_num_threads()}-thread CPU" if device == "cpu"
               else torch.cuda.get_device_name(), "versions": library_versions()}
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"finetune-peer-{device}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     table = peer_markdown(result)
     print(table)
     if args.update_readme:
@@ -133,15 +140,15 @@ def versus_peer(args) -> None:
 
 
 def peer_markdown(r: dict) -> str:
-    lines = ["| data, Lite0, head + all epochs | fastai `fine_tune` test acc | cnncodes `finetune` test "
-             "acc | fastai s | cnncodes s |", "|---|---:|---:|---:|---:|"]
+    lines = ["| data, Lite0 | head + all epochs | fastai `fine_tune` test acc | cnncodes `finetune` test "
+             "acc | fastai s | cnncodes s |", "|---|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         lines.append(f"| {row['data']} ({row['train_images']} train / {row['test_images']} test) | "
+                     f"{row.get('head_epochs', 1)} + {row.get('epochs', 3)} | "
                      f"{row['peer_test_accuracy']:.4f} | {row['cnncodes_test_accuracy']:.4f} | "
                      f"{row['peer_seconds']:.0f} | {row['cnncodes_seconds']:.0f} |")
-    return "\n".join(lines) + (f"\n\n({r['device_name']}, {r['date']}; {r['head_epochs']} + {r['epochs']} "
-                               f"epochs; `python benchmarks/finetune.py --versus-peer DATA --head-epochs "
-                               f"{r['head_epochs']} --epochs {r['epochs']}`)")
+    return "\n".join(lines) + (f"\n\n({r['device_name']}, {r['date']}; `python benchmarks/finetune.py "
+                               f"--versus-peer DATA --head-epochs F --epochs E`)")
 
 
 def per_stage(row: dict) -> str:
