@@ -54,14 +54,11 @@ def test_a_new_run_starts_from_the_probe_and_a_resume_keeps_its_record(tmp_path)
                  progress=False)
     assert r.head_init["kind"] == "probe" and r.head_init["rows"] == r.images["train"]
     assert r.head_init["C"] > 0 and 0 <= r.head_init["cv_accuracy"] <= 1
-    from cnncodes.extractor.backbones.loading import load_backbone
 
     from cnncodes.pipelines.finetune.data import make_splits
     from cnncodes.pipelines.finetune.head_init import fit_probe_head
     splits = make_splits(data, 0.3, 0)
-    dim = load_backbone("timm:test_efficientnet", "none").model.get_classifier().in_features
-    head = torch.nn.Linear(dim, 3)
-    init = fit_probe_head("timm:test_efficientnet", "none", splits.table, splits.train, 3, head,
+    init = fit_probe_head("timm:test_efficientnet", "none", splits.table, splits.train, 3,
                           decode="reduced", seed=0, device="cpu", batch_size=4)
     state = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
     assert np.allclose(state["classifier.weight"].numpy(), init.weight, atol=1e-6)

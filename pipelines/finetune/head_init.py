@@ -76,8 +76,8 @@ def head_arrays(probe, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return weight.astype(np.float32), bias.astype(np.float32)
 
 
-def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_classes: int,
-                   head: torch.nn.Linear, *, decode: str, seed: int, device: str = "auto",
+def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_classes: int, *, decode: str,
+                   seed: int, device: str = "auto",
                    batch_size: int = 32, max_rows: int = MAX_ROWS) -> HeadInit:
     """The softmax probe of ``rows``' penultimate codes as the head's weights (not applied).
 

@@ -227,7 +227,7 @@ class _Run(Passes):
         if why:
             return HeadInit("random", why=why).as_dict()
         init = self.ctx.decide(lambda: fit_probe_head(
-            cfg.model, cfg.weights, self.splits.table, self.splits.train, len(self.splits.classes), module,
+            cfg.model, cfg.weights, self.splits.table, self.splits.train, len(self.splits.classes),
             decode=cfg.decode, seed=cfg.seed, device=cfg.device, batch_size=cfg.batch_size),
             "fitting the probe that starts the head")
         apply_head(module, init)
