@@ -161,6 +161,22 @@ def test_frozen_parts_and_their_bn_statistics_stay_put(tmp_path, data):
     assert any(not torch.equal(moved[k], v) for k, v in _bn_stats(start).items())
 
 
+@pytest.mark.parametrize("bn,moves", [("eval", False), ("frozen", True), ("train", True)])
+def test_bn_eval_keeps_the_statistics_of_unfrozen_layers_too(tmp_path, data, bn, moves):
+    start = _initial_state(data, tmp_path)
+    finetune(tiny_config(data, tmp_path / bn, stages="all:1", bn=bn), progress=False)
+    after = load_checkpoint(tmp_path / bn / "last.pt")["model"]
+    changed = [k for k, v in _bn_stats(start).items() if not torch.equal(after[k], v)]
+    assert bool(changed) == moves, changed
+    # the scale and shift of unfrozen batch-norm layers train in every mode
+    assert any(not torch.equal(after[k], v) for k, v in start.items() if k.endswith("bn1.weight"))
+
+
+def test_from_scratch_always_reestimates_the_statistics(tmp_path, data):
+    r = finetune(tiny_config(data, tmp_path / "s", stages="all:1", from_scratch=True), progress=False)
+    assert r.recipe["bn"] == "train"
+
+
 def _initial_state(data, tmp_path) -> dict:
     """The network a run starts from: the seeded initialisation and head, before any step."""
     from cnncodes.pipelines.finetune.training import _Dist, _Run

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from cnncodes.pipelines.finetune.checkpoints import load_checkpoint
-from cnncodes.pipelines.finetune.head_init import head_arrays
+from cnncodes.pipelines.finetune.head_init import (
+    TEMPERATURE_BOUNDS,
+    fit_temperature,
+    floored_standardisation,
+    head_arrays,
+)
 from cnncodes.pipelines.finetune.training import finetune
 from cnncodes.pipelines.probes.codes import Codes
 
@@ -36,6 +41,34 @@ def test_the_head_computes_the_probes_scores_on_raw_codes(n_classes):
     assert np.allclose(probabilities(logits), want, atol=1e-5)
 
 
+def test_features_that_barely_vary_get_the_median_features_spread():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 8)) * np.array([1.0, 2.0, 3.0, 4.0, 5.0, 1e-6, 0.0, 1e-3])
+    mean, scale = floored_standardisation(X)
+    assert np.allclose(mean, X.mean(0))
+    spread = X.std(0)
+    assert np.allclose(scale, np.maximum(spread, np.median(spread)))
+    assert np.allclose(scale[1:5], spread[1:5]) and np.allclose(scale[5:], np.median(spread))
+    assert np.all(floored_standardisation(np.ones((5, 3)))[1] == 1.0)  # nothing varies: raw codes
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 4.0, 30.0])
+def test_temperature_scaling_recovers_the_temperature_labels_were_drawn_with(true_t):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=3.0, size=(4000, 5)) * true_t  # a head too sharp (or too soft) by true_t
+    p = np.exp(logits / true_t - (logits / true_t).max(1, keepdims=True))
+    y = np.array([rng.choice(5, p=row / row.sum()) for row in p])
+    assert fit_temperature(logits, y) == pytest.approx(true_t, rel=0.1)
+
+
+def test_a_temperature_never_leaves_its_bounds_nor_changes_the_predictions():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(50, 3))
+    y = logits.argmin(1)  # labels that disagree with the probe everywhere: the flattest allowed head
+    assert fit_temperature(logits, y) == pytest.approx(TEMPERATURE_BOUNDS[1], rel=1e-2)
+    assert fit_temperature(logits * 1e-3, logits.argmax(1)) == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-2)
+
+
 @pytest.mark.parametrize("n_seen", [2, 3])
 def test_classes_the_probe_never_saw_never_win_at_the_start(n_seen):
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
@@ -59,7 +92,9 @@ def test_a_new_run_starts_from_the_probe_and_a_resume_keeps_its_record(tmp_path)
     from cnncodes.pipelines.finetune.head_init import fit_probe_head
     splits = make_splits(data, 0.3, 0)
     init = fit_probe_head("timm:test_efficientnet", "none", splits.table, splits.train, 3,
-                          decode="reduced", seed=0, device="cpu", batch_size=4)
+                          decode="reduced", seed=0, device="cpu", batch_size=4, val_rows=splits.val)
+    assert init.val_rows == len(splits.val) == r.head_init["val_rows"]
+    assert r.head_init["temperature"] == round(init.temperature, 4)
     state = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
     assert np.allclose(state["classifier.weight"].numpy(), init.weight, atol=1e-6)
     assert np.allclose(state["classifier.bias"].numpy(), init.bias, atol=1e-6)
@@ -72,7 +107,7 @@ def test_random_heads_say_why(tmp_path):
     data = write_many(tmp_path / "data")
     r = finetune(tiny_config(data, tmp_path / "a", stages="head:1", init_head="random"), progress=False)
     assert r.head_init == {"kind": "random", "C": None, "cv_accuracy": None, "rows": 0, "seconds": 0.0,
-                           "why": "asked for"}
+                           "why": "asked for", "temperature": 1.0, "val_rows": 0}
     r = finetune(tiny_config(data, tmp_path / "b", stages="all:1", from_scratch=True), progress=False)
     assert r.head_init["kind"] == "random" and r.head_init["why"] == "from scratch"
 

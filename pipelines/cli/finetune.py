@@ -39,9 +39,12 @@ def _train_options(fn):
                      help="Without a val split: this stratified share of train validates."),
         click.option("--patience", type=click.IntRange(min=0), default=3, show_default=True,
                      help="End a stage after N epochs without a new best val accuracy (0: never)."),
-        click.option("--bn", type=click.Choice(["frozen", "train"]), default="frozen", show_default=True,
-                     help="Batch norm in frozen parts: frozen = eval mode, statistics kept; "
-                          "train = re-estimated. LayerNorm (ViT, Swin) has no statistics: no effect there."),
+        click.option("--bn", type=click.Choice(["eval", "frozen", "train"]), default="eval",
+                     show_default=True,
+                     help="Batch norm while training: eval = every layer in eval mode, its statistics "
+                          "kept (its scale and shift train where unfrozen); frozen = only frozen layers; "
+                          "train = statistics re-estimated from the batches (always from scratch). "
+                          "LayerNorm (ViT, Swin) has no statistics: no effect there."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--decode", type=click.Choice(["reduced", "exact"]), default="reduced",
                      show_default=True,

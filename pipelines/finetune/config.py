@@ -40,7 +40,8 @@ class FinetuneConfig:
     accumulate: int = 1
     val_fraction: float = 0.1
     patience: int = 3
-    bn: str = "frozen"
+    # batch norm while training (freezing.BN_MODES): `eval` keeps every layer's running statistics
+    bn: str = "eval"
     from_scratch: bool = False
     seed: int = 0
     # how images are decoded (cnncodes.extractor.decoding): `reduced` (at the smallest scale the

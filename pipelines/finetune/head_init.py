@@ -9,6 +9,15 @@ augmentation; the run's decode path) and a cross-validated softmax probe is fitt
 the same solver as ``fit-softmax``; its weights, mapped through its standardisation, become the
 head's. This is also why the two halves of the toolkit meet here: a saved softmax probe *is* a
 head.
+
+The probe is then calibrated on the validation images by one temperature (Guo et al. 2017): C is
+chosen for accuracy, and the most accurate C is often a weakly regularised one whose logits are
+huge (C = 100 on the digits: a mean training loss of 9.9 on augmented crops). Such a head sends
+gradients ``W^T (p - y)`` scaled by its weight norm into the first unfrozen layers: measured on
+the digits, fine-tuning everything from the uncalibrated head went from 0.81 to 0.10
+validation accuracy in one epoch. Dividing the head by the temperature that minimises the
+validation images' cross-entropy keeps the probe's predictions (the same argmax) and gives the
+fine-tuning a head whose confidence is the probe's real one.
 """
 from __future__ import annotations
 
@@ -43,11 +52,37 @@ class HeadInit:
     rows: int = 0
     seconds: float = 0.0
     why: str = ""
+    temperature: float = 1.0     # the head is the probe divided by this (1: not calibrated)
+    val_rows: int = 0            # the validation images it was calibrated on
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "C": self.C,
                 "cv_accuracy": None if self.cv_accuracy is None else round(float(self.cv_accuracy), 4),
-                "rows": self.rows, "seconds": round(self.seconds, 2), "why": self.why}
+                "rows": self.rows, "seconds": round(self.seconds, 2), "why": self.why,
+                "temperature": round(float(self.temperature), 4), "val_rows": self.val_rows}
+
+
+# A temperature outside these bounds means the validation images disagree with the probe so much
+# that no scaling of it is a calibration; the bounds keep the head a probe (the same argmax).
+TEMPERATURE_BOUNDS = (0.25, 100.0)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature ``T`` that minimises the mean cross-entropy of ``softmax(logits / T)``
+    against ``y`` (temperature scaling; a one-dimensional, convex problem in ``1 / T``)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    logits = np.asarray(logits, np.float64)
+    picked = logits[np.arange(len(y)), np.asarray(y, np.int64)]
+
+    def nll(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        return float(np.mean(logsumexp(z, axis=1) - picked / np.exp(log_t)))
+
+    lo, hi = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
+    return float(np.exp(minimize_scalar(nll, bounds=(lo, hi), method="bounded",
+                                        options={"xatol": 1e-3}).x))
 
 
 def head_arrays(probe, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,10 +111,30 @@ def head_arrays(probe, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return weight.astype(np.float32), bias.astype(np.float32)
 
 
+def floored_standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and spread of ``X`` for the head's probe, each spread at least the median
+    feature's.
+
+    Plain standardisation divides by each feature's spread on the training images, and a
+    network's codes hold features that barely vary there (216 of Lite0's 1,280 penultimate ones
+    vary by less than 0.001 on the digits): the probe's weights on them, mapped to raw codes,
+    become huge (a head of norm 2,160 on the digits), and an augmented crop or a moving backbone
+    changes those features by far more than their training spread, so the head's logits explode
+    (a training loss of 7 to 11 in the head's first epoch, then divergence once everything
+    trains). With the spread floored at the median feature's, the probe is as accurate (digits:
+    test 0.975 against 0.969, CV 0.950 against 0.939) and the head's norm 14 times smaller.
+    """
+    X = np.asarray(X, np.float64)
+    mean, spread = X.mean(0), X.std(0)
+    floor = float(np.median(spread)) if np.median(spread) > 0 else float(spread.max(initial=0.0))
+    return mean, np.maximum(spread, floor if floor > 0 else 1.0)
+
+
 def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_classes: int, *, decode: str,
-                   seed: int, device: str = "auto",
+                   seed: int, device: str = "auto", val_rows=(),
                    batch_size: int = 32, max_rows: int = MAX_ROWS) -> HeadInit:
-    """The softmax probe of ``rows``' penultimate codes as the head's weights (not applied).
+    """The softmax probe of ``rows``' penultimate codes as the head's weights (not applied),
+    divided by the temperature that calibrates it on ``val_rows`` (none: not calibrated).
 
     The codes come from a network built afresh with the run's weights, so the model about to be
     fine-tuned is never touched (batch norm folding, devices, eval mode); of more than
@@ -103,23 +158,34 @@ def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_cla
     if smallest < 2 or (counts > 0).sum() < 2:
         return HeadInit("random", why=f"a probe needs 2 training images of every class and 2 classes; "
                                       f"the smallest class has {smallest}")
+    val_rows = np.asarray(val_rows, dtype=np.int64)
+    if len(val_rows) > max_rows // 4:
+        val_rows = val_rows[stratified_sample(table.labels[val_rows], max_rows // 4, seed)]
     bb = load_backbone(model_name, weights, seed=seed)  # the run's network, random weights too
-    codes, errors = encode_rows(bb, table, rows, ["penultimate"], device=device, batch_size=batch_size,
-                                decode=decode)
+    codes, errors = encode_rows(bb, table, np.concatenate([rows, val_rows]), ["penultimate"],
+                                device=device, batch_size=batch_size, decode=decode)
     ok = np.array([not e for e in errors], dtype=bool)
-    X, y, kept = codes["penultimate"][ok], y[ok], rows[ok]
+    X_val = codes["penultimate"][len(rows):][ok[len(rows):]]
+    y_val = table.labels[val_rows][ok[len(rows):]]
+    ok = ok[:len(rows)]
+    X, y, kept = codes["penultimate"][:len(rows)][ok], y[ok], rows[ok]
     counts = np.bincount(y, minlength=n_classes)
     smallest = int(counts[counts > 0].min()) if len(y) else 0
     if smallest < 2 or (counts > 0).sum() < 2:
         return HeadInit("random", why="too few training images decoded for a probe")
-    data = Codes(Path(""), "penultimate", X, y, np.full(len(y), "train", dtype=object), kept,
-                 [table.paths[r] for r in kept], list(table.classes), {}, {})
+    mean, scale = floored_standardisation(X)
+    data = Codes(Path(""), "penultimate", ((X - mean) / scale).astype(np.float32), y,
+                 np.full(len(y), "train", dtype=object), kept, [table.paths[r] for r in kept],
+                 list(table.classes), {}, {})
     fit = fit_linear_probe(data, "penultimate", "softmax", folds=min(5, smallest), seed=seed,
-                           solver="batched")
+                           solver="batched", norm="none")
     w, b = head_arrays(fit.pipeline, n_classes)
-    log.info("head from a softmax probe (C=%g, CV accuracy %.3f on %d images)", fit.C, fit.cv_accuracy,
-             len(y))
-    return HeadInit("probe", w, b, fit.C, fit.cv_accuracy, len(y), time.perf_counter() - t0)
+    w, b = w / scale, b - (w / scale) @ mean  # the same scores on raw codes
+    t = fit_temperature(X_val @ w.T.astype(np.float64) + b, y_val) if len(y_val) else 1.0
+    log.info("head from a softmax probe (C=%g, CV accuracy %.3f on %d images), temperature %.3g on %d "
+             "validation images", fit.C, fit.cv_accuracy, len(y), t, len(y_val))
+    return HeadInit("probe", w / t, b / t, fit.C, fit.cv_accuracy, len(y), time.perf_counter() - t0,
+                    temperature=t, val_rows=len(y_val))
 
 
 def apply_head(head: torch.nn.Linear, init: HeadInit) -> None:

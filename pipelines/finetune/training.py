@@ -116,6 +116,8 @@ class _Run(Passes):
         if decode == "gpu":
             raise FinetuneError("fine-tuning decodes with Pillow: decode must be reduced or exact, not gpu.")
         cfg = dataclasses.replace(cfg, decode=decode)
+        if cfg.from_scratch and cfg.bn == "eval":  # a random network's statistics mean nothing
+            cfg = dataclasses.replace(cfg, bn="train")
         if cfg.init_head not in INIT_HEADS:
             raise FinetuneError(f"init_head must be one of {', '.join(INIT_HEADS)}, got {cfg.init_head!r}.")
         if cfg.augment not in AUGMENTS:
@@ -228,7 +230,8 @@ class _Run(Passes):
             return HeadInit("random", why=why).as_dict()
         init = self.ctx.decide(lambda: fit_probe_head(
             cfg.model, cfg.weights, self.splits.table, self.splits.train, len(self.splits.classes),
-            decode=cfg.decode, seed=cfg.seed, device=cfg.device, batch_size=cfg.batch_size),
+            decode=cfg.decode, seed=cfg.seed, device=cfg.device, val_rows=self.splits.val,
+            batch_size=cfg.batch_size),
             "fitting the probe that starts the head")
         apply_head(module, init)
         return init.as_dict()
