@@ -162,6 +162,17 @@ def test_a_class_with_one_image_is_left_out_and_named(tmp_path, r18_weights):
     assert a["imagenet_head"] is not None and a["size"]["classes"] == 3
 
 
+def test_many_classes_of_few_images_each_are_advised(tmp_path, r18_weights):
+    # 40 classes of 3 images: every class smaller than LEEP's and the probes' usual 5 folds
+    from .conftest import write_image
+    for c in range(40):
+        for i in range(3):
+            write_image(tmp_path / "d" / f"c{c:02d}" / f"{i}.png", seed=100 * c + i)
+    a = _run(tmp_path / "d", tmp_path, "-m", "resnet18", "-w", str(r18_weights))
+    assert a["sample"]["images"] == 120 and a["size"]["per_class_median"] == 3
+    assert a["recommendation"]["size"] == "small" and a["imagenet_head"]["leep"] < 0
+
+
 def test_advise_refuses_bad_input_in_one_line(tmp_path):
     (tmp_path / "one" / "only").mkdir(parents=True)
     from .conftest import write_image
