@@ -7,8 +7,11 @@ The classic rule (CS231n's transfer-learning notes, Yosinski et al. 2014) has tw
                   similar to ImageNet             different from ImageNet
 ================  ==============================  =======================================
 small data        linear probe on the top layer   linear probe on an earlier layer
-large data        fine-tune the top stages        fine-tune more of the network (or all)
+medium data       fine-tune the top stage         fine-tune everything
+large data        fine-tune everything            fine-tune everything
 ================  ==============================  =======================================
+
+(CS231n's notes name the small and large rows; the medium row is this rule's interpolation.)
 
 Here both axes are measured, never assumed: size is images per class; "different" needs
 evidence that ImageNet's features fit the data less well - ImageNet's own head is unsure of
@@ -18,7 +21,8 @@ probe that is already near perfect leaves fine-tuning nothing to win, whatever t
 
 The thresholds are provisional: the head's two are midway between the two data sets they were
 first measured on (Lite0 on the digits: entropy 0.79, LEEP gain 0.04; on Caltech-101: 0.40 and
-0.69); the regret of the whole rule against what ``compare`` finds best is not measured yet.
+0.69). ``benchmarks/advise.py`` measures the rule's regret against the best strategy on every
+data set it has, and against a rule that reads the size alone.
 Every figure the rule read is in the advice, so a user can check the reasoning.
 """
 from __future__ import annotations
@@ -133,15 +137,13 @@ def recommend(*, data: str, model: str, cache: str, per_class_median: float, n_t
                        f"(CV accuracy {cheapest['probe_accuracy']:.3f}).")
         return Recommendation("linear probe", layer, None, size, similarity, probe_cmd, reasons)
     stages = [r["layer"] for r in layers if r["layer"].startswith("stage")]
-    if size == "large" and similarity == "different":
+    if similarity == "different" or size == "large":
+        # CS231n: large data fine-tunes through the whole network, similar or not; different data
+        # needs its early layers moved too, and medium data is enough to move them (measured by
+        # benchmarks/advise.py against fine-tuning the top stage alone)
         start, strategy = "all", "fine-tune everything"
-        why = "large and different data: there is data enough to move every layer, and they need to move"
-    elif similarity == "different" or size == "large":
-        # unfreeze from the best fixed layer's stage: the layers above it are the ones to adapt
-        start = best["layer"] if best["layer"] in stages and best["layer"] != stages[-1] else \
-            (stages[-2] if len(stages) >= 2 else stages[-1])
-        strategy = "probe, then fine-tune"
-        why = (f"{size} data, {similarity}: adapt the layers from {start} up, keep the early ones fixed")
+        why = (f"{size} and {similarity} data: there is data enough to move every layer"
+               + (", and they need to move" if similarity == "different" else ""))
     else:
         start, strategy = stages[-1] if stages else "all", "probe, then fine-tune"
         why = f"{size}, {similarity} data: adapt the top stage ({start}), keep the rest fixed"

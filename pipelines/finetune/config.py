@@ -29,9 +29,9 @@ class FinetuneConfig:
     model: str = DEFAULT_MODEL
     weights: str = "DEFAULT"
     stages: str = "head:2,all:3"
-    lr: float = 5e-3
+    lr: float = 1e-4
     head_lr_mult: float = 10.0
-    optimizer: str = "sgd"
+    optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
@@ -51,7 +51,7 @@ class FinetuneConfig:
     # penultimate codes: probe, then fine-tune) or `random` (the only start before this setting)
     init_head: str = "probe"
     # the training images' augmentation (data.AUGMENTS); `standard` is the only one before it
-    augment: str = "standard"
+    augment: str = "light"
     # largest gradient norm per step (0: no clipping)
     clip_grad: float = 0.0
     precision: str = "auto"
