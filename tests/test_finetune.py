@@ -115,6 +115,35 @@ def test_head_learns_ten_times_faster_and_from_scratch_evenly(resnet):
     assert [g["lr"] for g in scratch.param_groups] == pytest.approx([0.02, 0.02])
 
 
+def test_layer_wise_decay_gives_each_stage_below_the_top_a_smaller_rate(resnet):
+    from cnncodes.pipelines.finetune.freezing import depth_groups
+    model, probe, head = resnet
+    apply_stage(model, frozen_modules(model, probe, resolve_stages(probe, [("all", 1)])[0], head))
+    depth = depth_groups(model, probe)
+    assert set(depth) == {n for n, _ in model.named_parameters()}
+    # resnet's stages: the stem (conv1, bn1) before stage1, layer1 ... layer4, the head last
+    assert depth["conv1.weight"] == 0 and depth["layer1.0.conv1.weight"] < depth["layer4.1.bn2.bias"]
+    assert depth["layer2.0.conv1.weight"] <= depth["layer3.0.conv1.weight"] <= depth["layer4.0.conv1.weight"]
+    opt = make_optimizer(model, head, FinetuneConfig("d", "o", lr=0.01, lr_decay=0.5), depth)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    top = max(depth.values())
+    assert lrs["backbone"] == 0.01 and lrs["head"] == pytest.approx(0.1)
+    assert lrs[f"backbone-{top}"] == pytest.approx(0.01 * 0.5 ** top)
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter once
+    assert [g["name"] for g in make_optimizer(model, head, FinetuneConfig("d", "o"), depth).param_groups] == \
+        ["backbone", "head"]  # lr_decay 1: one backbone group
+    with pytest.raises(FinetuneError, match="--lr-decay"):
+        make_optimizer(model, head, FinetuneConfig("d", "o", lr_decay=0.0), depth)
+
+
+def test_a_run_with_layer_wise_decay_logs_a_rate_per_stage(tmp_path, data):
+    cfg = tiny_config(data, tmp_path / "run", stages="head:1,all:2", lr_decay=0.6)
+    full = finetune(cfg, progress=False)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert set(lrs[1]) > {"backbone", "head", "backbone-1"} and full.recipe["lr_decay"] == 0.6
+
+
 # --- runs --------------------------------------------------------------------------------------------
 
 @pytest.fixture

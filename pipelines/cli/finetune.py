@@ -57,6 +57,9 @@ def _train_options(fn):
                      help="Training images: standard = random resized crop (8-100% of the area) and flip; "
                           "light = crops of 35-100%; trivialaugment / randaugment = standard plus that "
                           "policy; none = the weights' resize and centre crop."),
+        click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="Layer-wise learning-rate decay: each stage below the top trains at this "
+                          "multiple of the rate of the one above (1: one rate for the backbone)."),
         click.option("--clip-grad", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Largest gradient norm per step (0: no clipping)."),
         click.option("--init-head", type=click.Choice(["probe", "random"]), default="probe",

@@ -54,6 +54,9 @@ class FinetuneConfig:
     augment: str = "light"
     # largest gradient norm per step (0: no clipping)
     clip_grad: float = 0.0
+    # layer-wise learning-rate decay: each stage below the top trains at this multiple of the
+    # rate of the stage above it (1: one rate for the whole backbone)
+    lr_decay: float = 1.0
     precision: str = "auto"
     device: str = "auto"
     workers: int | None = None
@@ -62,7 +65,8 @@ class FinetuneConfig:
 _NOT_RECIPE = {"data", "out", "device", "workers"}
 # What the settings added since runs were first written did before they existed: a checkpoint
 # whose recipe lacks one was made that way, and resumes as such.
-FORMER_DEFAULTS = {"decode": "exact", "init_head": "random", "augment": "standard", "clip_grad": 0.0}
+FORMER_DEFAULTS = {"decode": "exact", "init_head": "random", "augment": "standard", "clip_grad": 0.0,
+                   "lr_decay": 1.0}
 
 
 def recipe_settings(cfg: FinetuneConfig) -> dict:
@@ -87,16 +91,34 @@ def warmup_cosine(total: int, warmup: int):
     return factor
 
 
-def make_optimizer(model: nn.Module, heads: tuple[str, ...], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """Two parameter groups: the trainable backbone at ``lr`` and the head at ``lr *
-    head_lr_mult``. From scratch every parameter is new, so all train at the head's rate (as
-    d2l's scratch baseline does: 10x the fine-tuned backbone's rate)."""
+def make_optimizer(model: nn.Module, heads: tuple[str, ...], cfg: FinetuneConfig,
+                   depth: dict[str, int] | None = None) -> torch.optim.Optimizer:
+    """The trainable backbone at ``lr`` and the head at ``lr * head_lr_mult``. From scratch
+    every parameter is new, so all train at the head's rate (as d2l's scratch baseline does:
+    10x the fine-tuned backbone's rate).
+
+    With ``lr_decay`` below 1 and ``depth`` (parameter name -> stage index, from
+    :func:`~cnncodes.pipelines.finetune.freezing.depth_groups`), the backbone is one group per
+    stage, the top one (``backbone``) at ``lr`` and each one below at ``lr_decay`` times the rate
+    of the one above (``backbone-1``, ``backbone-2``, ...: layer-wise learning-rate decay, as
+    BEiT's and ConvNeXt's fine-tuning recipes do per block)."""
     head_lr = cfg.lr * cfg.head_lr_mult
     body_lr = head_lr if cfg.from_scratch else cfg.lr
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    body = [p for n, p in model.named_parameters() if p.requires_grad and not any(n.startswith(h + ".")
-                                                                                  for h in heads)]
-    groups = [{"params": body, "lr": body_lr, "name": "backbone"}] if body else []
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not any(n.startswith(h + ".")
+                                                                                         for h in heads)]
+    if not 0 < cfg.lr_decay <= 1:
+        raise FinetuneError(f"--lr-decay must be in (0, 1], got {cfg.lr_decay!r}.")
+    if named and depth and cfg.lr_decay < 1 and not cfg.from_scratch:
+        by_depth: dict[int, list] = {}
+        for n, p in named:
+            by_depth.setdefault(depth.get(n, 0), []).append(p)
+        top = max(by_depth)
+        groups = [{"params": by_depth[d], "lr": body_lr * cfg.lr_decay ** (top - d),
+                   "name": "backbone" if d == top else f"backbone-{top - d}"}
+                  for d in sorted(by_depth, reverse=True)]
+    else:
+        groups = [{"params": [p for _, p in named], "lr": body_lr, "name": "backbone"}] if named else []
     groups.append({"params": [p for h in heads for p in model.get_submodule(h).parameters()], "lr": head_lr,
                    "name": "head"})
     if cfg.optimizer == "sgd":

@@ -157,6 +157,25 @@ def frozen_modules(model: nn.Module, probe: Probe, stage: Stage, heads: tuple[st
     return frozen
 
 
+def depth_groups(model: nn.Module, probe: Probe) -> dict[str, int]:
+    """Parameter name -> the index of the stage it lies in, as ``--stages`` counts them: 0 before
+    ``stage1``'s module starts, k from where ``stagek``'s starts (so ``stage5`` = everything after
+    ``stage4``'s start, the group ``--stages stage5:N`` would train). The model's own parameters
+    (a ViT's class token) are 0, with its first module."""
+    import bisect
+    starts = sorted(info.start for alias, info in probe.aliases().items() if re.fullmatch(r"stage\d+", alias))
+    groups, module_group = {}, {"": 0}
+    for mod_name, module in model.named_modules():  # parents come before their children
+        info = probe.by_name.get(mod_name) if mod_name else None
+        # a module that never ran in the probe's forward pass takes its parent's stage
+        group = bisect.bisect_right(starts, info.start) if info is not None else \
+            module_group.get(mod_name.rpartition(".")[0], 0)
+        module_group[mod_name] = group
+        for p_name, _ in module.named_parameters(recurse=False):
+            groups[f"{mod_name}.{p_name}" if mod_name else p_name] = group
+    return groups
+
+
 def apply_stage(model: nn.Module, frozen: set[str]) -> int:
     """Set ``requires_grad`` per parameter; returns the number of trainable parameters."""
     count = 0

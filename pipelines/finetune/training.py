@@ -78,6 +78,7 @@ from cnncodes.pipelines.finetune.freezing import (
     FinetuneError,
     Stage,
     apply_stage,
+    depth_groups,
     frozen_modules,
     parse_stages,
     replace_head,
@@ -138,6 +139,7 @@ class _Run(Passes):
         self.stages = resolve_stages(self.probe, parse_stages(cfg.stages))
         self.model = self.bb.model
         self.head = replace_head(self.model, self.probe, len(self.splits.classes))
+        self.depth = depth_groups(self.model, self.probe) if cfg.lr_decay < 1 else None
         self.recipe = self._recipe()
         self.workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
 
@@ -272,7 +274,7 @@ class _Run(Passes):
         if self.ctx.world > 1:
             net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
-        opt = make_optimizer(self.model, self.head, self.cfg)
+        opt = make_optimizer(self.model, self.head, self.cfg, self.depth)
         steps_per_epoch = math.ceil(len(train_loader) / self.cfg.accumulate)
         sched = make_scheduler(opt, steps_per_epoch, stage.epochs, self.cfg)
         if p.ckpt is not None and p.stage_ep > 0:
