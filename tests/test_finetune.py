@@ -144,6 +144,16 @@ def test_a_run_with_layer_wise_decay_logs_a_rate_per_stage(tmp_path, data):
     assert set(lrs[1]) > {"backbone", "head", "backbone-1"} and full.recipe["lr_decay"] == 0.6
 
 
+@pytest.mark.parametrize("mix", ["mixup", "cutmix", "both"])
+def test_mixed_batches_have_soft_labels_and_train(tmp_path, data, mix):
+    from cnncodes.pipelines.finetune.epochs import batch_mixer
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    mixed, soft = batch_mixer(mix, 3)(x, y)
+    assert mixed.shape == x.shape and soft.shape == (6, 3) and torch.allclose(soft.sum(1), torch.ones(6))
+    r = finetune(tiny_config(data, tmp_path / "run", stages="head:1,all:1", mix=mix), progress=False)
+    assert r.recipe["mix"] == mix and r.epochs_run == 2
+
+
 # --- runs --------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -281,9 +291,10 @@ TRAIN_ARGS = ["--model", TINY, "--weights", "none", "-b", "2", "--val-fraction",
               "--patience", "0", "-q"]
 
 
-def test_killed_mid_epoch_then_resumed_matches_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--mix", "both", "--lr-decay", "0.7"]], ids=["plain", "mixed"])
+def test_killed_mid_epoch_then_resumed_matches_the_uninterrupted_run(tmp_path, extra):
     data = write_many(tmp_path / "data", per_class=30)
-    args = ["finetune", data, "--stages", "head:1,stage4:2,all:1", *TRAIN_ARGS]
+    args = ["finetune", data, "--stages", "head:1,stage4:2,all:1", *TRAIN_ARGS, *extra]
     subprocess.run(_cnncodes(*args, "--out", tmp_path / "whole"), check=True, env=_env(), cwd=REPO)
     want = load_checkpoint(tmp_path / "whole" / "last.pt")
 

@@ -60,6 +60,10 @@ def _train_options(fn):
         click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
                      help="Layer-wise learning-rate decay: each stage below the top trains at this "
                           "multiple of the rate of the one above (1: one rate for the backbone)."),
+        click.option("--mix", type=click.Choice(["none", "mixup", "cutmix", "both"]), default="none",
+                     show_default=True,
+                     help="Mix training images in each batch (torchvision's MixUp or CutMix, alpha 1; "
+                          "both = one of the two per batch), trained against mixed labels."),
         click.option("--clip-grad", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Largest gradient norm per step (0: no clipping)."),
         click.option("--init-head", type=click.Choice(["probe", "random"]), default="probe",

@@ -57,6 +57,8 @@ class FinetuneConfig:
     # layer-wise learning-rate decay: each stage below the top trains at this multiple of the
     # rate of the stage above it (1: one rate for the whole backbone)
     lr_decay: float = 1.0
+    # batch-level augmentation (epochs.MIXES): none, mixup, cutmix, or both (one per batch)
+    mix: str = "none"
     precision: str = "auto"
     device: str = "auto"
     workers: int | None = None
@@ -66,7 +68,7 @@ _NOT_RECIPE = {"data", "out", "device", "workers"}
 # What the settings added since runs were first written did before they existed: a checkpoint
 # whose recipe lacks one was made that way, and resumes as such.
 FORMER_DEFAULTS = {"decode": "exact", "init_head": "random", "augment": "standard", "clip_grad": 0.0,
-                   "lr_decay": 1.0}
+                   "lr_decay": 1.0, "mix": "none"}
 
 
 def recipe_settings(cfg: FinetuneConfig) -> dict:

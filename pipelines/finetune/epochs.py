@@ -52,6 +52,24 @@ def _logits(out):
     return getattr(out, "logits", None) if not isinstance(out, (tuple, list)) else out[0]
 
 
+# Batch-level augmentation (``--mix``): torchvision's MixUp and CutMix (alpha 1, their default),
+# or one of the two at random per batch, as timm's and torchvision's reference recipes do.
+MIXES = ("none", "mixup", "cutmix", "both")
+
+
+def batch_mixer(mix: str, n_classes: int):
+    """A callable ``(images, labels) -> (images, soft labels)``, or None for ``none``. It draws
+    from torch's global generator, whose state every checkpoint saves, so a resumed run mixes
+    the same batches the same way."""
+    if mix == "none":
+        return None
+    from torchvision.transforms import v2
+    if mix not in MIXES:
+        raise FinetuneError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}.")
+    mixup, cutmix = v2.MixUp(num_classes=n_classes), v2.CutMix(num_classes=n_classes)
+    return {"mixup": mixup, "cutmix": cutmix, "both": v2.RandomChoice([mixup, cutmix])}[mix]
+
+
 class Passes:
     """Training and evaluation passes of ``self.model``.
 
@@ -141,6 +159,7 @@ class Passes:
         cfg = self.cfg
         set_train_mode(self.model, frozen, cfg.bn)
         crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        mixer = batch_mixer(cfg.mix, len(self.splits.classes))
         loss_sum, correct, n, failed = 0.0, 0, 0, []
         batches = tqdm(loader, desc=epoch_label, unit="batch", leave=False,
                        disable=None if self.progress and self.ctx.main else True)
@@ -150,9 +169,14 @@ class Passes:
             if self._all_skip(x is None):
                 continue
             x, y = self._to_device(x, y)
+            # mixed images train against mixed (soft) labels; accuracy is counted against each
+            # image's own label, the larger share of its pixels under cutmix
+            target = y if mixer is None else mixer(x, y)
+            if mixer is not None:
+                x, target = target
             step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader)
             sync = net.no_sync() if self.ctx.world > 1 and not step_now else contextlib.nullcontext()
-            logits, loss = self._backward(net, x, y, crit, scaler, sync)
+            logits, loss = self._backward(net, x, target, crit, scaler, sync)
             if step_now:
                 if cfg.clip_grad:  # on the true gradients: unscaled first (a no-op without fp16)
                     scaler.unscale_(opt)

@@ -67,6 +67,7 @@ from cnncodes.pipelines.finetune.data import (
     train_transform,
 )
 from cnncodes.pipelines.finetune.epochs import (
+    MIXES,
     Dist,
     Passes,
     epoch_line,
@@ -123,6 +124,8 @@ class _Run(Passes):
             raise FinetuneError(f"init_head must be one of {', '.join(INIT_HEADS)}, got {cfg.init_head!r}.")
         if cfg.augment not in AUGMENTS:
             raise FinetuneError(f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}.")
+        if cfg.mix not in MIXES:
+            raise FinetuneError(f"mix must be one of {', '.join(MIXES)}, got {cfg.mix!r}.")
         if not cfg.clip_grad >= 0:
             raise FinetuneError(f"clip_grad must be 0 (off) or a positive norm, got {cfg.clip_grad!r}.")
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
