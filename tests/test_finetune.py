@@ -154,6 +154,22 @@ def test_mixed_batches_have_soft_labels_and_train(tmp_path, data, mix):
     assert r.recipe["mix"] == mix and r.epochs_run == 2
 
 
+def test_ema_validates_and_saves_the_average_and_the_raw_weights_go_on_training(tmp_path, data):
+    r = finetune(tiny_config(data, tmp_path / "run", stages="head:1,all:2", ema=0.5, patience=0),
+                 progress=False)
+    last, best = load_checkpoint(tmp_path / "run" / "last.pt"), load_checkpoint(tmp_path / "run" / "best.pt")
+    assert r.recipe["ema"] == 0.5 and last["ema"] is not None
+
+    def average(ckpt):
+        return {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert set(average(last)) == set(last["model"])
+    assert any(not torch.equal(v, last["model"][k]) for k, v in average(last).items()), "it should lag"
+    # best.pt holds the average its epoch's validation scored, not the raw weights
+    assert all(torch.equal(best["model"][k], v) for k, v in average(best).items())
+    with pytest.raises(FinetuneError, match="ema"):
+        finetune(tiny_config(data, tmp_path / "bad", ema=1.0), progress=False)
+
+
 # --- runs --------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -291,7 +307,8 @@ TRAIN_ARGS = ["--model", TINY, "--weights", "none", "-b", "2", "--val-fraction",
               "--patience", "0", "-q"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--mix", "both", "--lr-decay", "0.7"]], ids=["plain", "mixed"])
+@pytest.mark.parametrize("extra", [[], ["--mix", "both", "--lr-decay", "0.7", "--ema", "0.9"]],
+                         ids=["plain", "mixed"])
 def test_killed_mid_epoch_then_resumed_matches_the_uninterrupted_run(tmp_path, extra):
     data = write_many(tmp_path / "data", per_class=30)
     args = ["finetune", data, "--stages", "head:1,stage4:2,all:1", *TRAIN_ARGS, *extra]

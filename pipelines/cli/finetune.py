@@ -64,6 +64,9 @@ def _train_options(fn):
                      show_default=True,
                      help="Mix training images in each batch (torchvision's MixUp or CutMix, alpha 1; "
                           "both = one of the two per batch), trained against mixed labels."),
+        click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+                     help="Keep an exponential moving average of the weights with this decay (e.g. "
+                          "0.999) and validate, test and save best.pt with it (0: off)."),
         click.option("--clip-grad", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Largest gradient norm per step (0: no clipping)."),
         click.option("--init-head", type=click.Choice(["probe", "random"]), default="probe",

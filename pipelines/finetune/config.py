@@ -59,6 +59,8 @@ class FinetuneConfig:
     lr_decay: float = 1.0
     # batch-level augmentation (epochs.MIXES): none, mixup, cutmix, or both (one per batch)
     mix: str = "none"
+    # exponential moving average of the weights (0: off): validation and test score the average
+    ema: float = 0.0
     precision: str = "auto"
     device: str = "auto"
     workers: int | None = None
@@ -68,7 +70,7 @@ _NOT_RECIPE = {"data", "out", "device", "workers"}
 # What the settings added since runs were first written did before they existed: a checkpoint
 # whose recipe lacks one was made that way, and resumes as such.
 FORMER_DEFAULTS = {"decode": "exact", "init_head": "random", "augment": "standard", "clip_grad": 0.0,
-                   "lr_decay": 1.0, "mix": "none"}
+                   "lr_decay": 1.0, "mix": "none", "ema": 0.0}
 
 
 def recipe_settings(cfg: FinetuneConfig) -> dict:

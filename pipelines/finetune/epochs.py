@@ -94,6 +94,13 @@ class Passes:
             torch.distributed.all_reduce(totals)
         return tuple(totals.tolist())
 
+    ema = None  # torch's AveragedModel of the weights (--ema), or None
+
+    def eval_model(self) -> nn.Module:
+        """What validation and test score: the exponential moving average of the weights under
+        ``--ema``, else the model itself."""
+        return self.ema.module if self.ema is not None else self.model
+
     def evaluate(self, loader, keep: bool = False) -> dict:
         """Loss and accuracy over a split, summed over the ranks' shares; with ``keep``, the
         table rows and predictions of every image (gathered from all ranks).
@@ -101,7 +108,8 @@ class Passes:
         The plain model, not the DDP wrapper, runs here: DDP's forward broadcasts buffers, a
         collective the ranks would have to call equally often, and their shares may differ by
         a batch."""
-        self.model.eval()
+        net = self.eval_model()
+        net.eval()
         loss_sum, correct, n, rows, preds, failed = 0.0, 0, 0, [], [], []
         crit = nn.CrossEntropyLoss(reduction="sum")
         with torch.inference_mode():
@@ -111,7 +119,7 @@ class Passes:
                     continue
                 x, y = self._to_device(x, y)
                 with self._autocast():
-                    logits = _logits(self.model(x)).float()
+                    logits = _logits(net(x)).float()
                 loss_sum += float(crit(logits, y))
                 p = logits.argmax(1)
                 correct += int((p == y).sum())
@@ -183,6 +191,8 @@ class Passes:
                     params = [p for g in opt.param_groups for p in g["params"]]
                     nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                 scaler.step(opt)
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
                 sched.step()

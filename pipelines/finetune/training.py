@@ -124,6 +124,8 @@ class _Run(Passes):
             raise FinetuneError(f"init_head must be one of {', '.join(INIT_HEADS)}, got {cfg.init_head!r}.")
         if cfg.augment not in AUGMENTS:
             raise FinetuneError(f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}.")
+        if not 0 <= cfg.ema < 1:
+            raise FinetuneError(f"ema must be 0 (off) or a decay in (0, 1), got {cfg.ema!r}.")
         if cfg.mix not in MIXES:
             raise FinetuneError(f"mix must be one of {', '.join(MIXES)}, got {cfg.mix!r}.")
         if not cfg.clip_grad >= 0:
@@ -179,8 +181,9 @@ class _Run(Passes):
         a kill between the two leaves a ``last.pt`` whose best epoch has its ``best.pt``."""
         if not self.ctx.main:
             return
-        if improved:
-            save_checkpoint(state, self.out / "best.pt")
+        if improved:  # the weights validation scored: the average under --ema
+            best = state if self.ema is None else {**state, "model": self.ema.module.state_dict()}
+            save_checkpoint(best, self.out / "best.pt")
         save_checkpoint(state, self.out / "last.pt")
 
     def _write_metrics(self, history: list[dict], mode: str = "w") -> None:
@@ -241,6 +244,18 @@ class _Run(Passes):
         apply_head(module, init)
         return init.as_dict()
 
+    def _ema(self, ckpt: dict | None):
+        """``--ema D``: torch's AveragedModel keeping ``D * average + (1 - D) * weights`` after
+        every optimiser step (batch-norm statistics averaged too), restored from the checkpoint
+        when resuming; None without ``--ema``."""
+        if not self.cfg.ema:
+            return None
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema), use_buffers=True)
+        if ckpt is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        return ema
+
     def _scaler(self, ckpt: dict | None):
         scaler = torch.amp.GradScaler("cuda", enabled=self.prec == "fp16")
         if ckpt is not None and ckpt.get("scaler"):
@@ -255,6 +270,7 @@ class _Run(Passes):
         self.head_init = self._start_head() if ckpt is None else ckpt.get("head_init") or \
             HeadInit("random", why="a run made before --init-head").as_dict()
         self.model.to(self.dev, memory_format=self._memory_format)
+        self.ema = self._ema(ckpt)
         loaders = self._loaders()
         scaler = self._scaler(ckpt)
         status = "up to date" if p.stage_i >= len(self.stages) else \
@@ -340,7 +356,7 @@ class _Run(Passes):
                 "epoch": epoch + 1, "stage": st.stage.name, "frozen": sorted(st.frozen),
                 "next_stage": p.stage_i, "next_stage_epoch": p.stage_ep, "best": p.best,
                 "history": p.history, "rng": rng_state(), "recipe": self.recipe,
-                "head_init": self.head_init}
+                "head_init": self.head_init, "ema": None if self.ema is None else self.ema.state_dict()}
 
     def _report_epoch(self, h: dict, stage: Stage, tr: dict, va: dict, improved: bool) -> None:
         if not self.ctx.main:
@@ -354,7 +370,7 @@ class _Run(Passes):
     def _finish(self, history, best, evals, status, seconds) -> FinetuneResult:
         """Score the best epoch's weights on test (val without a test split); write the report."""
         digests = rank_digests(self.model, self.ctx)
-        self.model.load_state_dict(load_checkpoint(self.out / "best.pt")["model"])
+        self.eval_model().load_state_dict(load_checkpoint(self.out / "best.pt")["model"])
         part = "test" if "test" in evals else "val"
         ev = self.evaluate(evals[part], keep=True)
         truth = [int(self.splits.table.labels[r]) for r in ev["rows"]]
