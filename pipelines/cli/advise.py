@@ -32,7 +32,7 @@ def advise_cmd(data, model, weights, sample, seed, report_dir, device, runtime, 
     a matching complete cache are read instead when there is one): the size (images per
     class), how ImageNet's own head reads the images (normalised entropy, LEEP), and how well
     each stage's codes separate the classes (softmax probe and k-NN, cross-validated; LogME).
-    Then the recommendation - linear probe on layer L, probe-then-fine-tune from stage S, or
+    Then the recommendation - linear probe on layer L, probe-then-fine-tune the top stage, or
     fine-tune everything - with the exact command line and the reasons, every figure printed
     (and in --json), and a report (index.html, advice.md/.json, advise.png) with the data's
     place on the size x similarity plane beside the data sets cnncodes was checked on.
