@@ -69,14 +69,16 @@ def advised_key(rec: dict, top_stage: str) -> str:
     return "all" if start == "all" else "top" if start == top_stage else f"from:{start}"
 
 
-def probes(data: Path, out: Path, model: str, seed: int) -> dict:
-    """Test accuracy of a linear SVM on every stage's codes (one extraction, kept)."""
+def probes(data: Path, out: Path, model: str, seed: int, also: str | None = None) -> dict:
+    """Test accuracy of a linear SVM on every stage's codes, and on ``also`` when the advice
+    names another layer (one extraction, kept)."""
     from cnncodes.extractor import extract, list_layers
 
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
     from cnncodes.pipelines.probes.codes import load_codes
     _, aliases = list_layers(model, "none")
     stages = sorted(a for a in aliases if a.startswith("stage"))
+    stages += [also] if also and also not in stages else []
     ex = extract(data, out / "codes.h5", model=model, layers=stages, progress=False)
     acc = {}
     for layer in stages:
@@ -87,18 +89,18 @@ def probes(data: Path, out: Path, model: str, seed: int) -> dict:
 
 
 def finetunes(data: Path, out: Path, model: str, head_epochs: int, epochs: int,
-              extra: list[str]) -> tuple[dict, dict]:
+              extra: list[str], seed: int = 0) -> tuple[dict, dict]:
     """``compare``'s top and all strategies, plus a run from each stage in ``extra``."""
     from cnncodes.pipelines.compare.strategies import compare
     from cnncodes.pipelines.finetune.training import FinetuneConfig, finetune
     r = compare(data, model, out=out / "compare", head_epochs=head_epochs, epochs=epochs,
-                strategies=("top", "all"), progress=False)
+                strategies=("top", "all"), config=FinetuneConfig(str(data), "", seed=seed), progress=False)
     acc, seconds = {}, {}
     for row in r.table.to_dict("records"):
         acc[row["strategy"]] = round(float(row["test_accuracy"]), 4)
         seconds[row["strategy"]] = row["train_seconds"]
     for stage in extra:
-        cfg = FinetuneConfig(str(data), str(out / "runs" / f"from-{stage}"), model=model,
+        cfg = FinetuneConfig(str(data), str(out / "runs" / f"from-{stage}"), model=model, seed=seed,
                              stages=f"head:{head_epochs},{stage}:{epochs}")
         run = finetune(cfg, resume=True, overwrite=True, progress=False)
         acc[f"from:{stage}"] = round(float(run.test_accuracy), 4)
@@ -117,9 +119,9 @@ def one(name: str, args) -> dict:
     rec = adv["recommendation"]
     top = _top_stage(args.model)
     chosen = advised_key(rec, top)
-    accuracy = probes(data, out, args.model, args.seed)
+    accuracy = probes(data, out, args.model, args.seed, rec["layer"])
     extra = [chosen.split(":", 1)[1]] if chosen.startswith("from:") else []
-    ft, seconds = finetunes(data, out, args.model, args.head_epochs, args.epochs, extra)
+    ft, seconds = finetunes(data, out, args.model, args.head_epochs, args.epochs, extra, args.seed)
     accuracy.update(ft)
     best = max(accuracy, key=accuracy.get)
     baseline = size_only(adv["size"]["per_class_median"], top)
@@ -168,11 +170,13 @@ def main() -> None:
     ap.add_argument("--omniglot-source", help="A folder or git mirror with the Omniglot zips [GitHub].")
     ap.add_argument("--update-readme", action="store_true")
     ap.add_argument("--readme-only", action="store_true", help="Rewrite the tables from the saved JSON.")
+    ap.add_argument("--from-rows", action="store_true",
+                    help="Publish the data sets an interrupted run finished (its rows.json), not run any.")
     args = ap.parse_args()
-    path = HERE / "results" / "advise-cpu.json"
     if args.readme_only:
-        r = json.loads(path.read_text())
-        publish(r, path, markdown(r), f"advise-{r['device']}", True)
+        for path in sorted((HERE / "results").glob("advise-*.json")):
+            r = json.loads(path.read_text())
+            publish(r, path, markdown(r), f"advise-{r['device']}", True)
         return
     names = [n for n in args.data.split(",") if n]
     unknown = sorted(set(names) - set(DATASETS))
@@ -182,20 +186,24 @@ def main() -> None:
 
     from cnncodes.extractor.provenance import library_versions
     t0 = time.perf_counter()
-    rows = []
-    for n in names:  # the rows so far are kept after each data set (an interrupted run shows them)
+    rows = json.loads((WORK / "rows.json").read_text()) if args.from_rows else []
+    for n in [] if args.from_rows else names:  # the rows so far are kept after each data set
         rows.append(one(n, args))
         WORK.mkdir(parents=True, exist_ok=True)
         (WORK / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
-    result = {"benchmark": "advise", "device": "cpu", "device_name": f"{torch.get_num_threads()}-thread CPU",
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where compare's runs went (auto)
+    result = {"benchmark": "advise", "device": device,
+              "device_name": torch.cuda.get_device_name() if device == "cuda"
+              else f"{torch.get_num_threads()}-thread CPU",
               "date": time.strftime("%Y-%m-%d"), "head_epochs": args.head_epochs, "epochs": args.epochs,
               "rows": rows, "regret_sum": round(sum(r["regret"] for r in rows), 4),
               "size_only_regret_sum": round(sum(r["size_only_regret"] for r in rows), 4),
               "wall_seconds": round(time.perf_counter() - t0, 1),
               "command": "python benchmarks/advise.py " + " ".join(
-                  a for a in sys.argv[1:] if a != "--update-readme"),
+                  a for a in sys.argv[1:] if a not in ("--update-readme", "--from-rows")),
               "versions": library_versions()}
-    publish(result, path, markdown(result), "advise-cpu", args.update_readme)
+    path = HERE / "results" / f"advise-{device}.json"
+    publish(result, path, markdown(result), f"advise-{device}", args.update_readme)
 
 
 if __name__ == "__main__":

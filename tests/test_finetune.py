@@ -137,6 +137,26 @@ def test_layer_wise_decay_gives_each_stage_below_the_top_a_smaller_rate(resnet):
         make_optimizer(model, head, FinetuneConfig("d", "o", lr_decay=0.0), depth)
 
 
+def test_layer_wise_groups_are_the_stages_that_stages_trains():
+    # EfficientNet-Lite0: stage4 = blocks.4 and stage5 = bn2 name the modules that *end* those
+    # stages; `--stages stage5:N` trains everything after blocks.4, and so is the top group
+    from cnncodes.extractor.layers import Probe
+
+    from cnncodes.pipelines.finetune.freezing import depth_groups
+    bb = load_backbone("efficientnet_lite0", "none")
+    probe = Probe(bb.model, bb.input_size, "efficientnet_lite0")
+    depth = depth_groups(bb.model, probe)
+    top = max(depth.values())
+    assert top == 4 and depth["conv_stem.weight"] == depth["blocks.0.0.conv_dw.weight"] == 0
+    for name in ("blocks.5.0.conv_pw.weight", "blocks.6.0.conv_pw.weight", "conv_head.weight", "bn2.weight"):
+        assert depth[name] == top, name
+    assert depth["blocks.3.0.conv_pw.weight"] == depth["blocks.4.0.conv_pw.weight"] == 3
+    stage = resolve_stages(probe, [("stage5", 1)])[0]
+    frozen = frozen_modules(bb.model, probe, stage, ("classifier",))
+    trained = {n.rpartition(".")[0] for n, _ in bb.model.named_parameters()} - frozen - {"classifier"}
+    assert {depth[f"{m}.weight"] for m in trained if f"{m}.weight" in depth} == {top}
+
+
 def test_a_run_with_layer_wise_decay_logs_a_rate_per_stage(tmp_path, data):
     cfg = tiny_config(data, tmp_path / "run", stages="head:1,all:2", lr_decay=0.6)
     full = finetune(cfg, progress=False)

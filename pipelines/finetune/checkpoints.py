@@ -19,7 +19,7 @@ import torch
 from cnncodes.extractor.files import atomic_write
 from cnncodes.extractor.recipe import describe_differences
 
-from cnncodes.pipelines.finetune.config import FORMER_DEFAULTS
+from cnncodes.pipelines.finetune.config import CHANGED_DEFAULTS, FORMER_DEFAULTS
 from cnncodes.pipelines.finetune.freezing import FinetuneError
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
             flags = [f"--{k.replace('_', '-')}" for k in older]
             hint = (f" It was made before {' and '.join(flags)} existed: resume it with "
                     + " ".join(f"{f} {made[k]}" for f, k in zip(flags, older)) + "." if older else "")
+            former = [k for k, v in CHANGED_DEFAULTS.items() if made.get(k) == v != recipe.get(k)]
+            if former:
+                hint += (" It was made with cnncodes' former defaults: resume it with "
+                         + " ".join(f"--{k.replace('_', '-')} {made[k]:g}" if isinstance(made[k], float)
+                                    else f"--{k.replace('_', '-')} {made[k]}" for k in former) + ".")
             raise FinetuneError(f"cannot resume {out}: it was made by a different recipe: "
                                 f"{'; '.join(diffs)}.{hint} Use another --out, or --overwrite to start "
                                 f"again.")

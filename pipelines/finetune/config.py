@@ -69,6 +69,9 @@ class FinetuneConfig:
 _NOT_RECIPE = {"data", "out", "device", "workers"}
 # What the settings added since runs were first written did before they existed: a checkpoint
 # whose recipe lacks one was made that way, and resumes as such.
+# Defaults that changed (measured: docs/finetune.md): a run made with the former ones resumes
+# only when they are asked for, and the refusal says which.
+CHANGED_DEFAULTS = {"lr": 5e-3, "optimizer": "sgd", "bn": "frozen", "augment": "standard"}
 FORMER_DEFAULTS = {"decode": "exact", "init_head": "random", "augment": "standard", "clip_grad": 0.0,
                    "lr_decay": 1.0, "mix": "none", "ema": 0.0}
 

@@ -177,8 +177,8 @@ class Passes:
             if self._all_skip(x is None):
                 continue
             x, y = self._to_device(x, y)
-            # mixed images train against mixed (soft) labels; accuracy is counted against each
-            # image's own label, the larger share of its pixels under cutmix
+            # mixed images train against mixed (soft) labels; training accuracy is counted
+            # against each image's own label (an approximation under mixing)
             target = y if mixer is None else mixer(x, y)
             if mixer is not None:
                 x, target = target
@@ -206,4 +206,7 @@ class Passes:
             # evaluates and saves the same network.
             for b in self.model.buffers():
                 torch.distributed.broadcast(b, 0)
+            if self.ema is not None:  # the average of each rank's statistics: rank 0's too
+                for b in self.ema.module.buffers():
+                    torch.distributed.broadcast(b, 0)
         return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "failed": failed}

@@ -158,17 +158,18 @@ def frozen_modules(model: nn.Module, probe: Probe, stage: Stage, heads: tuple[st
 
 
 def depth_groups(model: nn.Module, probe: Probe) -> dict[str, int]:
-    """Parameter name -> the index of the stage it lies in, as ``--stages`` counts them: 0 before
-    ``stage1``'s module starts, k from where ``stagek``'s starts (so ``stage5`` = everything after
-    ``stage4``'s start, the group ``--stages stage5:N`` would train). The model's own parameters
-    (a ViT's class token) are 0, with its first module."""
+    """Parameter name -> the index of the stage it lies in, as ``--stages`` counts them (0-based):
+    stage K holds what runs after stage K-1's module has ended, up to the end of stage K's (so
+    the top group is what ``--stages stage5:N`` trains on a 5-stage network; the stem goes with
+    the first stage). The model's own parameters (a ViT's class token) go with its first module."""
     import bisect
-    starts = sorted(info.start for alias, info in probe.aliases().items() if re.fullmatch(r"stage\d+", alias))
+    ends = sorted(info.order for alias, info in probe.aliases().items() if re.fullmatch(r"stage\d+", alias))
+    top = max(len(ends) - 1, 0)
     groups, module_group = {}, {"": 0}
     for mod_name, module in model.named_modules():  # parents come before their children
         info = probe.by_name.get(mod_name) if mod_name else None
         # a module that never ran in the probe's forward pass takes its parent's stage
-        group = bisect.bisect_right(starts, info.start) if info is not None else \
+        group = min(bisect.bisect_left(ends, info.start), top) if info is not None else \
             module_group.get(mod_name.rpartition(".")[0], 0)
         module_group[mod_name] = group
         for p_name, _ in module.named_parameters(recurse=False):

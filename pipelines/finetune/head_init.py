@@ -15,9 +15,9 @@ chosen for accuracy, and the most accurate C is often a weakly regularised one w
 huge (C = 100 on the digits: a mean training loss of 9.9 on augmented crops). Such a head sends
 gradients ``W^T (p - y)`` scaled by its weight norm into the first unfrozen layers: measured on
 the digits, fine-tuning everything from the uncalibrated head went from 0.81 to 0.10
-validation accuracy in one epoch. Dividing the head by the temperature that minimises the
-validation images' cross-entropy keeps the probe's predictions (the same argmax) and gives the
-fine-tuning a head whose confidence is the probe's real one.
+validation accuracy in one epoch. Dividing the head by the temperature (at least 1) that
+minimises the validation images' cross-entropy keeps the probe's predictions (the same argmax)
+and gives the fine-tuning a head no more confident than the probe really is.
 """
 from __future__ import annotations
 
@@ -62,9 +62,13 @@ class HeadInit:
                 "temperature": round(float(self.temperature), 4), "val_rows": self.val_rows}
 
 
-# A temperature outside these bounds means the validation images disagree with the probe so much
-# that no scaling of it is a calibration; the bounds keep the head a probe (the same argmax).
-TEMPERATURE_BOUNDS = (0.25, 100.0)
+# The temperature only ever softens the head: a probe right on every validation image (common
+# on a small validation split) would otherwise be sharpened to the bound, the exploding head this
+# calibration is there to prevent. Above 100 the validation images disagree with the probe so
+# much that no scaling is a calibration. Fewer than MIN_VAL_ROWS validation images (of at least
+# two classes the probe knows) leave the head as the probe is.
+TEMPERATURE_BOUNDS = (1.0, 100.0)
+MIN_VAL_ROWS = 20
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -181,11 +185,16 @@ def fit_probe_head(model_name: str, weights: str, table: ImageTable, rows, n_cla
                            solver="batched", norm="none")
     w, b = head_arrays(fit.pipeline, n_classes)
     w, b = w / scale, b - (w / scale) @ mean  # the same scores on raw codes
-    t = fit_temperature(X_val @ w.T.astype(np.float64) + b, y_val) if len(y_val) else 1.0
+    # validation images of a class without training images would each cost a loss of about 30
+    # (its bias), whatever the temperature: they say nothing of the probe's confidence
+    known = np.isin(y_val, np.unique(y))
+    X_val, y_val = X_val[known], y_val[known]
+    calibrate = len(y_val) >= MIN_VAL_ROWS and len(np.unique(y_val)) >= 2
+    t = fit_temperature(X_val @ w.T.astype(np.float64) + b, y_val) if calibrate else 1.0
     log.info("head from a softmax probe (C=%g, CV accuracy %.3f on %d images), temperature %.3g on %d "
              "validation images", fit.C, fit.cv_accuracy, len(y), t, len(y_val))
     return HeadInit("probe", w / t, b / t, fit.C, fit.cv_accuracy, len(y), time.perf_counter() - t0,
-                    temperature=t, val_rows=len(y_val))
+                    temperature=t, val_rows=len(y_val) if calibrate else 0)
 
 
 def apply_head(head: torch.nn.Linear, init: HeadInit) -> None:

@@ -118,7 +118,7 @@ class _Run(Passes):
         if decode == "gpu":
             raise FinetuneError("fine-tuning decodes with Pillow: decode must be reduced or exact, not gpu.")
         cfg = dataclasses.replace(cfg, decode=decode)
-        if cfg.from_scratch and cfg.bn == "eval":  # a random network's statistics mean nothing
+        if cfg.from_scratch and cfg.bn != "train":  # a random network's statistics mean nothing
             cfg = dataclasses.replace(cfg, bn="train")
         if cfg.init_head not in INIT_HEADS:
             raise FinetuneError(f"init_head must be one of {', '.join(INIT_HEADS)}, got {cfg.init_head!r}.")
