@@ -18,7 +18,7 @@ import click
 from .advise import advise_cmd
 from .catalog import list_layers_cmd, list_models_cmd, sample_data
 from .extraction import extract_cmd, info_cmd
-from .finetune import compare_cmd, finetune_cmd
+from .finetune import compare_cmd, finetune_cmd, lr_find_cmd
 from .options import OFFLINE
 from .probes import evaluate_cmd, fit_knn, fit_softmax, fit_svm, predict_cmd
 from .sweep import demo, sweep_cmd
@@ -52,8 +52,8 @@ def cli(verbose: int) -> None:
 
 
 for command in (sample_data, list_models_cmd, list_layers_cmd, extract_cmd, info_cmd, fit_svm, fit_knn,
-                fit_softmax, sweep_cmd, demo, advise_cmd, finetune_cmd, compare_cmd, evaluate_cmd,
-                predict_cmd):
+                fit_softmax, sweep_cmd, demo, advise_cmd, finetune_cmd, lr_find_cmd, compare_cmd,
+                evaluate_cmd, predict_cmd):
     cli.add_command(command)
 
 

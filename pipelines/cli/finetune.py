@@ -211,3 +211,63 @@ def compare_cmd(data, layer, sweep_report, strategies, head_epochs, epochs, repo
     for line in result.conclusion:
         click.echo(line)
     click.echo(f"report: {result.files['html']} ({result.seconds:.0f}s)")
+
+
+@click.command("lr-find")
+@OFFLINE
+@click.argument("data", callback=existing_data)
+@click.option("--start", default="all", show_default=True,
+              help="The stage to test: it trains START and everything after it (head, a stage alias, a "
+                   "module, or all), as in --stages.")
+@click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7, show_default=True)
+@click.option("--max-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=5), default=100, show_default=True,
+              help="Training steps (batches) from --min-lr to --max-lr; the test stops sooner when the "
+                   "loss diverges.")
+@click.option("--out", "-o", type=click.Path(file_okay=False),
+              help="Folder for lr-find.json and lr-find.png [default: runs/lr-find-<data>-<model>].")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier test in --out.")
+@_train_options
+@fail_cleanly
+def lr_find_cmd(data, start, min_lr, max_lr, steps, out, overwrite, quiet, as_json, **kw) -> None:
+    """The learning-rate range test for a fine-tuning stage (fastai's lr_find).
+
+    Trains a throwaway copy of the run, set up as finetune would set it up (the probe-started
+    head, the stage's frozen layers, the optimiser, --head-lr-mult and --lr-decay kept), for
+    --steps batches while the rate grows from --min-lr to --max-lr, and suggests a --lr from the
+    smoothed loss: fastai's valley (two thirds down the longest fall), beside the steepest fall
+    and a tenth of the minimum's rate. Writes lr-find.json and lr-find.png. Reliable for CNNs;
+    for transformers read the plot rather than the suggestion.
+
+    \b
+    Examples:
+      cnncodes lr-find data/birds
+      cnncodes lr-find data/birds --start stage5 --steps 60 --json
+      cnncodes lr-find data/birds --optimizer sgd --max-lr 0.1 --out runs/birds-lr
+    """
+    from pathlib import Path
+
+    from cnncodes.extractor.files import dataset_name, slug
+
+    from cnncodes.pipelines.finetune.lr_find import lr_find, plot_lr_find
+    from cnncodes.pipelines.records import write_json
+    out = Path(out or Path("runs") / f"lr-find-{dataset_name(data)}-{slug(kw['model'])}")
+    files = {"json": out / "lr-find.json", "plot": out / "lr-find.png"}
+    present = [str(p) for p in files.values() if p.exists()]
+    if present and not overwrite:
+        raise click.ClickException(f"{', '.join(present)} exist: pass --overwrite to replace them, or "
+                                   f"choose another --out.")
+    result = lr_find(_config(data, "", **kw), start, min_lr=min_lr, max_lr=max_lr, steps=steps,
+                     progress=not quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    result.files = {k: str(v) for k, v in files.items()}
+    write_json(files["json"], result.as_dict(), indent=2)
+    plot_lr_find(result, files["plot"])
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    click.echo(f"stage {start}: {len(result.lrs)} steps from {result.lrs[0]:.1e} to {result.lrs[-1]:.1e} "
+               f"({result.stopped}), lowest smoothed loss {min(result.losses):.3f}")
+    click.echo(f"suggested --lr {result.suggestion:.2g} (valley); steepest fall at {result.steepest:.2g}, "
+               f"a tenth of the minimum's rate {result.minimum_tenth:.2g}")
+    click.echo(f"plot: {files['plot']} ({result.seconds:.0f}s)")
