@@ -52,7 +52,7 @@ def test_features_that_barely_vary_get_the_median_features_spread():
     assert np.all(floored_standardisation(np.ones((5, 3)))[1] == 1.0)  # nothing varies: raw codes
 
 
-@pytest.mark.parametrize("true_t", [1.0, 4.0, 30.0])
+@pytest.mark.parametrize("true_t", [0.6, 1.0, 4.0, 30.0])
 def test_temperature_scaling_recovers_the_temperature_labels_were_drawn_with(true_t):
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=3.0, size=(4000, 5)) * true_t  # a head too sharp (or too soft) by true_t
@@ -66,9 +66,9 @@ def test_a_temperature_never_leaves_its_bounds_nor_changes_the_predictions():
     logits = rng.normal(size=(50, 3))
     y = logits.argmin(1)  # labels that disagree with the probe everywhere: the flattest allowed head
     assert fit_temperature(logits, y) == pytest.approx(TEMPERATURE_BOUNDS[1], rel=1e-2)
-    # a probe right everywhere is never sharpened: a temperature below 1 would enlarge the head
-    assert fit_temperature(logits * 1e-3, logits.argmax(1)) == pytest.approx(1.0, rel=1e-2)
-    assert TEMPERATURE_BOUNDS[0] == 1.0
+    # a probe right everywhere is sharpened at most 2x: a smaller temperature would blow the head up
+    assert fit_temperature(logits * 1e-3, logits.argmax(1)) == pytest.approx(0.5, rel=1e-2)
+    assert TEMPERATURE_BOUNDS[0] == 0.5
 
 
 @pytest.mark.parametrize("n_seen", [2, 3])

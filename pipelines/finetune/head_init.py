@@ -15,9 +15,9 @@ chosen for accuracy, and the most accurate C is often a weakly regularised one w
 huge (C = 100 on the digits: a mean training loss of 9.9 on augmented crops). Such a head sends
 gradients ``W^T (p - y)`` scaled by its weight norm into the first unfrozen layers: measured on
 the digits, fine-tuning everything from the uncalibrated head went from 0.81 to 0.10
-validation accuracy in one epoch. Dividing the head by the temperature (at least 1) that
+validation accuracy in one epoch. Dividing the head by the temperature (0.5 to 100) that
 minimises the validation images' cross-entropy keeps the probe's predictions (the same argmax)
-and gives the fine-tuning a head no more confident than the probe really is.
+and gives the fine-tuning a head as confident as the probe really is.
 """
 from __future__ import annotations
 
@@ -62,12 +62,13 @@ class HeadInit:
                 "temperature": round(float(self.temperature), 4), "val_rows": self.val_rows}
 
 
-# The temperature only ever softens the head: a probe right on every validation image (common
-# on a small validation split) would otherwise be sharpened to the bound, the exploding head this
-# calibration is there to prevent. Above 100 the validation images disagree with the probe so
-# much that no scaling is a calibration. Fewer than MIN_VAL_ROWS validation images (of at least
-# two classes the probe knows) leave the head as the probe is.
-TEMPERATURE_BOUNDS = (1.0, 100.0)
+# A strongly regularised probe is too soft, and sharpening it is calibration too (Omniglot's
+# alphabets: C = 0.01, temperature 0.81), but never by more than 2x: a probe right on every
+# validation image (common on a small validation split) would otherwise be sharpened without
+# limit, the exploding head this calibration is there to prevent. Above 100 the validation
+# images disagree with the probe so much that no scaling is a calibration. Fewer than
+# MIN_VAL_ROWS validation images (of at least two classes the probe knows) leave the head as is.
+TEMPERATURE_BOUNDS = (0.5, 100.0)
 MIN_VAL_ROWS = 20
 
 
