@@ -23,16 +23,18 @@ def write_json(path: Path, obj, indent: int | None = None) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
-def read_record(path: Path, key: dict) -> dict | None:
+def read_record(path: Path, key: dict, upgrade=None) -> dict | None:
     """The record at ``path`` when it was made under ``key`` by this ``RESULTS_VERSION``; None
-    when missing, unreadable, or made under another key or version."""
+    when missing, unreadable, or made under another key or version. ``upgrade`` maps a stored
+    key to what it means today (a setting added since, absent from it, had its former value)."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("results_version") != RESULTS_VERSION:
+    if record.get("results_version") != RESULTS_VERSION or not isinstance(record.get("key"), dict):
         return None
-    return record if record.get("key") == json.loads(json.dumps(key, default=str)) else None
+    stored = upgrade(record["key"]) if upgrade else record["key"]
+    return record if stored == json.loads(json.dumps(key, default=str)) else None
 
 
 def write_record(path: Path, key: dict, indent: int | None = None, **fields) -> dict:

@@ -424,6 +424,18 @@ def test_compare_writes_one_report_and_reuses_finished_strategies(tmp_path, data
                     progress=False)
     assert time.perf_counter() - t < 10  # nothing retrained: read back
     assert list(again.table["test_accuracy"]) == list(df["test_accuracy"])
+    # a strategy recorded before --lr-decay, --mix and --ema existed ran with their former values
+    from cnncodes.pipelines.records import read_record
+    record_path = tmp_path / "cmp" / "strategies" / "all.json"
+    record = json.loads(record_path.read_text())
+    for k in ("lr_decay", "mix", "ema"):
+        del record["key"]["config"][k]
+    record_path.write_text(json.dumps(record))
+    t = time.perf_counter()
+    older = compare(data, TINY, weights="none", out=tmp_path / "cmp", head_epochs=1, epochs=1, config=cfg,
+                    strategies=["all"], progress=False)
+    assert time.perf_counter() - t < 10 and list(older.table["test_accuracy"]) == [df["test_accuracy"][2]]
+    assert read_record(record_path, {"other": "key"}) is None
 
 
 def test_out_of_memory_becomes_advice(tmp_path, data, monkeypatch):

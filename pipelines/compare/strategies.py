@@ -27,6 +27,7 @@ from cnncodes.extractor.errors import IncompatibleCacheError
 from cnncodes.extractor.files import dataset_name, slug
 
 from cnncodes.pipelines.compare.report import CompareResult, write_compare_report
+from cnncodes.pipelines.finetune.config import FORMER_DEFAULTS
 from cnncodes.pipelines.finetune.data import make_splits
 from cnncodes.pipelines.finetune.freezing import FinetuneError
 from cnncodes.pipelines.finetune.result import convergence
@@ -124,7 +125,9 @@ def _strategy_row(strategy: str, data, out: Path, base: FinetuneConfig, fingerpr
         cfg = replace(cfg, out=str(out / "runs" / strategy))
         key = {**settings, "config": recipe_settings(cfg)}
     path = out / "strategies" / f"{strategy}.json"
-    record = read_record(path, key)
+    # a strategy finished before a fine-tuning setting existed was run with its former value
+    record = read_record(path, key, upgrade=lambda k: {**k, "config": {**FORMER_DEFAULTS, **k["config"]}}
+                         if isinstance(k.get("config"), dict) else k)
     if record is None:
         log.info("compare: %s", strategy)
         row = (_probe(data, out, base, layer, progress, runtime) if strategy == "probe"
