@@ -116,8 +116,9 @@ def test_the_command_runs_what_was_measured():
 
 
 def test_a_near_perfect_probe_leaves_fine_tuning_nothing_to_win():
-    r = _advice(3000, {**RISING, "stage5": 0.99}, entropy=0.7, gain=0.1)
-    assert r.strategy == "linear probe" and "less than 2 points to win" in " ".join(r.reasons)
+    r = _advice(3000, {**RISING, "stage5": 0.96}, entropy=0.7, gain=0.1)
+    assert r.strategy == "linear probe" and "less than 5 points to win" in " ".join(r.reasons)
+    assert _advice(3000, {**RISING, "stage5": 0.94}, entropy=0.7, gain=0.1).strategy == "fine-tune everything"
 
 
 def _run(data, tmp_path, *extra):

@@ -38,7 +38,12 @@ SMALL_PER_CLASS, LARGE_PER_CLASS = 100, 1000
 # below which its predictions say little of the labels.
 UNSURE_ENTROPY, WEAK_LEEP_GAIN = 0.6, 0.4
 EARLIER_WINS = 0.01    # an earlier layer this much better (CV accuracy) than the top's
-NO_HEADROOM = 0.98     # a probe at this CV accuracy leaves fine-tuning nothing to win
+# A probe at this CV accuracy leaves fine-tuning too little to win for what it risks on a
+# budget: set from benchmarks/advise.py, where the digits' stage4 probe (CV 0.959 on the sample,
+# test 0.981) beat fine-tuning everything (0.936) by 4.5 points after 1 + 2 epochs, and
+# Omniglot's alphabets (best probe CV 0.72) gained 6.2 points by fine-tuning. It was 0.98
+# before that measurement; being fitted to the benchmark's data, the held-out check is its test.
+NO_HEADROOM = 0.95
 EPOCHS = 10            # fine-tuning epochs of the unfrozen stage (the early-stop rule ends it sooner)
 
 
