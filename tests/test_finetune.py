@@ -281,7 +281,7 @@ def test_resume_refuses_another_recipe_or_class_list(tmp_path, data):
     finetune(tiny_config(data, tmp_path / "run", stages="head:1"), progress=False)
     with pytest.raises(FinetuneError, match="already holds a run.*--resume.*--overwrite"):
         finetune(tiny_config(data, tmp_path / "run", stages="head:1"), progress=False)
-    with pytest.raises(FinetuneError, match="different recipe: lr: 0.005 in the run, 0.01 now"):
+    with pytest.raises(FinetuneError, match="different recipe: lr: 0.0001 in the run, 0.01 now"):
         finetune(tiny_config(data, tmp_path / "run", stages="head:1", lr=0.01), resume=True, progress=False)
     for i in range(12):
         write_image(data / "train" / "d" / f"{i}.png", seed=7000 + i)

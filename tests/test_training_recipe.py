@@ -55,7 +55,9 @@ def test_clipping_bounds_every_step(tmp_path):
 
 def test_a_run_made_before_the_newer_settings_resumes_and_says_how(tmp_path):
     data = write_many(tmp_path / "data")
-    cfg = tiny_config(data, tmp_path / "run", stages="head:1", decode="exact", init_head="random")
+    # as such a run was made: the former augmentation, exact decoding, a random head
+    cfg = tiny_config(data, tmp_path / "run", stages="head:1", decode="exact", init_head="random",
+                      augment="standard")
     finetune(cfg, progress=False)
     last = tmp_path / "run" / "last.pt"
     ckpt = load_checkpoint(last)

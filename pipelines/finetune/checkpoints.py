@@ -122,7 +122,8 @@ def checkpoint_to_resume(out: Path, recipe: dict, *, resume: bool, overwrite: bo
             flags = [f"--{k.replace('_', '-')}" for k in older]
             hint = (f" It was made before {' and '.join(flags)} existed: resume it with "
                     + " ".join(f"{f} {made[k]}" for f, k in zip(flags, older)) + "." if older else "")
-            former = [k for k, v in CHANGED_DEFAULTS.items() if made.get(k) == v != recipe.get(k)]
+            former = [k for k, v in CHANGED_DEFAULTS.items()
+                      if made.get(k) == v != recipe.get(k) and k not in older]
             if former:
                 hint += (" It was made with cnncodes' former defaults: resume it with "
                          + " ".join(f"--{k.replace('_', '-')} {made[k]:g}" if isinstance(made[k], float)
