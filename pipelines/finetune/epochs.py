@@ -63,9 +63,7 @@ def batch_mixer(mix: str, n_classes: int):
     the same batches the same way."""
     if mix == "none":
         return None
-    from torchvision.transforms import v2
-    if mix not in MIXES:
-        raise FinetuneError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}.")
+    from torchvision.transforms import v2  # mix is one of MIXES: the run's settings were checked
     mixup, cutmix = v2.MixUp(num_classes=n_classes), v2.CutMix(num_classes=n_classes)
     return {"mixup": mixup, "cutmix": cutmix, "both": v2.RandomChoice([mixup, cutmix])}[mix]
 
@@ -179,9 +177,9 @@ class Passes:
             x, y = self._to_device(x, y)
             # mixed images train against mixed (soft) labels; training accuracy is counted
             # against each image's own label (an approximation under mixing)
-            target = y if mixer is None else mixer(x, y)
+            target = y
             if mixer is not None:
-                x, target = target
+                x, target = mixer(x, y)
             step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader)
             sync = net.no_sync() if self.ctx.world > 1 and not step_now else contextlib.nullcontext()
             logits, loss = self._backward(net, x, target, crit, scaler, sync)

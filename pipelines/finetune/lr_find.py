@@ -14,6 +14,7 @@ practitioners report the suggestion as unreliable there): read the plot.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -80,14 +81,14 @@ def lr_find(config: FinetuneConfig, start: str = "all", *, min_lr: float = 1e-7,
     """Run the range test for the stage that trains ``start`` and everything after it."""
     from tqdm import tqdm
 
-    from cnncodes.pipelines.finetune.epochs import _logits, batch_mixer
+    from cnncodes.pipelines.finetune.epochs import batch_mixer
     from cnncodes.pipelines.finetune.training import _Dist, _Run
     if not 0 < min_lr < max_lr:
         raise FinetuneError(f"--min-lr must be below --max-lr and positive, got {min_lr} and {max_lr}.")
     if steps < 5:
         raise FinetuneError(f"--steps must be at least 5, got {steps}.")
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(config, stages=f"{start}:1")
+    cfg = dataclasses.replace(config, stages=f"{start}:1", accumulate=1)  # a step per batch
     run = _Run(cfg, _Dist(), progress)
     run.head_init = run._start_head()
     run.model.to(run.dev)
@@ -98,6 +99,7 @@ def lr_find(config: FinetuneConfig, start: str = "all", *, min_lr: float = 1e-7,
     opt = make_optimizer(run.model, run.head, cfg, run.depth)
     ratios = [g["lr"] / cfg.lr for g in opt.param_groups]  # the head's multiple, the decayed stages
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scaler = run._scaler(None)  # fp16's loss scaling, as finetune; a no-op otherwise
     mixer = batch_mixer(cfg.mix, len(run.splits.classes))  # the run's batches, mixed as it would
 
     def batches():
@@ -121,13 +123,13 @@ def lr_find(config: FinetuneConfig, start: str = "all", *, min_lr: float = 1e-7,
         x, y = run._to_device(x, y)
         if mixer is not None:
             x, y = mixer(x, y)
-        with run._autocast():
-            loss = crit(_logits(run.model(x)).float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        _, loss = run._backward(run.model, x, y, crit, scaler, contextlib.nullcontext())  # finetune's step
         if cfg.clip_grad:
+            scaler.unscale_(opt)
             nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         value = float(loss.detach())
         avg = SMOOTHING * avg + (1 - SMOOTHING) * value
         smoothed = avg / (1 - SMOOTHING ** (len(lrs) + 1))
