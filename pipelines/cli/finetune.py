@@ -257,9 +257,9 @@ def lr_find_cmd(data, start, min_lr, max_lr, steps, out, overwrite, quiet, as_js
     if present and not overwrite:
         raise click.ClickException(f"{', '.join(present)} exist: pass --overwrite to replace them, or "
                                    f"choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the test runs
     result = lr_find(_config(data, "", **kw), start, min_lr=min_lr, max_lr=max_lr, steps=steps,
                      progress=not quiet)
-    out.mkdir(parents=True, exist_ok=True)
     result.files = {k: str(v) for k, v in files.items()}
     write_json(files["json"], result.as_dict(), indent=2)
     plot_lr_find(result, files["plot"])
