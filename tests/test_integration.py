@@ -75,11 +75,13 @@ def test_fit_save_load_predict_round_trip_on_real_photos(tmp_path):
             "--out", tmp_path / "pred.csv")
     assert r.exit_code == 0, r.output
     rows = (tmp_path / "pred.csv").read_text().splitlines()
-    assert rows[0] == "path,label,score,error" and len(rows) == len(classes) + 2
+    assert rows[0] == "path,label,score,probability,error" and len(rows) == len(classes) + 2
     got = [line.split(",") for line in rows[1:]]
-    correct = sum(Path(p).parent.name == label for p, label, _, err in got if not err)
+    correct = sum(Path(p).parent.name == label for p, label, _, _, err in got if not err)
     assert correct >= len(classes) - 1
-    assert got[-1][1] == "" and got[-1][3]  # the broken file is a row with its error
+    # the SVM's calibrated probability of its label
+    assert all(0 < float(prob) <= 1 for _, _, _, prob, err in got if not err)
+    assert got[-1][1] == "" and got[-1][4]  # the broken file is a row with its error
 
 
 def test_caltech_sweep_top_stage_beats_stage2_by_20_points(tmp_path):

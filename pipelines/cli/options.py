@@ -115,3 +115,16 @@ CV_OPTIONS = [
                  show_default=True, help="Fitted inside each fold; power = signed sqrt, then L2."),
 ]
 
+
+
+# What chooses C and how classes weigh: shared by fit-svm, fit-softmax and sweep (the values are
+# pipelines.probes.metrics.SELECT and classifiers.CLASS_WEIGHTS, written out: --help imports no numpy).
+SELECT_OPTIONS = [
+    click.option("--select", type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1"]),
+                 default="accuracy",
+                 show_default=True, help="The mean out-of-fold score that chooses C (and a sweep's best "
+                 "layer); balanced_accuracy or macro_f1 where classes are imbalanced."),
+    click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+                 help="balanced: every class weighs the same in the loss (n / (K n_class) a training "
+                 "image, counted in each fold); linear probes only."),
+]

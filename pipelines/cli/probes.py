@@ -6,10 +6,13 @@ import sys
 
 import click
 
-from .options import CV_OPTIONS, DEVICE, OFFLINE, RUNTIME, checked_by, echo_json, fail_cleanly
+from .options import CV_OPTIONS, DEVICE, OFFLINE, RUNTIME, SELECT_OPTIONS, checked_by, echo_json, fail_cleanly
 
 _PCA = checked_by("cnncodes.pipelines.probes.classifiers", "parse_pca")
 _K_GRID = checked_by("cnncodes.pipelines.probes.knn", "parse_k_grid")
+_SHOTS = checked_by("cnncodes.pipelines.probes.few_shot", "parse_shots")
+# Largest class over smallest from which a fit suggests the balanced options.
+IMBALANCED = 3.0
 
 
 def _fit_options(fn):
@@ -19,6 +22,12 @@ def _fit_options(fn):
                      help="HDF5 cache written by `cnncodes extract`."),
         click.option("--layer", "-l", help="Layer of the cache [default: its only layer, or penultimate]."),
         *CV_OPTIONS,
+        *SELECT_OPTIONS,
+        click.option("--shots", callback=_SHOTS,
+                     help="Few-shot protocol: K training images a class (comma-separated K values), "
+                     "drawn --episodes times; reports mean +- std test accuracy per K."),
+        click.option("--episodes", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Draws per K of --shots (seeded by --seed, K and the episode)."),
         click.option("--pca", callback=_PCA,
                      help="Number of PCA components, or 'whiten' (fitted inside each fold)."),
         click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -32,9 +41,12 @@ def _fit_options(fn):
         click.option("--n-jobs", "-j", type=int, default=1, show_default=True,
                      help="Folds fitted in parallel (threads; the codes are shared, not copied)."),
         click.option("--report", "report_dir", type=click.Path(file_okay=False),
-                     help="Write per-class metrics, a confusion matrix (PNG, CSV) and fit.json here."),
+                     help="Write per-class metrics, a confusion matrix (PNG, CSV), the reliability "
+                     "diagram, suspects.csv (training images least likely labelled right), fit.json "
+                     "and index.html (with the suspects' thumbnails) here."),
         click.option("--out", "-o", type=click.Path(dir_okay=False),
-                     help="Save the fitted model (joblib, with a .sha256 sidecar) for `predict`."),
+                     help="Save the fitted model (with its calibration and a .sha256 sidecar) for "
+                     "`predict`."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out file."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object."),
     ]
@@ -44,11 +56,18 @@ def _fit_options(fn):
 
 
 def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete, report_dir, out, overwrite,
-         as_json, c_grid=None, pca=None, solver="auto", n_jobs=1, k_grid=None, temperature=None) -> None:
+         as_json, c_grid=None, pca=None, solver="auto", n_jobs=1, k_grid=None, temperature=None,
+         select="accuracy", class_weight="none", shots=None, episodes=5) -> None:
     from cnncodes.extractor.files import check_writable
 
     from cnncodes.pipelines.probes.artifacts import save_model
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    if shots:
+        if out or report_dir or pca:
+            raise click.ClickException("--shots fits many small probes and keeps none: it takes no --out, "
+                                       "--report or --pca.")
+        return _few_shot(classifier, cache, layer, shots, episodes, folds, seed, norm, holdout, c_grid,
+                         class_weight, select, allow_incomplete, as_json)
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
     for path, is_folder in ((out, False), (report_dir, True)):  # before the fit, not after it
@@ -56,8 +75,12 @@ def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete,
             check_writable(path, folder=is_folder)
     r = fit_linear_probe(cache, layer, classifier, c_grid=c_grid, folds=folds, seed=seed, norm=norm,
                          pca=pca, holdout=holdout, allow_incomplete=allow_incomplete, n_jobs=n_jobs,
-                         solver=solver, k_grid=k_grid, temperature=temperature)
+                         solver=solver, k_grid=k_grid, temperature=temperature, select=select,
+                         class_weight=class_weight)
     summary = r.as_dict()
+    notes = _notes(r)
+    if notes:
+        summary["notes"] = notes
     if out:  # the model first: an optional report that fails must not lose the fit
         summary["model_file"] = str(save_model(r, out, overwrite=overwrite))
     if report_dir:  # imported here: scikit-learn's metrics (2 s of imports) only for a report
@@ -69,19 +92,63 @@ def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete,
     click.echo(f"{classifier} on {r.layer} of {cache}: {r.n_train} training rows, {r.n_test} test rows"
                + (f" ({', '.join(f'{v} {k}' for k, v in r.excluded.items())} excluded)"
                   if r.excluded else ""))
-    click.echo(f"{r.hyper:>10}  {'CV accuracy':>18}")
+    click.echo(f"{r.hyper:>10}  {'CV accuracy':>18}  {'balanced':>8}  {'macro-F1':>8}")
     for g in r.grid:
-        mark = "  <- chosen" if g["C"] == r.C else ""
-        click.echo(f"{g['C']:>10g}  {g['mean']:>9.4f} +- {g['std']:.4f}{mark}")
+        by = "" if r.select == "accuracy" else f" (by {r.select})"
+        mark = f"  <- chosen{by}" if g["C"] == r.C else ""
+        click.echo(f"{g['C']:>10g}  {g['mean']:>9.4f} +- {g['std']:.4f}  {g['balanced_accuracy']:>8.4f}  "
+                   f"{g['macro_f1']:>8.4f}{mark}")
     if r.test_accuracy is None:
         click.echo(f"no test rows (use split folders or --holdout); CV accuracy {r.cv_accuracy:.4f}")
     else:
         click.echo(f"test: accuracy {r.test_accuracy:.4f}, balanced accuracy {r.balanced_accuracy:.4f}, "
                    f"macro-F1 {r.macro_f1:.4f}")
+    if r.calibration is not None:
+        c = r.calibration
+        test = "" if c.ece_test_before is None else \
+            f", test {c.ece_test_before:.3f} -> {c.ece_test_after:.3f}"
+        click.echo(f"calibration: temperature {c.temperature:.3g}; expected calibration error out-of-fold "
+                   f"{c.ece_cv_before:.3f} -> {c.ece_cv_after:.3f}{test}")
+    for note in notes:
+        click.echo(f"note: {note}")
     for key, label in (("report", "report"), ("model_file", "model")):
         if key in summary:
             click.echo(f"{label}: {summary[key] if key == 'model_file' else report_dir}")
     click.echo(f"({r.seconds:.1f}s, solver {r.solver})")
+
+
+def _notes(r) -> list[str]:
+    """Advice a fit's figures call for: imbalanced classes without the balanced options."""
+    from cnncodes.pipelines.probes.metrics import imbalance
+    ratio = imbalance(r.y_train) if r.y_train is not None else 1.0
+    if ratio >= IMBALANCED and r.class_weight is None and r.select == "accuracy":
+        return [f"the training classes are imbalanced (the largest {ratio:.1f}x the smallest): accuracy "
+                f"favours the large ones; try --class-weight balanced --select balanced_accuracy."]
+    return []
+
+
+def _few_shot(classifier, cache, layer, shots, episodes, folds, seed, norm, holdout, c_grid, class_weight,
+              select, allow_incomplete, as_json) -> None:
+    from cnncodes.pipelines.probes.few_shot import few_shot, parse_shots
+    total = len(parse_shots(shots)) * episodes
+    with click.progressbar(length=total, label="episodes", file=sys.stderr,
+                           hidden=as_json or not sys.stderr.isatty()) as bar:
+        r = few_shot(cache, layer, classifier, shots, episodes, seed=seed, folds=folds, c_grid=c_grid,
+                     norm=norm, holdout=holdout, class_weight=class_weight, select=select,
+                     allow_incomplete=allow_incomplete,
+                     progress=lambda done, _: bar.update(done - bar.pos))
+    if as_json:
+        echo_json(r.as_dict())
+        return
+    click.echo(f"{classifier} on {r.layer} of {cache}: few-shot, {r.episodes} episodes per K, {r.classes} "
+               f"classes, {r.n_test} test rows")
+    click.echo(f"{'K':>5}  {'test accuracy':>17}  {'balanced accuracy':>17}  C per episode")
+    for row in r.rows:
+        cs = ",".join(f"{e['C']:g}" for e in row["episodes"])
+        click.echo(f"{row['shots']:>5}  {row['mean']:>8.4f} +- {row['std']:.4f}  "
+                   f"{row['balanced_mean']:>8.4f} +- "
+                   f"{row['balanced_std']:.4f}  {cs}")
+    click.echo(f"({r.seconds:.1f}s)")
 
 
 @click.command("fit-svm")
@@ -98,6 +165,12 @@ def fit_svm(**kw) -> None:
     Examples:
       cnncodes fit-svm --cache cache/digits-efficientnet_lite0.h5 --layer stage3
       cnncodes fit-svm -c codes.h5 --c-grid 0.01,0.1,1 --norm power --report reports/svm --out svm.joblib
+      cnncodes fit-svm -c codes.h5 --class-weight balanced --select balanced_accuracy
+      cnncodes fit-svm -c codes.h5 --shots 1,5,10 --episodes 5
+
+    The chosen C's out-of-fold scores calibrate the model (one temperature; `predict` prints
+    the calibrated probabilities) and rank the training images by how unlikely their given
+    label is (--report's suspects.csv).
     """
     _fit("svm", **kw)
 
@@ -187,8 +260,10 @@ def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
 def predict_cmd(model_file, paths, out, overwrite, device, runtime, batch_size) -> None:
     """Classify image files or folders with a saved model, extracting codes with its own recipe.
 
-    Prints (or writes) CSV: path, label, score (probability for softmax, decision score for SVM)
-    and error; an unreadable image is a row with its error, not a failure of the run.
+    Prints (or writes) CSV: path, label, score (probability for softmax, decision score for SVM),
+    probability (of the label, calibrated by the temperature the fit found; empty for an SVM
+    saved before calibration existed) and error; an unreadable image is a row with its error,
+    not a failure of the run.
 
     \b
     Example:
@@ -207,9 +282,10 @@ def predict_cmd(model_file, paths, out, overwrite, device, runtime, batch_size) 
 
     def write(fh):
         w = csv.writer(fh)
-        w.writerow(["path", "label", "score", "error"])
+        w.writerow(["path", "label", "score", "probability", "error"])
         for p in rows:
-            w.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}", p.error])
+            w.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}",
+                        "" if p.probability is None else f"{p.probability:.6f}", p.error])
     if out:
         with atomic_write(out) as tmp, open(tmp, "w", newline="") as fh:
             write(fh)

@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import click
 
-from .options import CV_OPTIONS, DEVICE, OFFLINE, POOL, RUNTIME, echo_json, existing_data, fail_cleanly
+from .options import (
+    CV_OPTIONS,
+    DEVICE,
+    OFFLINE,
+    POOL,
+    RUNTIME,
+    SELECT_OPTIONS,
+    echo_json,
+    existing_data,
+    fail_cleanly,
+)
 
 
 def _sweep_options(fn):
@@ -73,9 +83,12 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
               help="Pooling of feature maps and token layers, as for extract (cls, mean, cls+mean ...).")
 @RUNTIME
 @_sweep_options
+@SELECT_OPTIONS[0]
+@SELECT_OPTIONS[1]
 @fail_cleanly
 def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, prescreen, holdout, pool,
-              runtime, c_grid, folds, seed, norm, solver, device, batch_size, quiet, as_json) -> None:
+              runtime, c_grid, folds, seed, norm, solver, device, batch_size, quiet, as_json, select,
+              class_weight) -> None:
     """Which layer should the classifier read? Depth vs accuracy across layers and backbones.
 
     Extracts every requested layer in one forward pass per backbone (an existing cache gains
@@ -89,12 +102,14 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
       cnncodes sweep data/digits
       cnncodes sweep data/birds --model resnet50 --model efficientnet_lite0 --classifier svm
       cnncodes sweep data/birds --layers layer2,layer3,layer4 --prescreen 2 --json
+      cnncodes sweep data/sketches --class-weight balanced --select balanced_accuracy
     """
     from cnncodes.pipelines.sweep.runner import sweep
     result = sweep(data, list(models), layers, [c.strip() for c in classifiers.split(",") if c.strip()],
                weights=list(weights), cache=cache, report=report_dir, c_grid=c_grid, folds=folds, seed=seed,
                norm=norm, solver=solver, holdout=holdout, prescreen=prescreen, pool=pool,
-               batch_size=batch_size, device=device, progress=False if quiet else None, runtime=runtime)
+               batch_size=batch_size, device=device, progress=False if quiet else None, runtime=runtime,
+               select=select, class_weight=class_weight)
     _print_sweep(result, as_json=as_json)
 
 

@@ -30,6 +30,7 @@ import torch
 
 from cnncodes.extractor.images import ImageTable
 
+from cnncodes.pipelines.probes.calibration import fit_temperature as _fit_temperature
 from cnncodes.pipelines.probes.codes import Codes
 
 log = logging.getLogger(__name__)
@@ -73,21 +74,9 @@ MIN_VAL_ROWS = 20
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The temperature ``T`` that minimises the mean cross-entropy of ``softmax(logits / T)``
-    against ``y`` (temperature scaling; a one-dimensional, convex problem in ``1 / T``)."""
-    from scipy.optimize import minimize_scalar
-    from scipy.special import logsumexp
-
-    logits = np.asarray(logits, np.float64)
-    picked = logits[np.arange(len(y)), np.asarray(y, np.int64)]
-
-    def nll(log_t: float) -> float:
-        z = logits / np.exp(log_t)
-        return float(np.mean(logsumexp(z, axis=1) - picked / np.exp(log_t)))
-
-    lo, hi = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
-    return float(np.exp(minimize_scalar(nll, bounds=(lo, hi), method="bounded",
-                                        options={"xatol": 1e-3}).x))
+    """The probes' temperature scaling (:func:`~cnncodes.pipelines.probes.calibration.fit_temperature`)
+    within the head's :data:`TEMPERATURE_BOUNDS`."""
+    return _fit_temperature(logits, y, TEMPERATURE_BOUNDS)
 
 
 def head_arrays(probe, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,22 @@ class SavedModel:
     def has_proba(self) -> bool:
         return hasattr(self.pipeline, "predict_proba") and self.classifier in ("softmax", "knn")
 
+    @property
+    def temperature(self) -> float | None:
+        """The temperature that calibrates the decision scores (models saved since it was
+        fitted; None before, and for k-NN)."""
+        t = (self.metrics.get("calibration") or {}).get("temperature")
+        return None if t is None else float(t)
+
+    def proba(self, X):
+        """Class probabilities of codes ``X`` (columns: the pipeline's ``classes_``): calibrated
+        by the model's temperature where it has one, the softmax's or k-NN's own otherwise, None
+        for an SVM saved without one."""
+        if self.temperature is not None and hasattr(self.pipeline, "decision_function"):
+            from cnncodes.pipelines.probes.linear_model import probabilities
+            return probabilities(self.pipeline.decision_function(X) / self.temperature)
+        return self.pipeline.predict_proba(X) if self.has_proba else None
+
 
 def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")

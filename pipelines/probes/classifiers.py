@@ -19,10 +19,19 @@ from cnncodes.extractor.errors import SettingsError
 from cnncodes.extractor.recipe import Recipe
 
 from cnncodes.pipelines.probes.codes import Codes, CodesError, load_codes
-from cnncodes.pipelines.probes.metrics import classification_scores, confusion, stratified_kfold
+from cnncodes.pipelines.probes.linear_model import labels_of
+from cnncodes.pipelines.probes.metrics import (
+    SELECT,
+    balanced_weights,
+    classification_scores,
+    confusion,
+    fold_scores,
+    stratified_kfold,
+)
 from cnncodes.pipelines.probes.normalise import signed_sqrt
 
 CLASSIFIERS = ("svm", "softmax", "knn")
+CLASS_WEIGHTS = ("none", "balanced")
 LINEAR = ("svm", "softmax")
 NORMS = ("standard", "l2", "power", "none")
 DEFAULT_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -45,6 +54,20 @@ def parse_c_grid(text: str | None) -> tuple[float, ...]:
                             f"(beyond them "
                             f"the fit is all regularisation or none, and solvers stall), got {text!r}.")
     return grid
+
+
+def parse_whole_numbers(text, option: str, example: str = "1,5,10") -> tuple[int, ...]:
+    """``"10,1, 5"`` (or a sequence) -> (1, 5, 10): sorted, distinct, every value >= 1; errors name
+    ``option``."""
+    values = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        numbers = tuple(sorted({int(str(v).strip()) for v in values if str(v).strip()}))
+    except ValueError:
+        raise SettingsError(f"{option} must be comma-separated whole numbers such as {example}, "
+                            f"got {text!r}.") from None
+    if not numbers or min(numbers) < 1:
+        raise SettingsError(f"{option} values must be whole numbers >= 1, got {text!r}.")
+    return numbers
 
 
 def parse_pca(value) -> int | str | None:
@@ -149,6 +172,16 @@ class FitResult:
     y_train: np.ndarray | None = field(default=None, repr=False)
     cv_pred: np.ndarray | None = field(default=None, repr=False)  # out-of-fold, best C
     temperature: float | None = None                                 # k-NN only
+    select: str = "accuracy"                                         # what chose C
+    class_weight: str | None = None
+    cv_balanced_accuracy: float | None = None                        # at the chosen C
+    cv_macro_f1: float | None = None
+    # out-of-fold decision scores of the chosen C (linear probes; a binary probe's one column),
+    # the test rows' scores, and the temperature that calibrates both (see .calibration)
+    cv_scores: np.ndarray | None = field(default=None, repr=False)
+    test_scores: np.ndarray | None = field(default=None, repr=False)
+    calibration: object = None
+    train_paths: list = field(default_factory=list, repr=False)     # image path of each training row
 
     @property
     def hyper(self) -> str:
@@ -173,11 +206,15 @@ class FitResult:
     def _as_dict(self, r) -> dict:
         return {"layer": self.layer, "classifier": self.classifier, "C": self.C,
                 "cv_accuracy": r(self.cv_accuracy), "cv_std": r(self.cv_std),
+                "cv_balanced_accuracy": r(self.cv_balanced_accuracy), "cv_macro_f1": r(self.cv_macro_f1),
+                "select": self.select, "class_weight": self.class_weight or "none",
+                "calibration": None if self.calibration is None else self.calibration.as_dict(),
                 "test_accuracy": r(self.test_accuracy), "balanced_accuracy": r(self.balanced_accuracy),
                 "macro_f1": r(self.macro_f1), "n_train": self.n_train, "n_test": self.n_test,
                 "seconds": round(self.seconds, 3), "seed": self.seed, "folds": self.folds,
                 "norm": self.norm, "pca": self.pca, "solver": self.solver,
-                "grid": [{**g, "mean": r(g["mean"]), "std": r(g["std"])} for g in self.grid],
+                "grid": [{**g, **{k: r(g[k]) for k in ("mean", "std", "balanced_accuracy", "macro_f1")
+                                  if k in g}} for g in self.grid],
                 "excluded": self.excluded, "classes": len(self.classes), "cache": self.cache.get("path")}
 
     def evaluated(self) -> tuple[str, np.ndarray, np.ndarray]:
@@ -189,6 +226,23 @@ class FitResult:
     def confusion(self) -> np.ndarray:
         _, truth, pred = self.evaluated()
         return confusion(truth, pred, len(self.classes))
+
+    def cv_proba(self) -> np.ndarray | None:
+        """Out-of-fold class probabilities of the training rows (calibrated where the fit was;
+        columns: the model's ``classes_``), or None (k-NN)."""
+        if self.cv_scores is None:
+            return None
+        from cnncodes.pipelines.probes.linear_model import probabilities
+        return self.calibration.proba(self.cv_scores) if self.calibration else probabilities(self.cv_scores)
+
+    def suspects(self):
+        """The training rows ranked by how unlikely their given label is (:mod:`.suspects`), or
+        None without out-of-fold scores (k-NN)."""
+        proba = self.cv_proba()
+        if proba is None:
+            return None
+        from cnncodes.pipelines.probes.suspects import rank_suspects
+        return rank_suspects(proba, np.searchsorted(self.pipeline.classes_, self.y_train))
 
 
 def _check_classes(y: np.ndarray, classes: list[str], folds: int) -> None:
@@ -227,7 +281,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
                      folds: int = 5, seed: int = 0, norm: str = "standard", pca=None,
                      holdout: float | None = None, allow_incomplete: bool = False,
                      n_jobs: int = 1, solver: str = "auto", k_grid=None,
-                     temperature: float | None = None) -> FitResult:
+                     temperature: float | None = None, class_weight: str | None = None,
+                     select: str = "accuracy", calibrate: bool = True) -> FitResult:
     """Cross-validate C (k for ``knn``) on the training rows, refit with the best value, score
     once on the test rows.
 
@@ -252,6 +307,15 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         ``batched`` fits every fold of a C at once as one batched problem (float32; numpy on the
         CPU, torch on CUDA when present); ``auto`` uses it unless PCA is asked for. ``torch`` is
         its former name.
+    class_weight : {None, 'none', 'balanced'}
+        ``balanced`` weighs every training row's loss by n / (K n_class), counted on the rows
+        each model trains on (every fold's own): scikit-learn's ``sample_weight`` of those
+        weights, in both solvers.
+    select : {'accuracy', 'balanced_accuracy', 'macro_f1'}
+        The mean out-of-fold score that chooses C (ties: the smaller C).
+    calibrate : bool
+        Fit a temperature on the chosen C's out-of-fold scores (linear probes; see
+        :mod:`.calibration`) and measure the calibration error before and after it.
 
     Examples
     --------
@@ -263,6 +327,15 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     knn = classifier == "knn"
     if classifier not in CLASSIFIERS:
         raise SettingsError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}.")
+    class_weight = None if class_weight in (None, "none") else class_weight
+    if class_weight not in (None, "balanced"):
+        raise SettingsError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, "
+                            f"got {class_weight!r}.")
+    if select not in SELECT:
+        raise SettingsError(f"--select must be one of {', '.join(SELECT)}, got {select!r}.")
+    if knn and class_weight:
+        raise SettingsError("the k-NN probe has no class weights (its votes are its neighbours'); "
+                            "--class-weight is for fit-svm and fit-softmax.")
     if knn:
         from cnncodes.pipelines.probes import knn as knn_probe
         grid = knn_probe.parse_k_grid(k_grid)
@@ -301,19 +374,24 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     splits = stratified_kfold(y, folds, seed)
     for k, (_, held) in enumerate(splits):
         fold_of_row[held] = k
+    held = None   # out-of-fold decision scores per C (None: not kept)
     if knn:
         scores, oof = knn_probe.cv_knn(X, y, fold_of_row, grid, temperature, norm)
     elif solver == "batched":
         from cnncodes.pipelines.probes.solver.cv_path import CVPath
-        path = CVPath(X, y, splits, classifier, norm)
+        path = CVPath(X, y, splits, classifier, norm, class_weight=class_weight, select=select)
         scores, oof = path.run(grid)
+        held = dict([path.held_scores])
     else:
-        scores, oof = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs)
+        scores, oof, held = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_weight)
+    metrics = np.stack([fold_scores(y, oof[g], splits) for g in range(len(grid))])   # (C, folds, 3)
     table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()),
-              "folds": [round(float(v), 6) for v in s]}
-             for c, s in zip(grid, scores)]
+              "folds": [round(float(v), 6) for v in s],
+              "balanced_accuracy": float(m[:, 1].mean()), "macro_f1": float(m[:, 2].mean())}
+             for c, s, m in zip(grid, scores, metrics)]
+    key = "mean" if select == "accuracy" else select
     # ties: the stronger regularisation (the smaller C, the larger k)
-    best = max(table, key=lambda g: (round(g["mean"], 10), g["C"] if knn else -g["C"]))
+    best = max(table, key=lambda g: (round(g[key], 10), g["C"] if knn else -g["C"]))
     if knn:
         from sklearn.pipeline import Pipeline
         final = Pipeline(normalisation_steps(norm) +
@@ -327,18 +405,61 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         from sklearn.exceptions import ConvergenceWarning
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            final.fit(X, y)
-    y_test = y_pred = None
+            final.fit(X, y, **_sample_weight(y, class_weight))
+    y_test = y_pred = test_scores = None
     acc = bal = f1 = None
     if len(test):
         y_test = codes.y[test]
-        y_pred = final.predict(codes.X[test])
+        if knn:
+            y_pred = final.predict(codes.X[test])
+        else:
+            test_scores = final.decision_function(codes.X[test])
+            y_pred = labels_of(test_scores, final.classes_)
         acc, bal, f1 = classification_scores(y_test, y_pred)
-    return FitResult(codes.layer, classifier, best["C"], best["mean"], best["std"], table, acc, bal, f1,
-                     len(train), len(test), time.perf_counter() - t0, seed, folds, norm, parse_pca(pca),
-                     codes.classes, final, fold_of_row, codes.rows[train], codes.rows[test], y_test,
-                     y_pred, codes.excluded, cache_summary(codes), solver="knn" if knn else solver, y_train=y,
-                     cv_pred=oof[grid.index(best["C"])], temperature=temperature if knn else None)
+    g = grid.index(best["C"])
+    result = FitResult(codes.layer, classifier, best["C"], best["mean"], best["std"], table, acc, bal, f1,
+                       len(train), len(test), time.perf_counter() - t0, seed, folds, norm, parse_pca(pca),
+                       codes.classes, final, fold_of_row, codes.rows[train], codes.rows[test], y_test,
+                       y_pred, codes.excluded, cache_summary(codes), solver="knn" if knn else solver,
+                       y_train=y,
+                       cv_pred=oof[g], temperature=temperature if knn else None, select=select,
+                       class_weight=class_weight, cv_balanced_accuracy=best["balanced_accuracy"],
+                       cv_macro_f1=best["macro_f1"], test_scores=test_scores,
+                       train_paths=[codes.paths[i] for i in train])
+    if held is not None and best["C"] in held:
+        result.cv_scores = decision_columns(held[best["C"]], result.classifier)
+        if calibrate:
+            result.calibration = calibrate_result(result)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def decision_columns(scores: np.ndarray, classifier: str) -> np.ndarray:
+    """Out-of-fold scores with a column per class, as the refitted model's decision function
+    gives them: a binary probe's one column (the SVM's positive class; softmax's logit of the
+    second class against the first)."""
+    if scores.ndim == 1 or scores.shape[1] != 2:
+        return scores
+    return scores[:, 1] if classifier == "svm" else scores[:, 1] - scores[:, 0]
+
+
+def calibrate_result(r: FitResult):
+    """The temperature of ``r``'s out-of-fold scores and the calibration error before and after
+    it (test rows of classes the model never trained on left out of the test's)."""
+    from cnncodes.pipelines.probes.calibration import calibrate
+    classes_ = r.pipeline.classes_
+    y_cv = np.searchsorted(classes_, r.y_train)
+    test_scores = y_test = None
+    if r.test_scores is not None:
+        known = np.isin(r.y_test, classes_)
+        test_scores, y_test = r.test_scores[known], np.searchsorted(classes_, r.y_test[known])
+    return calibrate(r.cv_scores, y_cv, test_scores, y_test)
+
+
+def _sample_weight(y: np.ndarray, class_weight: str | None) -> dict:
+    """The fit's keyword for a Pipeline's classifier step: ``clf__sample_weight`` of the
+    balanced class weights of ``y``, or nothing."""
+    return {"clf__sample_weight": balanced_weights(y)} if class_weight == "balanced" else {}
 
 
 def cache_summary(codes: Codes) -> dict:
@@ -347,8 +468,9 @@ def cache_summary(codes: Codes) -> dict:
             **Recipe.from_attrs(codes.attrs).to_attrs(), "data_root": codes.attrs.get("data_root")}
 
 
-def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs) -> list[np.ndarray]:
-    """Accuracy per C (rows) and fold (columns).
+def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_weight=None):
+    """Accuracy per C (rows) and fold (columns), out-of-fold predictions and decision scores
+    per C.
 
     Folds run in parallel on threads (liblinear and lbfgs spend their time outside the GIL),
     which share the codes instead of copying them into worker processes. Within a fold the C
@@ -359,6 +481,9 @@ def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs) -> list[
     from sklearn.exceptions import ConvergenceWarning
 
     preds = np.empty((len(grid), len(y)), dtype=y.dtype)
+    n_classes = len(np.unique(y))
+    shape = (len(grid), len(y)) if n_classes == 2 else (len(grid), len(y), n_classes)
+    decisions = np.zeros(shape, np.float32)
 
     def one_fold(train, held):
         pipe = make_pipeline(classifier, grid[0], norm, pca, n_samples=len(train), n_features=X.shape[1],
@@ -370,11 +495,14 @@ def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs) -> list[
             warnings.simplefilter("ignore", ConvergenceWarning)
             for c in grid:
                 pipe.set_params(clf__C=c)
-                pipe.fit(X[train], y[train])
-                p = pipe.predict(X[held])
+                pipe.fit(X[train], y[train], **_sample_weight(y[train], class_weight))
+                d = pipe.decision_function(X[held])
+                p = labels_of(d, pipe.classes_)
                 preds[grid.index(c), held] = p
+                if len(pipe.classes_) == n_classes:  # a fold missing a class scores other columns
+                    decisions[grid.index(c), held] = d
                 out.append(float((p == y[held]).mean()))
         return out
 
     per_fold = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one_fold)(tr, te) for tr, te in splits)
-    return [np.array(col) for col in zip(*per_fold)], preds
+    return [np.array(col) for col in zip(*per_fold)], preds, dict(zip(grid, decisions))

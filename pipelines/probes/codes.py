@@ -1,7 +1,7 @@
 """Reading a cache's codes for a classifier: the rows that can be used, and why others cannot."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,14 @@ class Codes:
     @property
     def has_test_split(self) -> bool:
         return bool((self.splits == "test").any())
+
+    def take(self, keep, splits=None) -> Codes:
+        """The codes of the rows ``keep`` (positions or a boolean mask), optionally with other
+        ``splits`` for them."""
+        keep = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep)
+        return replace(self, X=self.X[keep], y=self.y[keep], rows=self.rows[keep],
+                       splits=self.splits[keep] if splits is None else np.asarray(splits, dtype=object),
+                       paths=[self.paths[i] for i in keep])
 
 
 def load_codes(path: str | Path, layer: str | None = None, allow_incomplete: bool = False,

@@ -29,18 +29,10 @@ BLOCK_BYTES = 64 << 20
 
 def parse_k_grid(text) -> tuple[int, ...]:
     """``"1,10,20"`` -> (1, 10, 20); every value an integer >= 1."""
-    from cnncodes.extractor.errors import SettingsError
+    from cnncodes.pipelines.probes.classifiers import parse_whole_numbers
     if text is None or text == "":
         return DEFAULT_K_GRID
-    values = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    try:
-        grid = tuple(sorted({int(str(v).strip()) for v in values if str(v).strip()}))
-    except ValueError:
-        raise SettingsError(f"--k-grid must be comma-separated whole numbers such as 1,10,20, "
-                            f"got {text!r}.") from None
-    if not grid or min(grid) < 1:
-        raise SettingsError(f"--k-grid values must be whole numbers >= 1, got {text!r}.")
-    return grid
+    return parse_whole_numbers(text, "--k-grid", "1,10,20")
 
 
 def top_k(queries, keys, k: int, query_groups=None, key_groups=None, device: str = "auto"):

@@ -69,3 +69,34 @@ def stratified_sample(y, size: int, seed: int) -> np.ndarray:
     share = max(2, size // max(1, len(classes)))
     picked = [rng.permutation(np.flatnonzero(y == c))[:share] for c in classes]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+# What chooses C (``--select``): the column of :func:`classification_scores` of that name.
+SELECT = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def fold_scores(y, pred, splits) -> np.ndarray:
+    """(folds, 3): accuracy, balanced accuracy and macro-F1 of ``pred`` on each fold's held-out
+    rows of ``splits`` (a list of (train, held) index arrays)."""
+    return np.array([classification_scores(y[held], pred[held]) for _, held in splits])
+
+
+def balanced_weights(y, mask=None) -> np.ndarray:
+    """Row weights of scikit-learn's ``class_weight="balanced"``: ``n / (K * n_c)`` for a row of
+    class c, counted over the rows where ``mask`` holds (all rows without one; rows outside it
+    get their class's weight too, or 0 for a class absent from it). The weights of the
+    counted rows sum to their number, so C keeps its meaning."""
+    y = np.asarray(y)
+    mask = np.ones(len(y), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    labels, inv = np.unique(y, return_inverse=True)
+    counts = np.bincount(inv[mask], minlength=len(labels)).astype(np.float64)
+    present = counts > 0
+    per_class = np.zeros(len(labels))
+    per_class[present] = mask.sum() / (present.sum() * counts[present])
+    return per_class[inv]
+
+
+def imbalance(y) -> float:
+    """The largest class's size over the smallest's (1 for balanced labels)."""
+    counts = np.unique(np.asarray(y), return_counts=True)[1]
+    return float(counts.max() / counts.min()) if len(counts) else 1.0

@@ -53,6 +53,7 @@ class Prediction:
     label: str | None
     score: float | None   # probability (softmax) or decision score (svm)
     error: str = ""
+    probability: float | None = None  # of the label, calibrated where the model was
 
 
 def gather_images(inputs) -> list[Path]:
@@ -107,8 +108,10 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
             dec = dec[:, None] if dec.ndim == 1 else dec
             best = dec.argmax(1) if dec.shape[1] > 1 else (dec[:, 0] > 0).astype(int)
             score = dec.max(1) if dec.shape[1] > 1 else dec[:, 0]
+        proba = m.proba(X[ok])
         classes_ = m.pipeline.classes_
-        for i, b, s in zip(np.flatnonzero(ok), best, score):
+        for j, (i, b, s) in enumerate(zip(np.flatnonzero(ok), best, score)):
             out[i].label = m.classes[int(classes_[b])]
             out[i].score = float(s)
+            out[i].probability = None if proba is None else float(proba[j, b])
     return out

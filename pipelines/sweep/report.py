@@ -87,46 +87,50 @@ def _name(row) -> str:
     return f"{row['classifier']} on {row['layer']} of {row['model']}"
 
 
-def conclude(df: pd.DataFrame) -> tuple[list[str], dict | None]:
+def conclude(df: pd.DataFrame, select: str = "accuracy") -> tuple[list[str], dict | None]:
     """The best layer, the cheapest within 1 point of it, and whether accuracy still rises at
-    the top: ``(sentences, best row)`` of a sweep's table."""
+    the top: ``(sentences, best row)`` of a sweep's table, by the mean CV score ``select``
+    (accuracy, balanced_accuracy or macro_f1: what chose each fit's C)."""
+    col = "cv_accuracy" if select == "accuracy" else f"cv_{select}"
+    what = "CV " + select.replace("_", " ").replace("macro f1", "macro-F1")
     fitted = _fitted(df)
     if fitted.empty:
         return ["No layer was cross-validated."], None
     order = fitted.assign(_cost=fitted["gflops"].fillna(np.inf))
-    best = order.sort_values(["cv_accuracy", "_cost"], ascending=[False, True]).iloc[0]
+    best = order.sort_values([col, "_cost"], ascending=[False, True]).iloc[0]
     test = "" if pd.isna(best["test_accuracy"]) else f", test accuracy {best['test_accuracy']:.3f}"
     lines = [f"Best: {_name(best)} (module {best['module']}, {best['relative_depth']:.0%} of the "
-             f"forward pass): CV accuracy {best['cv_accuracy']:.3f} +- {best['cv_std']:.3f}{test}."]
-    near = order[order["cv_accuracy"] >= best["cv_accuracy"] - 0.01].sort_values(["_cost", "cv_accuracy"],
+             f"forward pass): {what} {best[col]:.3f}"
+             + (f" +- {best['cv_std']:.3f}" if col == "cv_accuracy" else "") + f"{test}."]
+    near = order[order[col] >= best[col] - 0.01].sort_values(["_cost", col],
                                                                                    ascending=[True, False])
     cheap = near.iloc[0]
     if cheap["layer"] == best["layer"] and cheap["model"] == best["model"]:
         lines.append("No cheaper layer comes within 1 point of it.")
     else:
         lines.append(f"Cheapest within 1 point: {_name(cheap)} ({cheap['relative_depth']:.0%} of the "
-                     f"forward pass, {cheap['gflops']:.2f} GFLOPs per image), CV accuracy "
-                     f"{cheap['cv_accuracy']:.3f}.")
+                     f"forward pass, {cheap['gflops']:.2f} GFLOPs per image), {what} "
+                     f"{cheap[col]:.3f}.")
     line = fitted[(fitted["model"] == best["model"]) & (fitted["classifier"] == best["classifier"])]
     line = line.sort_values("relative_depth")
     if len(line) >= 2:
         top, below = line.iloc[-1], line.iloc[-2]
-        delta = top["cv_accuracy"] - below["cv_accuracy"]
+        delta = top[col] - below[col]
         # What the curve shows is which *fixed* layer reads this data best; it does not say how
         # much the data resembles ImageNet (dissimilar data can rise to the top too, as PACS
         # sketches do), so no sentence here names a quadrant of the seeds' rule.
         if delta > 0.005:
-            trend = (f"Accuracy still rises at the top ({below['layer']} {below['cv_accuracy']:.3f} -> "
-                     f"{top['layer']} {top['cv_accuracy']:.3f}): the deepest codes are the best fixed "
+            trend = (f"Accuracy still rises at the top ({below['layer']} {below[col]:.3f} -> "
+                     f"{top['layer']} {top[col]:.3f}): the deepest codes are the best fixed "
                      f"features here. That alone does not make the data similar to ImageNet's; whether "
                      f"fine-tuning pays is measured by `cnncodes compare`.")
         elif delta < -0.005:
-            trend = (f"Accuracy falls at the top ({below['layer']} {below['cv_accuracy']:.3f} -> "
-                     f"{top['layer']} {top['cv_accuracy']:.3f}): an earlier layer's codes read this data "
+            trend = (f"Accuracy falls at the top ({below['layer']} {below[col]:.3f} -> "
+                     f"{top['layer']} {top[col]:.3f}): an earlier layer's codes read this data "
                      f"better than the top's, whose features are the most specific to ImageNet's classes.")
         else:
-            trend = (f"Accuracy levels off at the top ({below['layer']} {below['cv_accuracy']:.3f}, "
-                     f"{top['layer']} {top['cv_accuracy']:.3f}).")
+            trend = (f"Accuracy levels off at the top ({below['layer']} {below[col]:.3f}, "
+                     f"{top['layer']} {top[col]:.3f}).")
         lines.append(trend)
     return lines, _plain(best.drop(labels="_cost").to_dict())
 

@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 
 STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
 COLUMNS = ["model", "layer", "module", "classifier", "dim", "stride", "relative_depth", "gflops", "logme",
-           "fitted", "C", "cv_accuracy", "cv_std", "test_accuracy", "balanced_accuracy", "macro_f1",
-           "fit_seconds", "n_train", "n_test", "model_file"]
+           "fitted", "C", "cv_accuracy", "cv_std", "cv_balanced_accuracy", "cv_macro_f1", "test_accuracy",
+           "balanced_accuracy", "macro_f1", "fit_seconds", "n_train", "n_test", "model_file"]
 # The columns a fit's metrics fill, and where in its record each comes from.
 _METRIC_COLUMNS = {"C": "C", "cv_accuracy": "cv_accuracy", "cv_std": "cv_std",
+                   "cv_balanced_accuracy": "cv_balanced_accuracy", "cv_macro_f1": "cv_macro_f1",
                    "test_accuracy": "test_accuracy", "balanced_accuracy": "balanced_accuracy",
                    "macro_f1": "macro_f1", "fit_seconds": "seconds", "n_train": "n_train", "n_test": "n_test"}
 
@@ -77,7 +78,8 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
           weights="DEFAULT", cache=None, report=None, c_grid=None, folds: int = 5,
           seed: int = 0, norm: str = "standard", solver: str = "auto", holdout: float | None = None,
           prescreen: int | None = None, pool: str = "avg", batch_size: int = 32, device: str = "auto",
-          progress: bool | None = None, runtime: str | None = None) -> SweepResult:
+          progress: bool | None = None, runtime: str | None = None, select: str = "accuracy",
+          class_weight: str | None = None) -> SweepResult:
     """Extract, score and cross-validate every layer of every backbone; write the report.
 
     Parameters
@@ -97,8 +99,9 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
         backbone.
     report : path, optional
         Report folder; default ``reports/<data>-<model>``.
-    c_grid, folds, seed, norm, solver, holdout
-        As for :func:`pipelines.classifiers.fit_linear_probe`.
+    c_grid, folds, seed, norm, solver, holdout, select, class_weight
+        As for :func:`pipelines.classifiers.fit_linear_probe`; ``select`` also picks the best
+        layer (``class_weight`` applies to the linear probes).
 
     Returns
     -------
@@ -117,7 +120,8 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
     settings = SweepSettings.from_arguments(
         data, models, layers, classifiers, weights=weights, cache=cache, report=report, c_grid=c_grid,
         progress=progress, folds=folds, seed=seed, norm=norm, solver=solver, holdout=holdout,
-        prescreen=prescreen, pool=pool, batch_size=batch_size, device=device, runtime=runtime)
+        prescreen=prescreen, pool=pool, batch_size=batch_size, device=device, runtime=runtime,
+        select=select, class_weight=class_weight)
     return run_sweep(settings, t0)
 
 
@@ -131,7 +135,7 @@ def run_sweep(settings: SweepSettings, started: float | None = None) -> SweepRes
         scores = _logme_scores(settings, model, codes)
         rows += _fit_rows(settings, model, codes, depth, scores, fit_records)
     table = order_table(pd.DataFrame(rows).reindex(columns=COLUMNS), settings.models, settings.classifiers)
-    conclusion, best = conclude(table)
+    conclusion, best = conclude(table, settings.select)
     result = SweepResult(table=table, report=str(settings.report), settings=settings, caches=caches,
                          kendall_tau=kendall_taus(table), conclusion=conclusion, best=best,
                          seconds=round(time.perf_counter() - t0, 2))
@@ -241,7 +245,8 @@ def _fit(settings: SweepSettings, codes, name: str, clf: str, model: str) -> dic
     if record is not None and stem.with_suffix(".joblib").exists():
         return record
     r = fit_linear_probe(codes, name, clf, c_grid=settings.c_grid, folds=settings.folds, seed=settings.seed,
-                         norm=settings.norm, holdout=settings.holdout, solver=settings.solver)
+                         norm=settings.norm, holdout=settings.holdout, solver=settings.solver,
+                         select=settings.select, class_weight=None if clf == "knn" else settings.class_weight)
     what, truth, pred = r.evaluated()
     save_model(r, stem.with_suffix(".joblib"), overwrite=True)
     # written last: its presence means the fit is whole

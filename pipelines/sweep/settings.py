@@ -15,6 +15,7 @@ from cnncodes.extractor.errors import SettingsError
 from cnncodes.extractor.files import dataset_name, slug
 
 from cnncodes.pipelines.probes.classifiers import CLASSIFIERS, parse_c_grid, solver_name
+from cnncodes.pipelines.probes.metrics import SELECT
 
 
 def default_report_dir(data, models) -> Path:
@@ -73,6 +74,8 @@ class SweepSettings:
     device: str = "auto"
     progress: bool = False
     runtime: str | None = None
+    select: str = "accuracy"
+    class_weight: str | None = None   # balanced: the linear probes' (k-NN has none)
 
     @classmethod
     def from_arguments(cls, data, models=None, layers="all-stages",
@@ -81,7 +84,7 @@ class SweepSettings:
         """Check and normalise the arguments of :func:`~.runner.sweep`; ``models`` defaults to
         the embedded default backbone; ``options`` are the remaining keywords (``folds``,
         ``seed``, ``norm``, ``solver``, ``holdout``, ``prescreen``, ``pool``, ``batch_size``,
-        ``device``, ``runtime``), kept as given.
+        ``device``, ``runtime``, ``select``, ``class_weight``), kept as given.
 
         Raises
         ------
@@ -103,6 +106,12 @@ class SweepSettings:
             raise SettingsError(f"the k-NN probe compares unit rows: --norm {options['norm']} "
                                 f"does not apply; "
                                 f"use l2, power, or the default.")
+        if options.get("select", "accuracy") not in SELECT:
+            raise SettingsError(f"--select takes {', '.join(SELECT)}, got {options['select']!r}.")
+        if options.get("class_weight") in ("none", ""):
+            options["class_weight"] = None
+        if options.get("class_weight") not in (None, "balanced"):
+            raise SettingsError(f"--class-weight takes none or balanced, got {options['class_weight']!r}.")
         prescreen = options.get("prescreen")
         if prescreen is not None and prescreen < 1:
             raise SettingsError(f"--prescreen must be >= 1, got {prescreen}.")
@@ -123,8 +132,12 @@ class SweepSettings:
 
     def fit_settings(self) -> dict:
         """What decides a fit besides its codes: part of every stored fit's key."""
+        # the selection and the class weights only where not the defaults: fits stored before
+        # the options existed keep their keys
         return {"c_grid": list(self.c_grid), "folds": self.folds, "seed": self.seed, "norm": self.norm,
-                "solver": self.solver, "holdout": self.holdout}
+                "solver": self.solver, "holdout": self.holdout,
+                **({"select": self.select} if self.select != "accuracy" else {}),
+                **({"class_weight": self.class_weight} if self.class_weight else {})}
 
     def as_dict(self) -> dict:
         """The ``settings`` entry of ``sweep.json``."""

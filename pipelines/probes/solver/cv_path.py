@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnncodes.pipelines.probes.linear_model import LinearProbe
+from cnncodes.pipelines.probes.metrics import SELECT, balanced_weights, classification_scores
 from cnncodes.pipelines.probes.normalise import normalise_rows
 from cnncodes.pipelines.probes.solver.backends import backend
 from cnncodes.pipelines.probes.solver.dual import dual_design
@@ -25,7 +26,11 @@ class CVPath:
 
     Normalisation is fitted per fold on that fold's training rows only: ``standard`` uses each
     fold's own mean and standard deviation (as StandardScaler would); ``l2`` and ``power``
-    are per-row and need no fitting.
+    are per-row and need no fitting. ``class_weight="balanced"`` weighs each training row's loss
+    by n / (K n_class), counted on that model's own training rows (scikit-learn's
+    ``sample_weight`` of those weights). ``select`` (:data:`~..metrics.SELECT`) ranks the C
+    values; the out-of-fold decision scores of the best one are kept (``held_scores``).
+    Without ``splits``, :meth:`refit` fits one C on all rows, with no cross-validation.
 
     Examples
     --------
@@ -35,9 +40,12 @@ class CVPath:
     """
 
     def __init__(self, X: np.ndarray, y: np.ndarray, splits, classifier: str, norm: str,
-                 device: str = "auto"):
+                 device: str = "auto", class_weight: str | None = None, select: str = "accuracy"):
         self.ops = ops = backend(device)
         self.classifier, self.norm = classifier, norm
+        if select not in SELECT:
+            raise ValueError(f"select must be one of {', '.join(SELECT)}, got {select!r}.")
+        self.select, self.class_weight = SELECT.index(select), class_weight
         self.loss = "squared_hinge" if classifier == "svm" else "log_loss"
         self.classes, idx = np.unique(y, return_inverse=True)
         self.y_np, self.splits = y, splits
@@ -46,30 +54,45 @@ class CVPath:
         self.X = ops.asarray(X, ops.f32)   # numpy: the codes themselves when already float32
         self.y = ops.asarray(idx, ops.int64)
         masks = np.zeros((len(splits), len(y)), dtype=bool)
-        for f, (train, _) in enumerate(splits):
+        self.fold_of_row = np.zeros(len(y), dtype=np.int64)
+        for f, (train, held) in enumerate(splits):
             masks[f, train] = True
+            self.fold_of_row[held] = f
         self.masks = ops.asarray(masks)
+        self.row_weights = self._row_weights(masks)
         self._best = None   # (C, the folds' solutions there): the refit's start, see _best_so_far
+        self.held_scores = None   # (C, (n, K) out-of-fold decision scores) of the best C so far
+        self.fold_metrics = None  # (C values, folds, 3): accuracy, balanced accuracy, macro-F1
+
+    def _row_weights(self, masks: np.ndarray):
+        """(M, n) class weights of the models of ``masks``, or None (every row weighs 1)."""
+        if self.class_weight is None or not len(masks):
+            return None
+        if self.class_weight != "balanced":
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
+        return self.ops.asarray(np.stack([balanced_weights(self.y_np, m) for m in masks]).astype(np.float32))
 
     def run(self, grid):
         """Accuracy per C (list of arrays, one per fold) and out-of-fold predictions per C."""
         with self.ops.threads():  # the setup too (moments, eigendecompositions), not only the solves
             return self._run(grid)
 
-    def _newton(self, masks) -> NewtonSVM | None:
+    def _newton(self, masks, row_weights) -> NewtonSVM | None:
         return newton_design(self.ops, self.X, self.y, masks, len(self.classes), self.loss,
-                             self.norm == "standard")
+                             self.norm == "standard",
+                             None if row_weights is None else self.ops.to_numpy(row_weights))
 
     def _run(self, grid):
         ops = self.ops
         F, K = len(self.splits), len(self.classes)
-        self._best = None
-        newton = self._newton(self.masks)
+        self._best = self.held_scores = None
+        self.fold_metrics = np.zeros((len(grid), F, 3))
+        newton = self._newton(self.masks, self.row_weights)
         if newton is not None:
             return self._run_newton(newton, grid)
         self.design, self.spans = make_design(ops, self.X, self.masks, self.norm == "standard", self.loss, K,
                                               exact=self.norm == "none")
-        problem = BatchedProblem(self.design, self.y, self.masks, K, self.loss)
+        problem = BatchedProblem(self.design, self.y, self.masks, K, self.loss, self.row_weights)
         scores = np.zeros((len(grid), F))
         oof = np.empty((len(grid), len(self.y_np)), dtype=self.y_np.dtype)
         # All folds at once, one C at a time from strong to weak regularisation, each C starting
@@ -85,18 +108,20 @@ class CVPath:
             if self.loss == "log_loss" and prev is not None:
                 guess = (2 * state[0] - prev[0], 2 * state[1] - prev[1])
             prev, state = state, problem.solve(grid[g], state, tol=CV_TOL, guess=guess)
-            self._score(ops.to_numpy(self.design.predict(*state)), g, scores, oof)
-            self._best_so_far(grid[g], scores[g], state)
+            held = self._score(self.design.block_scores(*state), g, scores, oof)
+            self._best_so_far(grid[g], g, state, held)
         return [scores[g] for g in range(len(grid))], oof
 
-    def _best_so_far(self, C: float, scores, state) -> None:
-        """Keeps the folds' solutions at C where C's mean accuracy beats every smaller C's (the
-        refit's C is the best, the smallest of ties): the refit starts from their mean, mapped
-        back to weights only then (mapping at every C took 0.4 s of a 5 s grid on 2,560-d
-        codes; a refit at another C starts from zero)."""
-        mean = round(float(np.mean(scores)), 10)
+    def _best_so_far(self, C: float, g: int, state, held) -> None:
+        """Keeps the folds' solutions at C where C's mean score (of ``select``) beats every
+        smaller C's (the refit's C is the best, the smallest of ties): the refit starts from
+        their mean, mapped back to weights only then (mapping at every C took 0.4 s of a 5 s
+        grid on 2,560-d codes; a refit at another C starts from zero). Its out-of-fold scores
+        ``held`` are kept too."""
+        mean = round(float(self.fold_metrics[g, :, self.select].mean()), 10)
         if self._best is None or mean > self._best[1]:
             self._best = (C, mean, state)
+            self.held_scores = (C, held)
 
     def _start(self, C: float):
         """The folds' mean (weights, intercept) at C on the models' input, or None where C's
@@ -110,11 +135,19 @@ class CVPath:
             return self.design.weights(state[0]).mean(0), state[1].mean(0)
         return _mean_fit([model_weights(self.design, self.spans, *state, m) for m in range(F)])
 
-    def _score(self, pred, g: int, scores, oof) -> None:
-        """Out-of-fold predictions and accuracies at the grid's ``g``-th C from ``pred`` (F, n)."""
+    def _score(self, blocks, g: int, scores, oof) -> np.ndarray:
+        """Out-of-fold predictions, accuracies and :attr:`fold_metrics` at the grid's ``g``-th C
+        from the models' ``blocks`` of scores; returns the out-of-fold scores (n, K), each row's
+        from the model of the fold that held it out."""
+        held_scores = np.empty((len(self.y_np), len(self.classes)), dtype=np.float32)
+        for blk, S in blocks:
+            f = self.fold_of_row[blk]
+            held_scores[blk] = self.ops.to_numpy(S)[f, :, np.arange(len(f))]
+        oof[g] = self.classes[held_scores.argmax(1)]
         for f, (_, held) in enumerate(self.splits):
-            oof[g, held] = self.classes[pred[f, held]]
-            scores[g, f] = float((oof[g, held] == self.y_np[held]).mean())
+            self.fold_metrics[g, f] = classification_scores(self.y_np[held], oof[g, held])
+            scores[g, f] = self.fold_metrics[g, f, 0]
+        return held_scores
 
     def _run_newton(self, newton: NewtonSVM, grid):
         self.design, self.spans = newton, None
@@ -124,21 +157,24 @@ class CVPath:
         theta = None
         for g in sorted(range(len(grid)), key=lambda g: grid[g]):   # warm starts, as above
             theta = newton.solve(grid[g], theta, tol=CV_TOL)
-            self._score(newton.predict(theta), g, scores, oof)
-            self._best_so_far(grid[g], scores[g], theta)
+            held = self._score(newton.block_scores(theta), g, scores, oof)
+            self._best_so_far(grid[g], g, theta, held)
         return [scores[g] for g in range(len(grid))], oof
 
     def refit(self, C: float, tol: float = 1e-4, max_iter: int = 300) -> LinearProbe:
-        """The model on all rows at ``C``, started from the folds' average solution at that C."""
-        if not hasattr(self, "design"):
-            raise RuntimeError("CVPath.refit needs run() first (it reuses the path's basis and solutions).")
+        """The model on all rows at ``C``, started from the folds' average solution at that C
+        (from zero without a :meth:`run` before it)."""
         ops = self.ops
         with ops.threads():
-            everything = ops.asarray(np.ones((1, len(self.y_np)), dtype=bool))
+            everything = np.ones((1, len(self.y_np)), dtype=bool)
+            weights = self._row_weights(everything)
+            everything = ops.asarray(everything)
             standard = self.norm == "standard"
+            if not hasattr(self, "design"):  # no run: the form the models of all rows would take
+                return self._fit_at(C, everything, weights, tol, max_iter)
             init = self._start(C)
             if isinstance(self.design, NewtonSVM):
-                return self._refit_newton(C, everything, init, tol, max_iter)
+                return self._refit_newton(C, everything, weights, init, tol, max_iter)
             if self.spans is None:  # started from the folds' mean weights, in its own basis
                 design, spans = shared_design(ops, self.X, everything, standard), None
                 if init is not None:
@@ -151,7 +187,20 @@ class CVPath:
                     omega0 = ops.zeros((1, design.D, W0.shape[1]), W0.dtype)
                     omega0[0, :span.r], b0 = span.coordinates(W0, c0)
                     init = (omega0, b0[None])
-            problem = BatchedProblem(design, self.y, everything, len(self.classes), self.loss)
+            return self._solve_all(C, design, spans, everything, weights, init, tol, max_iter)
+
+    def _fit_at(self, C, everything, weights, tol, max_iter) -> LinearProbe:
+        if self._newton(everything, weights) is not None:
+            return self._refit_newton(C, everything, weights, None, tol, max_iter)
+        design, spans = make_design(self.ops, self.X, everything, self.norm == "standard", self.loss,
+                                    len(self.classes), exact=self.norm == "none")
+        return self._solve_all(C, design, spans, everything, weights, None, tol, max_iter)
+
+    def _solve_all(self, C, design, spans, everything, weights, init, tol, max_iter) -> LinearProbe:
+        """The one model of all rows in ``design`` (its ``spans`` for the dual form)."""
+        ops, standard = self.ops, self.norm == "standard"
+        with ops.threads():
+            problem = BatchedProblem(design, self.y, everything, len(self.classes), self.loss, weights)
             omega, b = problem.solve(C, init, max_iter=max_iter, tol=tol)
             self.n_evaluations = problem.n_evaluations
             W, intercept = model_weights(design, spans, omega, b, 0)
@@ -164,8 +213,8 @@ class CVPath:
         return LinearProbe.from_weights(self.loss, C, self.norm, self.classes, ops.to_numpy(W),
                                         ops.to_numpy(intercept), n_samples=len(self.y_np), **moments)
 
-    def _refit_newton(self, C, everything, init, tol, max_iter) -> LinearProbe:
-        newton = self._newton(everything)
+    def _refit_newton(self, C, everything, weights, init, tol, max_iter) -> LinearProbe:
+        newton = self._newton(everything, weights)
         theta = newton.solve(C, None if init is None else newton.start(*init), tol=tol, max_iter=max_iter)
         self.n_evaluations = newton.n_steps
         W, intercept = newton.weights(theta, 0)

@@ -33,17 +33,15 @@ class FoldBases:
         """(M, K, B) scores of the rows ``rows``; ``omegaT`` is omega (M, r, K) transposed."""
         return omegaT @ self.Phi[:, rows].swapaxes(1, 2) + b[:, :, None]
 
-    def predict(self, omega, b):
+    def block_scores(self, omega, b):
+        """``(rows, scores)`` over blocks of rows: the (M, K, B) scores of every model."""
         omegaT = self.ops.copy(omega.swapaxes(1, 2))
         part = None if self.outside is None else b - self.intercept_shift(omega)
-
-        def best(blk):
+        for blk in row_blocks(self.n, 4 * self.M * 2 * omega.shape[2]):  # Phi's rows are views
             S = self.scores(omegaT, b, blk)
             if part is not None:
                 S += part[:, :, None] * self.outside[:, None, blk]
-            return S.argmax(1).T
-        blocks = row_blocks(self.n, 4 * self.M * 2 * omega.shape[2])  # Phi's rows are views
-        return self.ops.cat([best(blk) for blk in blocks]).T
+            yield blk, S
 
     def value_and_grad(self, omega, b, y, w, loss):
         ops = self.ops

@@ -14,13 +14,14 @@ from cnncodes.pipelines.probes.solver.rows import moments
 DUAL_BYTES = 512 << 20
 
 
-def newton_design(ops: Ops, X, y, masks, n_classes: int, loss: str, standardise: bool) -> NewtonSVM | None:
+def newton_design(ops: Ops, X, y, masks, n_classes: int, loss: str, standardise: bool,
+                  row_weights=None) -> NewtonSVM | None:
     """Narrow codes' SVMs are solved by Newton's method on the CPU (see :mod:`.newton`); None
     where L-BFGS solves the problem instead."""
     if loss != "squared_hinge" or ops.name != "numpy" or X.shape[1] > NEWTON_MAX_DIM:
         return None
     mu, sd = moments(ops, X, masks)
-    return NewtonSVM(X, y, masks, n_classes, mu, sd, standardise)
+    return NewtonSVM(X, y, masks, n_classes, mu, sd, standardise, row_weights)
 
 
 # The cost model that picks the primal or the dual form (multiply-adds): an eigendecomposition

@@ -36,16 +36,19 @@ XX_KEEP_BYTES = 64 << 20
 class NewtonSVM:
     """M models' one-vs-rest squared-hinge SVMs (liblinear's penalised intercept) on the rows
     ``X`` (n, D), model m training on the rows of ``masks[m]``; ``mu``, ``sd`` (M, D) the
-    models' training means and deviations, used when ``standardise``."""
+    models' training means and deviations, used when ``standardise``; ``row_weights`` (M, n)
+    multiply each row's loss (class weights), as they do in :class:`~.problem.BatchedProblem`."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, masks: np.ndarray, n_classes: int,
-                 mu: np.ndarray, sd: np.ndarray, standardise: bool):
+                 mu: np.ndarray, sd: np.ndarray, standardise: bool, row_weights: np.ndarray | None = None):
         self.X, self.y, self.K = X, np.asarray(y), n_classes
         masks = np.asarray(masks)
         self.M, self.n = masks.shape
         self.D = D = X.shape[1]
         self.n_m = masks.sum(1).astype(np.float64)
         self.w = masks / self.n_m[:, None]                                      # (M, n) mean weights
+        if row_weights is not None:                                             # class weights
+            self.w = self.w * row_weights
         mu, sd = np.asarray(mu, np.float64), np.asarray(sd, np.float64)
         # any centre is exact; one near every model's mean keeps the float32 Hessian accurate
         self.center = (mu * self.n_m[:, None]).sum(0) / self.n_m.sum()
@@ -158,13 +161,10 @@ class NewtonSVM:
             theta = theta + step[..., None] * delta
         return theta
 
-    def predict(self, theta: np.ndarray) -> np.ndarray:
-        """(M, n) index of the highest score of every row under every model."""
-        out = np.empty((self.M, self.n), dtype=np.int64)
+    def block_scores(self, theta: np.ndarray):
+        """``(rows, scores)`` over blocks of rows: the (M, K, B) scores of every model."""
         for blk in self.blocks:
-            S = (theta.reshape(-1, self.D + 1) @ self._rows(blk).T).reshape(self.M, self.K, -1)
-            out[:, blk] = S.argmax(1)
-        return out
+            yield blk, (theta.reshape(-1, self.D + 1) @ self._rows(blk).T).reshape(self.M, self.K, -1)
 
     def weights(self, theta: np.ndarray, m: int):
         """(W (D, K), intercept (K,)) of model m on its input (standardised, or as given)."""

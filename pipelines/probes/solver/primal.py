@@ -65,12 +65,11 @@ class SharedRows:
         flat = self.ops.permute(x, (1, 0, 2)).reshape(D, M * K)
         return self.ops.permute(((V.T if back else V) @ flat).reshape(D, M, K), (1, 0, 2))
 
-    def predict(self, omega, b):
-        """(M, n) index of the highest score of every row under every model."""
+    def block_scores(self, omega, b):
+        """``(rows, scores)`` over blocks of rows: the (M, K, B) scores of every model."""
         A, beff = self._effective(omega, b)
-        K = omega.shape[2]
-        return self.ops.cat([self._block_scores(self._rows(blk), A, beff).argmax(1).T
-                             for blk in row_blocks(self.n, 4 * (self.D + 2 * self.M * K))]).T
+        for blk in row_blocks(self.n, 4 * (self.D + 2 * self.M * omega.shape[2])):
+            yield blk, self._block_scores(self._rows(blk), A, beff)
 
     def _effective(self, omega, b):
         """The weights on the raw rows, laid out (M * K, D) for one product, and the intercepts."""

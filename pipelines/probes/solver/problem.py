@@ -18,10 +18,11 @@ class BatchedProblem:
     """Minimise M independent objectives (one per model) of one loss at one C at a time.
 
     ``design`` is a :class:`~.primal.SharedRows` or :class:`~.dual.FoldBases`; ``y`` (n,)
-    class indices of every row; ``masks`` (M, n) which rows each model trains on.
+    class indices of every row; ``masks`` (M, n) which rows each model trains on;
+    ``row_weights`` (M, n), optional, multiply each row's loss (class weights).
     """
 
-    def __init__(self, design, y, masks, n_classes: int, loss: str = "squared_hinge"):
+    def __init__(self, design, y, masks, n_classes: int, loss: str = "squared_hinge", row_weights=None):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
         ops = design.ops
@@ -29,6 +30,8 @@ class BatchedProblem:
         dt = design.lam.dtype
         self.n = ops.astype(masks.sum(1), dt)                              # (M,) training rows per model
         self.w = ops.astype(masks, dt) / self.n[:, None]                   # (M, n) mean weights
+        if row_weights is not None:  # class weights: scikit-learn's sample_weight, C sum_i w_i loss_i
+            self.w = self.w * ops.astype(ops.asarray(row_weights), dt)
 
     def solve(self, C: float, init=None, max_iter: int = 300, tol: float = 1e-4, guess=None):
         """Minimise every model's objective at this C; ``init`` is a previous solution (warm
