@@ -217,7 +217,7 @@ def thumbnail(path: Path, size: int = 112) -> str:
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - any image Pillow refuses (a decompression bomb too): no thumbnail
         return ""
     data = base64.b64encode(buf.getvalue()).decode()
     return f'<img class="thumb" src="data:image/jpeg;base64,{data}" alt="">'

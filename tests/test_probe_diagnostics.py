@@ -250,15 +250,8 @@ def test_few_shot_draws_k_per_class_and_never_chooses_c_with_test_rows(tmp_path)
 # --- the acceptance checks on the shared Caltech photos, with the real Lite0 weights ---------
 
 @pytest.fixture(scope="module")
-def caltech_codes(tmp_path_factory):
-    from cnncodes import extractor
-
-    from .conftest import CALTECH
-    if not CALTECH.is_dir():
-        pytest.skip("../shared/datasets is not beside the repo")
-    path = tmp_path_factory.mktemp("caltech") / "codes.h5"
-    extractor.extract(CALTECH, path, layers=["penultimate"], progress=False, batch_size=32)
-    return load_codes(path)
+def caltech_codes(caltech_cache):
+    return load_codes(caltech_cache)
 
 
 @pytest.mark.slow

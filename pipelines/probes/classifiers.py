@@ -56,20 +56,6 @@ def parse_c_grid(text: str | None) -> tuple[float, ...]:
     return grid
 
 
-def parse_whole_numbers(text, option: str, example: str = "1,5,10") -> tuple[int, ...]:
-    """``"10,1, 5"`` (or a sequence) -> (1, 5, 10): sorted, distinct, every value >= 1; errors name
-    ``option``."""
-    values = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    try:
-        numbers = tuple(sorted({int(str(v).strip()) for v in values if str(v).strip()}))
-    except ValueError:
-        raise SettingsError(f"{option} must be comma-separated whole numbers such as {example}, "
-                            f"got {text!r}.") from None
-    if not numbers or min(numbers) < 1:
-        raise SettingsError(f"{option} values must be whole numbers >= 1, got {text!r}.")
-    return numbers
-
-
 def parse_pca(value) -> int | str | None:
     """``None``, a positive number of components, or ``"whiten"``."""
     if value in (None, "", "none"):
@@ -383,7 +369,7 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         scores, oof = path.run(grid)
         held = dict([path.held_scores])
     else:
-        scores, oof, held = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_weight)
+        scores, oof, _ = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_weight)
     metrics = np.stack([fold_scores(y, oof[g], splits) for g in range(len(grid))])   # (C, folds, 3)
     table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()),
               "folds": [round(float(v), 6) for v in s],
@@ -392,6 +378,9 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     key = "mean" if select == "accuracy" else select
     # ties: the stronger regularisation (the smaller C, the larger k)
     best = max(table, key=lambda g: (round(g[key], 10), g["C"] if knn else -g["C"]))
+    if solver == "sklearn":  # the chosen C's folds once more, for their decision scores
+        held = {best["C"]: _cv_scores(X, y, splits, [best["C"]], classifier, norm, pca, seed, n_jobs,
+                                      class_weight, decisions=True)[2]}
     if knn:
         from sklearn.pipeline import Pipeline
         final = Pipeline(normalisation_steps(norm) +
@@ -468,9 +457,10 @@ def cache_summary(codes: Codes) -> dict:
             **Recipe.from_attrs(codes.attrs).to_attrs(), "data_root": codes.attrs.get("data_root")}
 
 
-def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_weight=None):
-    """Accuracy per C (rows) and fold (columns), out-of-fold predictions and decision scores
-    per C.
+def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_weight=None, decisions=False):
+    """Accuracy per C (rows) and fold (columns) and out-of-fold predictions per C; with
+    ``decisions`` also the out-of-fold decision scores of the last C (n, or n x K), not kept
+    for every C (n x K x C values would be the memory of the codes many times over).
 
     Folds run in parallel on threads (liblinear and lbfgs spend their time outside the GIL),
     which share the codes instead of copying them into worker processes. Within a fold the C
@@ -482,8 +472,8 @@ def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_we
 
     preds = np.empty((len(grid), len(y)), dtype=y.dtype)
     n_classes = len(np.unique(y))
-    shape = (len(grid), len(y)) if n_classes == 2 else (len(grid), len(y), n_classes)
-    decisions = np.zeros(shape, np.float32)
+    held_scores = np.zeros((len(y),) if n_classes == 2 else (len(y), n_classes), np.float32) \
+        if decisions else None
 
     def one_fold(train, held):
         pipe = make_pipeline(classifier, grid[0], norm, pca, n_samples=len(train), n_features=X.shape[1],
@@ -499,10 +489,10 @@ def _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_we
                 d = pipe.decision_function(X[held])
                 p = labels_of(d, pipe.classes_)
                 preds[grid.index(c), held] = p
-                if len(pipe.classes_) == n_classes:  # a fold missing a class scores other columns
-                    decisions[grid.index(c), held] = d
+                if held_scores is not None and len(pipe.classes_) == n_classes:  # else other columns
+                    held_scores[held] = d
                 out.append(float((p == y[held]).mean()))
         return out
 
     per_fold = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one_fold)(tr, te) for tr, te in splits)
-    return [np.array(col) for col in zip(*per_fold)], preds, dict(zip(grid, decisions))
+    return [np.array(col) for col in zip(*per_fold)], preds, held_scores

@@ -2,10 +2,13 @@
 
 Each episode draws K training rows of every class (seeded by the seed, K and the episode, so a
 rerun draws the same rows), chooses C by stratified cross-validation on those K-shot rows
-alone (min(folds, K) folds), refits and scores once on the test rows. Nothing else enters an
+alone (as many folds as ``folds`` and the episode's smallest class allow: min(folds, K) where
+every class has K images), refits and scores once on the test rows. Nothing else enters an
 episode's fit: no test row (they are not in the fitted codes' training split) and no row of
-another episode. With one image of a class there is nothing to cross-validate: C is then the
-middle of the grid (0.1 with the default grid; ``--c-grid`` with one value fixes it).
+another episode. Where some class of an episode has one image (K = 1, or a class with a single
+training image) there is nothing to cross-validate: C is then the middle of the grid (0.1
+with the default grid; ``--c-grid`` with one value fixes it), and ``select`` has nothing to
+choose.
 """
 from __future__ import annotations
 
@@ -16,14 +19,9 @@ import numpy as np
 
 from cnncodes.extractor.errors import SettingsError
 
-from cnncodes.pipelines.probes.classifiers import (
-    LINEAR,
-    fit_linear_probe,
-    parse_c_grid,
-    parse_whole_numbers,
-    split_rows,
-)
+from cnncodes.pipelines.probes.classifiers import LINEAR, fit_linear_probe, parse_c_grid, split_rows
 from cnncodes.pipelines.probes.codes import Codes, load_codes
+from cnncodes.pipelines.probes.grids import parse_whole_numbers
 from cnncodes.pipelines.probes.metrics import classification_scores
 
 
@@ -44,11 +42,12 @@ class FewShotResult:
     classes: int
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    settings: dict = field(default_factory=dict)   # folds, norm, C grid, select, class weights
 
     def as_dict(self) -> dict:
         return {"layer": self.layer, "classifier": self.classifier, "episodes": self.episodes,
-                "seed": self.seed, "n_test": self.n_test, "classes": self.classes, "shots": self.rows,
-                "seconds": round(self.seconds, 3)}
+                "seed": self.seed, "n_test": self.n_test, "classes": self.classes, **self.settings,
+                "shots": self.rows, "seconds": round(self.seconds, 3)}
 
 
 def draw(y: np.ndarray, candidates: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -87,7 +86,9 @@ def few_shot(cache, layer: str | None = None, classifier: str = "svm", shots=(1,
         raise SettingsError("the few-shot protocol scores every episode on test rows: the cache has no test "
                             "split; pass --holdout (a share of the rows kept aside).")
     result = FewShotResult(codes.layer, classifier, episodes, seed, len(test),
-                           len(np.unique(codes.y[train])))
+                           len(np.unique(codes.y[train])),
+                           settings={"folds": folds, "norm": norm, "c_grid": list(grid), "select": select,
+                                     "class_weight": class_weight or "none", "holdout": holdout})
     total, done = len(shots) * episodes, 0
     for k in shots:
         runs = []

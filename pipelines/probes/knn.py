@@ -29,7 +29,7 @@ BLOCK_BYTES = 64 << 20
 
 def parse_k_grid(text) -> tuple[int, ...]:
     """``"1,10,20"`` -> (1, 10, 20); every value an integer >= 1."""
-    from cnncodes.pipelines.probes.classifiers import parse_whole_numbers
+    from cnncodes.pipelines.probes.grids import parse_whole_numbers
     if text is None or text == "":
         return DEFAULT_K_GRID
     return parse_whole_numbers(text, "--k-grid", "1,10,20")

@@ -120,16 +120,16 @@ def conclude(df: pd.DataFrame, select: str = "accuracy") -> tuple[list[str], dic
         # much the data resembles ImageNet (dissimilar data can rise to the top too, as PACS
         # sketches do), so no sentence here names a quadrant of the seeds' rule.
         if delta > 0.005:
-            trend = (f"Accuracy still rises at the top ({below['layer']} {below[col]:.3f} -> "
+            trend = (f"{what[3:].capitalize()} still rises at the top ({below['layer']} {below[col]:.3f} -> "
                      f"{top['layer']} {top[col]:.3f}): the deepest codes are the best fixed "
                      f"features here. That alone does not make the data similar to ImageNet's; whether "
                      f"fine-tuning pays is measured by `cnncodes compare`.")
         elif delta < -0.005:
-            trend = (f"Accuracy falls at the top ({below['layer']} {below[col]:.3f} -> "
+            trend = (f"{what[3:].capitalize()} falls at the top ({below['layer']} {below[col]:.3f} -> "
                      f"{top['layer']} {top[col]:.3f}): an earlier layer's codes read this data "
                      f"better than the top's, whose features are the most specific to ImageNet's classes.")
         else:
-            trend = (f"Accuracy levels off at the top ({below['layer']} {below[col]:.3f}, "
+            trend = (f"{what[3:].capitalize()} levels off at the top ({below['layer']} {below[col]:.3f}, "
                      f"{top['layer']} {top[col]:.3f}).")
         lines.append(trend)
     return lines, _plain(best.drop(labels="_cost").to_dict())

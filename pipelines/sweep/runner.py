@@ -216,7 +216,8 @@ def _fit_rows(settings: SweepSettings, model: str, codes: dict, depth: dict, sco
             record = _fit(settings, codes[name], name, clf, model)
             fit_records[(model, name, clf)] = record
             metrics = record["metrics"]
-            row.update({col: metrics.get(key, metrics.get("k")) if key == "C" else metrics[key]
+            # .get: fits stored before a column existed (the CV balanced accuracy) lack it
+            row.update({col: metrics.get(key, metrics.get("k")) if key == "C" else metrics.get(key)
                         for col, key in _METRIC_COLUMNS.items()})  # the k-NN probe's k in column C
             row["model_file"] = record["model_file"]
             bar.update()
@@ -239,6 +240,8 @@ def _layer_row(model: str, name: str, clf: str, codes, depth: tuple, score: floa
 def _fit(settings: SweepSettings, codes, name: str, clf: str, model: str) -> dict:
     """One cross-validated fit, or its stored record when the same one was done before."""
     fit_settings = settings.fit_settings()
+    if clf == "knn":  # it has no class weights: a k-NN fit is the same whatever they are
+        fit_settings.pop("class_weight", None)
     key = _fit_key(codes.attrs, codes.layer_attrs, clf, fit_settings)
     stem = settings.fits_dir / f"{slug(model)}__{slug(name)}__{clf}"
     record = read_record(stem.with_suffix(".json"), key)

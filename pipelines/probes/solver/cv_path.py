@@ -140,9 +140,10 @@ class CVPath:
         from the models' ``blocks`` of scores; returns the out-of-fold scores (n, K), each row's
         from the model of the fold that held it out."""
         held_scores = np.empty((len(self.y_np), len(self.classes)), dtype=np.float32)
-        for blk, S in blocks:
+        for blk, S in blocks:   # each row's scores picked where they are (on the GPU: 1/F copied)
             f = self.fold_of_row[blk]
-            held_scores[blk] = self.ops.to_numpy(S)[f, :, np.arange(len(f))]
+            picked = S[self.ops.asarray(f), :, self.ops.asarray(np.arange(len(f)))]
+            held_scores[blk] = self.ops.to_numpy(picked)
         oof[g] = self.classes[held_scores.argmax(1)]
         for f, (_, held) in enumerate(self.splits):
             self.fold_metrics[g, f] = classification_scores(self.y_np[held], oof[g, held])
