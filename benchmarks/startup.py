@@ -8,6 +8,9 @@ spends outside its fit.
 2. `cnncodes fit-softmax --json` on the same cache: wall time of the process against the fit's
    own ``seconds``; the difference is imports, reading the codes and writing the summary (the
    fit's ``seconds`` include reading the codes, so the difference is mostly imports).
+3. `cnncodes predict` of one photo, each a fresh process (median of --repeats): with the saved
+   SVM (torch, the backbone built and its weights loaded) and with the same SVM exported by
+   `cnncodes export` (ONNX Runtime alone).
 
 Example:
   python benchmarks/startup.py --update-readme
@@ -59,10 +62,21 @@ def main() -> None:
         wall, out = timed([sys.executable, "-m", "cnncodes", "fit-softmax", "--cache", str(cache), "--json"])
         fits.append((wall, json.loads(out)["seconds"]))
     wall, fit = min(fits)
+    model, onnx = WORK / "startup-svm.npz", WORK / "startup-svm.onnx"
+    timed([sys.executable, "-m", "cnncodes", "fit-svm", "--cache", str(cache), "--c-grid", "0.01", "--out",
+           str(model), "--overwrite"])
+    timed([sys.executable, "-m", "cnncodes", "export", "--model", str(model), "--out", str(onnx),
+           "--overwrite"])
+    photo = str(sorted((CALTECH / "test").rglob("*.jpg"))[0])
+    predict = {kind: [timed([sys.executable, "-m", "cnncodes", "predict", "--model", str(m), photo])[0]
+                      for _ in range(args.repeats)] for kind, m in (("probe", model), ("onnx", onnx))}
     result = {"date": datetime.date.today().isoformat(), "cache": str(cache), "info_seconds": info,
               "info_median_s": statistics.median(info), "info_imports_torch": torch_loaded,
               "fit_softmax_wall_s": wall, "fit_softmax_fit_s": fit, "fit_softmax_outside_s": wall - fit,
-              "target_info_s": TARGET_INFO_S}
+              "target_info_s": TARGET_INFO_S, "predict_probe_s": predict["probe"],
+              "predict_onnx_s": predict["onnx"],
+              "predict_probe_median_s": statistics.median(predict["probe"]),
+              "predict_onnx_median_s": statistics.median(predict["onnx"])}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "startup-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     met = "yes" if result["info_median_s"] < TARGET_INFO_S and not torch_loaded else "**no**"
@@ -75,6 +89,10 @@ def main() -> None:
         f"| of which the fit | {fit:.1f} | | |",
         f"| of which outside the fit (imports: neither torch nor scikit-learn; reading codes) "
         f"| {wall - fit:.1f} | | |",
+        f"| `cnncodes predict` of one photo, saved SVM (torch; median of {args.repeats}) "
+        f"| {result['predict_probe_median_s']:.2f} | | |",
+        f"| `cnncodes predict` of one photo, the same SVM exported to ONNX (no torch; median of "
+        f"{args.repeats}) | {result['predict_onnx_median_s']:.2f} | | |",
         "",
         f"(2-core CPU, {result['date']}; `python benchmarks/startup.py`)",
     ])

@@ -209,3 +209,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB") if mode != "RGB" else img
+
+
+def gather_images(inputs) -> list[Path]:
+    """Files as given, folders searched recursively (hidden files skipped), in sorted order."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.exists():
+            out.append(p)
+        else:
+            from .errors import ImageSourceError
+            raise ImageSourceError(f"{p} does not exist.")
+    return out

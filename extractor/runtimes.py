@@ -148,11 +148,17 @@ class _Tapped(torch.nn.Module):
 
     def forward(self, x):
         if self.split is not None:
-            # to_tensor's div(255) and convert_image_dtype's uint8 -> float agree: x / 255
-            x = (x.permute(0, 3, 1, 2).float() / 255 - self.mean) / self.std
+            x = normalised_pixels(x, self.mean, self.std)
         with Tapper(self.net, self.taps, self.pooling) as tap:
             out = tap(x)
         return tuple(out[t.name] for t in self.taps)
+
+
+def normalised_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A uint8 N x H x W x C batch as the network's normalised float N x C x H x W input (``mean``
+    and ``std`` shaped (1, C, 1, 1)): to_tensor's div(255) and convert_image_dtype's uint8 ->
+    float agree, x / 255."""
+    return (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
 def runtime_dir() -> Path:

@@ -86,6 +86,18 @@ def r18_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def caltech_cache(tmp_path_factory) -> Path:
+    """The penultimate codes of every shared Caltech photo (train and test), real Lite0 weights:
+    extracted once for the tests that need real codes."""
+    if not CALTECH.is_dir():
+        pytest.skip("../shared/datasets is not beside the repo")
+    from cnncodes import extractor
+    path = tmp_path_factory.mktemp("caltech") / "codes.h5"
+    extractor.extract(CALTECH, path, layers=["penultimate"], progress=False, batch_size=32)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _offline_torch_home(tmp_path, monkeypatch):
     """No test may find (or fetch) weights from the developer's own hub cache."""

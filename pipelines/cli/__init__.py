@@ -4,7 +4,7 @@ torch and the models are imported inside the commands so that ``--help`` is inst
 
 The group is defined here and its commands live in one module per command group:
 :mod:`.catalog` (sample-data, list-models, list-layers), :mod:`.extraction` (extract, info),
-:mod:`.probes` (fit-svm, fit-softmax, fit-knn, evaluate, predict), :mod:`.sweep` (sweep, demo),
+:mod:`.probes` (fit-svm, fit-softmax, fit-knn, evaluate, predict, export), :mod:`.sweep` (sweep, demo),
 :mod:`.advise` (advise) and :mod:`.finetune` (finetune, compare); what they share (option types,
 options, error handling) is in :mod:`.options`.
 """
@@ -20,7 +20,7 @@ from .catalog import list_layers_cmd, list_models_cmd, sample_data
 from .extraction import extract_cmd, info_cmd
 from .finetune import compare_cmd, finetune_cmd, lr_find_cmd
 from .options import OFFLINE
-from .probes import evaluate_cmd, fit_knn, fit_softmax, fit_svm, predict_cmd
+from .probes import evaluate_cmd, export_cmd, fit_knn, fit_softmax, fit_svm, predict_cmd
 from .sweep import demo, sweep_cmd
 
 
@@ -53,7 +53,7 @@ def cli(verbose: int) -> None:
 
 for command in (sample_data, list_models_cmd, list_layers_cmd, extract_cmd, info_cmd, fit_svm, fit_knn,
                 fit_softmax, sweep_cmd, demo, advise_cmd, finetune_cmd, lr_find_cmd, compare_cmd,
-                evaluate_cmd, predict_cmd):
+                evaluate_cmd, predict_cmd, export_cmd):
     cli.add_command(command)
 
 

@@ -1,4 +1,5 @@
-"""Probes on cached codes: ``fit-svm``, ``fit-softmax``, ``fit-knn``, ``evaluate``, ``predict``."""
+"""Probes on cached codes: ``fit-svm``, ``fit-softmax``, ``fit-knn``, ``evaluate``, ``predict``,
+``export``."""
 from __future__ import annotations
 
 import os
@@ -62,10 +63,15 @@ def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete,
 
     from cnncodes.pipelines.probes.artifacts import save_model
     from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    given = click.get_current_context().get_parameter_source
+    if not shots and given("episodes") == click.core.ParameterSource.COMMANDLINE:
+        raise click.ClickException("--episodes is the number of draws of the few-shot protocol: "
+                                   "give --shots too.")
     if shots:
-        if out or report_dir or pca:
-            raise click.ClickException("--shots fits many small probes and keeps none: it takes no --out, "
-                                       "--report or --pca.")
+        if out or report_dir or pca or overwrite or solver not in ("auto", "batched", "torch") or n_jobs != 1:
+            raise click.ClickException("--shots fits many small probes with the batched solver and keeps "
+                                       "none: it takes no --out, --overwrite, --report, --pca, --solver "
+                                       "sklearn or --n-jobs.")
         return _few_shot(classifier, cache, layer, shots, episodes, folds, seed, norm, holdout, c_grid,
                          class_weight, select, allow_incomplete, as_json)
     if out and os.path.exists(out) and not overwrite:
@@ -78,9 +84,7 @@ def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete,
                          solver=solver, k_grid=k_grid, temperature=temperature, select=select,
                          class_weight=class_weight)
     summary = r.as_dict()
-    notes = _notes(r)
-    if notes:
-        summary["notes"] = notes
+    summary["notes"] = notes = _notes(r)
     if out:  # the model first: an optional report that fails must not lose the fit
         summary["model_file"] = str(save_model(r, out, overwrite=overwrite))
     if report_dir:  # imported here: scikit-learn's metrics (2 s of imports) only for a report
@@ -118,13 +122,22 @@ def _fit(classifier, cache, layer, folds, seed, norm, holdout, allow_incomplete,
 
 
 def _notes(r) -> list[str]:
-    """Advice a fit's figures call for: imbalanced classes without the balanced options."""
+    """Advice a fit's figures call for: imbalanced classes without the balanced options, a
+    temperature at its bound."""
+    from cnncodes.pipelines.probes.calibration import BOUNDS
     from cnncodes.pipelines.probes.metrics import imbalance
+    notes = []
     ratio = imbalance(r.y_train) if r.y_train is not None else 1.0
-    if ratio >= IMBALANCED and r.class_weight is None and r.select == "accuracy":
-        return [f"the training classes are imbalanced (the largest {ratio:.1f}x the smallest): accuracy "
-                f"favours the large ones; try --class-weight balanced --select balanced_accuracy."]
-    return []
+    if r.classifier != "knn" and ratio >= IMBALANCED and r.class_weight is None and r.select == "accuracy":
+        notes.append(f"the training classes are imbalanced (the largest {ratio:.1f}x the smallest): "
+                     f"accuracy favours the large ones; try --class-weight balanced "
+                     f"--select balanced_accuracy.")
+    c = r.calibration
+    if c is not None and not BOUNDS[0] * 1.01 < c.temperature < BOUNDS[1] / 1.01:
+        notes.append(f"the temperature reached its bound ({c.temperature:.3g}): the out-of-fold scores leave "
+                     f"nothing to calibrate (every image right, or none), so the calibrated probabilities "
+                     f"say little beyond the ranking.")
+    return notes
 
 
 def _few_shot(classifier, cache, layer, shots, episodes, folds, seed, norm, holdout, c_grid, class_weight,
@@ -191,7 +204,7 @@ def fit_svm(**kw) -> None:
               help="Without a test split in the cache: keep this stratified share as the test.")
 @click.option("--allow-incomplete", is_flag=True, help="Use the finished rows of an incomplete cache.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
-              help="Write per-class metrics, a confusion matrix (PNG, CSV) and fit.json here.")
+              help="Write per-class metrics, a confusion matrix (PNG, CSV), fit.json and index.html here.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="Save the model (its training codes, k and T, with a .sha256 sidecar) for `predict`.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
@@ -260,25 +273,39 @@ def evaluate_cmd(model_file, cache, allow_incomplete, as_json) -> None:
 def predict_cmd(model_file, paths, out, overwrite, device, runtime, batch_size) -> None:
     """Classify image files or folders with a saved model, extracting codes with its own recipe.
 
+    A model exported by `cnncodes export` (an .onnx file) runs with ONNX Runtime alone: torch
+    is not imported, and --device, --runtime and --offline do not apply.
+
     Prints (or writes) CSV: path, label, score (probability for softmax, decision score for SVM),
     probability (of the label, calibrated by the temperature the fit found; empty for an SVM
     saved before calibration existed) and error; an unreadable image is a row with its error,
     not a failure of the run.
 
     \b
-    Example:
+    Examples:
       cnncodes predict --model svm.joblib photos/ extra.jpg --out predictions.csv
+      cnncodes predict --model classifier.onnx photos/
     """
     import csv
 
     from cnncodes.extractor.files import atomic_write, check_writable
 
-    from cnncodes.pipelines.probes.predict import predict_images
+    from cnncodes.pipelines.probes.onnx_model import is_onnx
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
     if out:
         check_writable(out)  # before the extraction, not after it
-    rows = predict_images(model_file, paths, batch_size=batch_size, device=device, runtime=runtime)
+    if is_onnx(model_file):  # torch-free: neither the extraction nor scikit-learn is imported
+        from cnncodes.extractor.images import gather_images
+
+        from cnncodes.pipelines.probes.onnx_model import OnnxClassifier
+        files = gather_images(paths)
+        if not files:
+            raise click.ClickException(f"no image files in {', '.join(paths)}: nothing to predict.")
+        rows = OnnxClassifier(model_file).predict(files, batch_size=batch_size)
+    else:
+        from cnncodes.pipelines.probes.predict import predict_images
+        rows = predict_images(model_file, paths, batch_size=batch_size, device=device, runtime=runtime)
 
     def write(fh):
         w = csv.writer(fh)
@@ -294,3 +321,53 @@ def predict_cmd(model_file, paths, out, overwrite, device, runtime, batch_size) 
     failed = sum(1 for p in rows if p.error)
     if failed:
         click.echo(f"{failed} of {len(rows)} images could not be read (see the error column)", err=True)
+
+
+@click.command("export")
+@click.option("--model", "-m", "model_file", type=click.Path(exists=True, dir_okay=False),
+              help="A probe saved by fit-svm or fit-softmax --out.")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
+              help="Or a fine-tuning run folder (its best.pt network, logits and softmax).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
+@click.option("--codes", "with_codes", is_flag=True, help="Also output the codes (a third output, 'codes').")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@fail_cleanly
+def export_cmd(model_file, run_dir, out, with_codes, overwrite, as_json) -> None:
+    """Write a saved probe and the network under it as one ONNX file: images in, classes out.
+
+    The graph takes a uint8 N x H x W x 3 batch at the recipe's input size and holds the
+    weights' normalisation, the truncated network, the pooling, the probe's normalisation (and
+    PCA) and its linear head; it returns the calibrated class probabilities ('probabilities')
+    and the scores `predict` shows ('scores'). Decoding, the resize and the centre crop stay
+    outside (they belong to the image decoder) and are described in the model's metadata,
+    with the class names and the full recipe; `cnncodes predict --model FILE.onnx` does them
+    and runs the graph with ONNX Runtime, without torch. With --run, a fine-tuned network
+    (best.pt) instead: its logits are the scores. Needs `pip install 'cnncodes[onnxruntime]'`.
+
+    \b
+    Examples:
+      cnncodes export --model svm.npz --out classifier.onnx
+      cnncodes predict --model classifier.onnx photos/ --out predictions.csv
+      cnncodes export --run runs/digits --out finetuned.onnx
+    """
+    from cnncodes.extractor.files import check_writable
+
+    from cnncodes.pipelines.probes.export import export_classifier, export_run
+    if (model_file is None) == (run_dir is None):
+        raise click.ClickException("export takes one of --model (a saved probe) or --run (a fine-tuning "
+                                   "run).")
+    if run_dir and with_codes:
+        raise click.ClickException("--codes is for a probe's layer (--model); a run's graph outputs its "
+                                   "logits.")
+    if os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists: pass --overwrite to replace it, or choose another --out.")
+    check_writable(out)
+    r = export_run(run_dir, out, overwrite=overwrite) if run_dir else \
+        export_classifier(model_file, out, with_codes=with_codes, overwrite=overwrite)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"{r['path']}: {r['classifier']} on {r['layer']}, {r['classes']} classes; input uint8 "
+               f"N x {r['input'][1]} x {r['input'][2]} x 3, outputs {', '.join(r['outputs'])} "
+               f"({r['bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from cnncodes.extractor.errors import ImageSourceError, IncompatibleCacheError
+from cnncodes.extractor.images import gather_images
 from cnncodes.extractor.recipe import Recipe, describe_differences
 
 from cnncodes.pipelines.probes.artifacts import SavedModel, load_model
@@ -56,34 +56,12 @@ class Prediction:
     probability: float | None = None  # of the label, calibrated where the model was
 
 
-def gather_images(inputs) -> list[Path]:
-    """Files as given, folders searched recursively (hidden files skipped), in sorted order."""
-    out = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not any(
-                part.startswith(".") for part in f.relative_to(p).parts))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise ImageSourceError(f"{p} does not exist.")
-    return out
-
-
-def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size: int = 32,
-                   device: str = "auto", runtime: str | None = None) -> list[Prediction]:
-    """Extract codes of new images with the model's own recipe and classify them.
-
-    An image that cannot be decoded is a row with its error, not an exception.
-    """
+def trained_backbone(m: SavedModel):
+    """``(backbone, recipe)``: the backbone that made ``m``'s training codes, built again; an
+    :class:`IncompatibleCacheError` where what cnncodes builds now differs from it."""
     from cnncodes.extractor.backbones.loading import load_backbone
-    from cnncodes.extractor.encoding import backbone_recipe, encode_images
+    from cnncodes.extractor.encoding import backbone_recipe
     from cnncodes.extractor.pooling import parse_pooling
-    m = model if isinstance(model, SavedModel) else load_model(model)
-    files = gather_images(inputs)
-    if not files:
-        raise ImageSourceError(f"no image files in {', '.join(map(str, inputs))}: nothing to predict.")
     trained = Recipe.from_attrs(m.recipe)
     bb = load_backbone(trained.model, trained.weights_argument)
     now = backbone_recipe(bb, parse_pooling(trained.pooling), trained.dtype, trained.precision)
@@ -92,6 +70,21 @@ def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size:
         raise IncompatibleCacheError(f"the backbone cnncodes builds for {m.path} "
                                      f"is not the one it was trained "
                                      f"on: " + "; ".join(diffs) + ".")
+    return bb, trained
+
+
+def predict_images(model: SavedModel | str | os.PathLike, inputs, *, batch_size: int = 32,
+                   device: str = "auto", runtime: str | None = None) -> list[Prediction]:
+    """Extract codes of new images with the model's own recipe and classify them.
+
+    An image that cannot be decoded is a row with its error, not an exception.
+    """
+    from cnncodes.extractor.encoding import encode_images
+    m = model if isinstance(model, SavedModel) else load_model(model)
+    files = gather_images(inputs)
+    if not files:
+        raise ImageSourceError(f"no image files in {', '.join(map(str, inputs))}: nothing to predict.")
+    bb, trained = trained_backbone(m)
     # new images are decoded as the training images were (nvJPEG's path aside, which needs CUDA)
     decode = "exact" if trained.decode == "gpu" else trained.decode
     codes, errors = encode_images(bb, files, [m.layer], trained.pooling, device=device, batch_size=batch_size,
