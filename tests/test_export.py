@@ -74,7 +74,10 @@ def test_the_graph_gives_the_probes_probabilities_and_codes(exported):
     m = load_model(model)
     np.testing.assert_allclose(res["probabilities"], m.proba(codes["penultimate"]), atol=1e-4)
     assert clf.classes == [m.classes[int(c)] for c in m.pipeline.classes_]
-    assert json.loads(clf.info["recipe"])["model"] == "efficientnet_lite0"
+    recipe = json.loads(clf.info["recipe"])
+    assert recipe["model"] == "efficientnet_lite0" and "path" not in recipe and "data_root" not in recipe
+    spec = json.loads(clf.info["preprocess"])
+    assert spec["decode"] == clf.decode and spec["filter_name"] == "BICUBIC" and len(spec["steps"]) >= 5
 
 
 @pytest.mark.slow
@@ -129,6 +132,23 @@ def test_foreign_damaged_newer_and_unexportable_models_are_one_line(exported, tm
     # export refuses to overwrite, and a k-NN probe
     r = run("export", "--model", exported["svm"][0], "--out", onnx_file)
     assert r.exit_code == 1 and "--overwrite" in r.output
+    # metadata edited so that it no longer fits the graph: refused when loading, in one line
+    for key, value in (("cnncodes_classes", '["a"]'), ("cnncodes_resize", '{"size": 256}'),
+                       ("cnncodes_decode", "future"), ("cnncodes_format_version", "x1")):
+        m = onnx.load(str(onnx_file))
+        for p in m.metadata_props:
+            if p.key == key:
+                p.value = value
+        onnx.save(m, str(tmp_path / "edited.onnx"))
+        r = run("predict", "--model", tmp_path / "edited.onnx", photo)
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, (key, r.output)
+    # the ONNX path runs on the CPU with ONNX Runtime: options of the torch path are refused
+    r = run("predict", "--model", onnx_file, photo, "--runtime", "openvino")
+    assert r.exit_code == 1 and "--runtime" in r.output
+    # a saved probe renamed .onnx is still read as the probe it is
+    from cnncodes.pipelines.probes.onnx_model import is_onnx
+    (tmp_path / "probe.onnx").write_bytes(exported["svm"][0].read_bytes())
+    assert not is_onnx(tmp_path / "probe.onnx") and is_onnx(onnx_file)
 
 
 @pytest.mark.slow
@@ -193,3 +213,31 @@ def test_binary_probes_with_pca_export_and_agree(tmp_path, photos, clf, extra):
     assert len(a) == 12 and all(a[p]["label"] == b[p]["label"] for p in a)
     assert max(abs(float(a[p]["probability"]) - float(b[p]["probability"])) for p in a) <= 1e-4
     assert max(abs(float(a[p]["score"]) - float(b[p]["score"])) for p in a) <= 1e-3
+
+
+def test_an_svm_saved_before_calibration_exports_without_probabilities(tmp_path, photos):
+    from cnncodes.pipelines.probes.artifacts import load_model, save_model
+    from cnncodes.pipelines.probes.classifiers import fit_linear_probe
+    assert run("extract", photos, "--out", tmp_path / "c.h5", "-q", "--layer", "stage4").exit_code == 0
+    r = fit_linear_probe(tmp_path / "c.h5", classifier="svm", folds=2, c_grid="1")
+    r.calibration = None   # as cnncodes wrote models before the temperature existed
+    save_model(r, tmp_path / "old.npz")
+    assert load_model(tmp_path / "old.npz").temperature is None
+    assert run("export", "--model", tmp_path / "old.npz", "--out", tmp_path / "old.onnx").exit_code == 0
+    r = run("predict", "--model", tmp_path / "old.onnx", photos, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 0, r.output
+    assert all(row["label"] and row["probability"] == "" for row in _rows(tmp_path / "p.csv").values())
+
+
+def test_pooling_the_tracer_cannot_export_is_one_line(tmp_path, photos):
+    assert run("extract", photos, "--out", tmp_path / "c.h5", "-q", "--layer", "stage3",
+               "--pool", "spp:1,2").exit_code == 0
+    assert run("fit-svm", "--cache", tmp_path / "c.h5", "--folds", "2", "--c-grid", "1",
+               "--out", tmp_path / "m.npz").exit_code == 0
+    r = run("export", "--model", tmp_path / "m.npz", "--out", tmp_path / "m.onnx")
+    if r.exit_code == 0:   # a torch whose tracer follows the pooling: the graph was checked
+        assert (tmp_path / "m.onnx").exists()
+    else:
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+        assert not (tmp_path / "m.onnx").exists()
+        assert not list(tmp_path.glob(".m.onnx*"))   # no temporary left behind

@@ -296,6 +296,12 @@ def predict_cmd(model_file, paths, out, overwrite, device, runtime, batch_size) 
     if out:
         check_writable(out)  # before the extraction, not after it
     if is_onnx(model_file):  # torch-free: neither the extraction nor scikit-learn is imported
+        given = click.get_current_context().get_parameter_source
+        named = [f"--{o}" for o in ("device", "runtime")
+                 if given(o) == click.core.ParameterSource.COMMANDLINE]
+        if named:
+            raise click.ClickException(f"{model_file} is an exported ONNX model, run by ONNX Runtime on the "
+                                       f"CPU: {' and '.join(named)} do not apply.")
         from cnncodes.extractor.images import gather_images
 
         from cnncodes.pipelines.probes.onnx_model import OnnxClassifier

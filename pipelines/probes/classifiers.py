@@ -268,7 +268,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
                      holdout: float | None = None, allow_incomplete: bool = False,
                      n_jobs: int = 1, solver: str = "auto", k_grid=None,
                      temperature: float | None = None, class_weight: str | None = None,
-                     select: str = "accuracy", calibrate: bool = True) -> FitResult:
+                     select: str = "accuracy", calibrate: bool = True,
+                     cv_tol: float | None = None) -> FitResult:
     """Cross-validate C (k for ``knn``) on the training rows, refit with the best value, score
     once on the test rows.
 
@@ -302,6 +303,9 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
     calibrate : bool
         Fit a temperature on the chosen C's out-of-fold scores (linear probes; see
         :mod:`.calibration`) and measure the calibration error before and after it.
+    cv_tol : float, optional
+        The batched solver's gradient tolerance in the folds (default
+        :data:`~.solver.cv_path.CV_TOL`); the refit keeps its own.
 
     Examples
     --------
@@ -365,7 +369,8 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         scores, oof = knn_probe.cv_knn(X, y, fold_of_row, grid, temperature, norm)
     elif solver == "batched":
         from cnncodes.pipelines.probes.solver.cv_path import CVPath
-        path = CVPath(X, y, splits, classifier, norm, class_weight=class_weight, select=select)
+        path = CVPath(X, y, splits, classifier, norm, class_weight=class_weight, select=select,
+                      **({} if cv_tol is None else {"cv_tol": cv_tol}))
         scores, oof = path.run(grid)
         held = dict([path.held_scores])
     else:

@@ -45,7 +45,12 @@ class ProbeHead(nn.Module):
 
     def __init__(self, m: SavedModel):
         super().__init__()
-        steps, arrays = pipeline_to_arrays(m.pipeline)
+        from cnncodes.pipelines.probes.model_arrays import NotArrays
+        try:
+            steps, arrays = pipeline_to_arrays(m.pipeline)
+        except NotArrays as e:
+            raise ExportError(f"{m.path}: export takes the linear probes cnncodes fits; {e} is not one of "
+                              f"their steps.") from None
         self.ops = []
         for i, step in enumerate(steps):
             kind = step["kind"]
@@ -72,6 +77,9 @@ class ProbeHead(nn.Module):
             self.ops.append((i, kind))
         if not hasattr(self, "kind"):
             raise ExportError(f"{m.path} has no linear classifier step to export.")
+        # an SVM saved before calibration existed has none: its graph's "probabilities" are then
+        # softmax(margins), and the metadata says so (predict leaves them out, as for the saved SVM)
+        self.calibrated = m.temperature is not None
         self.temperature = float(m.temperature or 1.0)
 
     def _buffers_of(self, i: int, **tensors) -> None:
@@ -140,31 +148,78 @@ def _needs_onnx() -> None:
         raise ExportError("export needs the onnx package: pip install 'cnncodes[onnxruntime]'.") from None
 
 
-def _resize_of(split, model: str):
+def _preprocessing(split, model: str, input_size: int, decode: str) -> dict:
+    """The metadata entries that say how to make the graph's pixels from an image file."""
+    from PIL import Image
+
+    from cnncodes.pipelines.probes.onnx_model import PREPROCESS_RULES
     if split is None or not split.resize_crop:
         raise ExportError(f"the preprocessing of {model}'s weights is not 'resize the short side, "
                           f"centre-crop': export keeps those outside the graph and needs them to be.")
     size, crop, filt = split.resize_crop
-    return json.dumps({"size": int(size), "crop": [int(c) for c in crop], "filter": int(filt),
-                       "what": "decode, resize the short side to size with this Pillow filter, centre-crop "
-                               "(height, width): uint8 HWC"})
+    if tuple(int(c) for c in crop) != (input_size, input_size):
+        raise ExportError(f"{model}'s crop {tuple(crop)} is not its square input ({input_size}): "
+                          f"not exported.")
+    resize = {"size": int(size), "crop": [int(c) for c in crop], "filter": int(filt),
+              "filter_name": Image.Resampling(int(filt)).name}
+    # nvJPEG's decode (a cache made with --decode gpu) has no CPU twin: Pillow's exact decode is
+    # the nearest, as `predict` of the saved probe uses too
+    decode = "exact" if decode == "gpu" else decode
+    return {"cnncodes_resize": json.dumps(resize), "cnncodes_decode": decode,
+            "cnncodes_preprocess": json.dumps({"decode": decode, **resize, "steps": PREPROCESS_RULES})}
+
+
+def _portable(recipe: dict) -> dict:
+    """A recipe without the paths of the machine it was made on (the cache, the data folder)."""
+    return {k: v for k, v in recipe.items() if k not in ("path", "data_root", "data", "out")}
+
+
+# Largest difference of the exported graph's outputs to PyTorch's on a check batch, relative to
+# the output's largest value (the inference runtimes' tolerance, extractor.runtimes.TOLERANCE,
+# is for codes; the head's products add a little).
+EXPORT_TOLERANCE = 1e-4
 
 
 def _write(module: nn.Module, out: Path, input_size: int, outputs: list[str], meta: dict) -> None:
-    """Trace ``module`` on a uint8 batch into ``out`` (atomically) with ``meta`` as its metadata."""
-    from cnncodes.extractor.runtimes import _no_stdout
+    """Trace ``module`` on a uint8 batch into ``out`` (atomically) with ``meta`` as its metadata,
+    after checking ONNX Runtime's outputs against PyTorch's on three random images (a graph the
+    tracer got wrong is never published)."""
+    from cnncodes.extractor.runtimes import _no_stdout, _one_line
     x = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cnncodes_format": ONNX_FORMAT, "cnncodes_format_version": str(ONNX_FORMAT_VERSION),
             "cnncodes_input_size": str(input_size),
             "cnncodes_versions": json.dumps(library_versions(), default=str), **meta}
+    module = module.eval()
     with atomic_write(out) as tmp:
-        with torch.no_grad(), warnings.catch_warnings(), _no_stdout():
-            warnings.simplefilter("ignore")   # the tracer's notes on Python control flow in hooks
-            torch.onnx.export(module.eval(), (x,), str(tmp), input_names=["pixels"], output_names=outputs,
-                              dynamic_axes={"pixels": {0: "n"}, **{o: {0: "n"} for o in outputs}},
-                              opset_version=OPSET, dynamo=False)
-        _add_metadata(tmp, meta)
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), _no_stdout():
+                warnings.simplefilter("ignore")   # the tracer's notes on Python control flow in hooks
+                torch.onnx.export(module, (x,), str(tmp), input_names=["pixels"], output_names=outputs,
+                                  dynamic_axes={"pixels": {0: "n"}, **{o: {0: "n"} for o in outputs}},
+                                  opset_version=OPSET, dynamo=False)
+            _add_metadata(tmp, meta)
+            worst = _check(module, tmp, input_size, outputs)
+        except Exception as e:  # noqa: BLE001 - the tracer and ONNX fail in many ways; each is one line
+            raise ExportError(f"the network cannot be exported to ONNX: {_one_line(e)}") from None
+        if not worst <= EXPORT_TOLERANCE:  # NaN included
+            raise ExportError(f"the exported graph's outputs differ from PyTorch's by {worst:.1e} of their "
+                              f"largest value (more than {EXPORT_TOLERANCE:.0e}): not written.")
+
+
+def _check(module: nn.Module, path: Path, input_size: int, outputs: list[str]) -> float:
+    """The largest relative difference of ONNX Runtime's outputs to PyTorch's on three random
+    images (not the trace's batch of two: a batch size baked into the graph fails here)."""
+    import onnxruntime as ort
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, input_size, input_size, 3), dtype=torch.uint8, generator=g)
+    with torch.inference_mode():
+        want = [t.float().numpy() for t in module(x)]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    got = session.run(outputs, {"pixels": x.numpy()})
+    return max(float(np.abs(g_ - w).max() / (np.abs(w).max() or 1.0)) for g_, w in zip(got, want))
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> dict:
@@ -193,15 +248,15 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite:
     classes = list(r["classes"])
     replace_head(bb.model, Probe(bb.model, bb.input_size, r["model"]), len(classes))
     bb.model.load_state_dict(ckpt["model"])
-    resize = _resize_of(bb.split, r["model"])
     meta = {"cnncodes_classes": json.dumps(classes), "cnncodes_layer": "logits",
-            "cnncodes_classifier": "finetune", "cnncodes_run": str(run_dir.resolve()),
-            "cnncodes_resize": resize, "cnncodes_decode": r.get("decode", "exact"),
-            "cnncodes_recipe": json.dumps(r, default=str)}
+            "cnncodes_classifier": "finetune", "cnncodes_run": run_dir.resolve().name,
+            "cnncodes_temperature": "1.0",
+            **_preprocessing(bb.split, r["model"], bb.input_size, r.get("decode", "exact")),
+            "cnncodes_recipe": json.dumps(_portable(r), default=str)}
     _write(RunNetwork(bb.model.eval(), bb.split), out, bb.input_size, ["probabilities", "scores"], meta)
     return {"path": str(out), "model": str(run_dir), "layer": "logits", "classifier": "finetune",
             "classes": len(classes), "input": [None, bb.input_size, bb.input_size, 3],
-            "outputs": ["probabilities", "scores"], "temperature": 1.0, "bytes": out.stat().st_size,
+            "outputs": ["probabilities", "scores"], "temperature": None, "bytes": out.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -227,7 +282,7 @@ def export_classifier(model_file: str | os.PathLike, out: str | os.PathLike, *, 
     head = ProbeHead(m)
     bb, trained = trained_backbone(m)
     split = bb.split
-    resize = _resize_of(split, trained.model)
+    preprocessing = _preprocessing(split, trained.model, bb.input_size, trained.decode)
     probe = Probe(bb.model, bb.input_size, bb.name)
     taps = probe.resolve([m.layer])
     pooling = parse_pooling(trained.pooling)
@@ -237,13 +292,13 @@ def export_classifier(model_file: str | os.PathLike, out: str | os.PathLike, *, 
     outputs = ["probabilities", "scores"] + (["codes"] if with_codes else [])
     meta = {"cnncodes_classes": json.dumps(classes), "cnncodes_layer": m.layer,
             "cnncodes_classifier": m.classifier, "cnncodes_C": repr(float(m.C)),
-            "cnncodes_temperature": repr(head.temperature), "cnncodes_resize": resize,
-            "cnncodes_decode": trained.decode, "cnncodes_recipe": json.dumps(m.recipe, default=str),
+            "cnncodes_temperature": repr(head.temperature) if head.calibrated else "none", **preprocessing,
+            "cnncodes_recipe": json.dumps(_portable(m.recipe), default=str),
             "cnncodes_metrics": json.dumps({k: m.metrics.get(k) for k in ("cv_accuracy", "test_accuracy")})}
     _write(model, out, bb.input_size, outputs, meta)
     return {"path": str(out), "model": str(m.path), "layer": m.layer, "classifier": m.classifier,
             "classes": len(classes), "input": [None, bb.input_size, bb.input_size, 3], "outputs": outputs,
-            "temperature": head.temperature, "bytes": out.stat().st_size,
+            "temperature": head.temperature if head.calibrated else None, "bytes": out.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -40,16 +40,34 @@ class OnnxModelError(CnnCodesError, ValueError):
     """An ONNX file that is not a classifier cnncodes exported, is damaged, or is newer."""
 
 
+# The decode and resize rules the metadata states (``cnncodes_preprocess``), for readers other than
+# cnncodes: what :func:`preprocess` does, in words.
+PREPROCESS_RULES = [
+    "read the file's bytes and decode with Pillow",
+    "decode 'reduced': Image.draft(None, (size, size)) before loading (a JPEG decodes at the smallest "
+    "DCT scale 1/2, 1/4 or 1/8 that keeps both sides >= size), then after the steps below Image.reduce(f) "
+    "by f = min(width // size, height // size) when f >= 2; decode 'exact': neither",
+    "apply the EXIF orientation (ImageOps.exif_transpose)",
+    "to 8-bit RGB: 16- and 32-bit integer images scaled by 65535 (or 255), float images by 1, "
+    "transparent pixels composited on white, palette, grayscale and CMYK converted",
+    "resize the short side to size with the Pillow filter 'filter' (long side int(size * long / short), "
+    "as torchvision), antialiased",
+    "centre-crop (height, width) = crop, offsets round((resized - crop) / 2)",
+    "uint8, height x width x 3, stacked into N x H x W x 3",
+]
+
+
 def is_onnx(path: str | os.PathLike) -> bool:
-    """Whether ``path`` looks like an ONNX file (by its first byte, or its ``.onnx`` name)."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        return True
+    """Whether ``path`` is an ONNX file (by its first byte; a model cnncodes saves starts ``PK``
+    (.npz) or 0x80 (joblib), whatever its name)."""
     try:
         with open(path, "rb") as f:
-            return f.read(1) == ONNX_FIRST_BYTE
+            head = f.read(2)
     except OSError:
+        return Path(path).suffix.lower() == ".onnx"
+    if head.startswith((b"PK", b"\x80")):
         return False
+    return head[:1] == ONNX_FIRST_BYTE or Path(path).suffix.lower() == ".onnx"
 
 
 def preprocess(path: str | os.PathLike, resize: dict, decode: str) -> np.ndarray:
@@ -113,25 +131,61 @@ class OnnxClassifier:
         if meta.get("cnncodes_format") != ONNX_FORMAT:
             raise OnnxModelError(f"{self.path} is an ONNX model, but not a classifier exported by "
                                  f"`cnncodes export` (it has no cnncodes metadata).")
-        version = int(meta.get("cnncodes_format_version", "0") or 0)
+        try:
+            version = int(meta.get("cnncodes_format_version", "0") or 0)
+        except ValueError:
+            raise OnnxModelError(f"{self.path} has damaged cnncodes metadata (format version "
+                                 f"{meta.get('cnncodes_format_version')!r}).") from None
         if version > ONNX_FORMAT_VERSION:
             raise OnnxModelError(f"{self.path} was exported in format version {version}, newer than this "
                                  f"cnncodes reads ({ONNX_FORMAT_VERSION}): upgrade cnncodes.")
+        self._read_metadata(meta)
+
+    def _read_metadata(self, meta: dict) -> None:
+        """The metadata, checked against the graph: a model whose metadata was edited or damaged
+        is refused here in one line, not by a traceback at the first image."""
+        from PIL import Image
         try:
-            self.classes = json.loads(meta["cnncodes_classes"])
-            self.resize = json.loads(meta["cnncodes_resize"])
+            self.classes = list(json.loads(meta["cnncodes_classes"]))
+            self.resize = dict(json.loads(meta["cnncodes_resize"]))
+            size, crop = int(self.resize["size"]), [int(c) for c in self.resize["crop"]]
+            Image.Resampling(int(self.resize["filter"]))
             self.decode = meta.get("cnncodes_decode", "exact")
+            t = meta.get("cnncodes_temperature", "none")
+            self.temperature = None if t in ("none", "") else float(t)
             self.recipe = json.loads(meta.get("cnncodes_recipe", "{}"))
-            self.info = {k[len("cnncodes_"):]: meta[k] for k in meta if k.startswith("cnncodes_")}
-        except (KeyError, ValueError) as e:
-            raise OnnxModelError(f"{self.path} has damaged cnncodes metadata ({e}).") from None
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise OnnxModelError(f"{self.path} has damaged cnncodes metadata "
+                                 f"({type(e).__name__}: {e}).") from None
+        self.info = {k[len("cnncodes_"):]: meta[k] for k in meta if k.startswith("cnncodes_")}
+        if self.decode not in ("reduced", "exact"):
+            raise OnnxModelError(f"{self.path} asks for the decode {self.decode!r}, which this cnncodes "
+                                 f"does not know: upgrade cnncodes.")
         self.outputs = [o.name for o in self.session.get_outputs()]
-        if "probabilities" not in self.outputs:
-            raise OnnxModelError(f"{self.path} has no 'probabilities' output: not a cnncodes classifier.")
+        outs = {o.name: o.shape for o in self.session.get_outputs()}
+        if "probabilities" not in outs or "scores" not in outs:
+            raise OnnxModelError(f"{self.path} lacks the 'probabilities' and 'scores' outputs of a cnncodes "
+                                 f"classifier.")
+        width = outs["probabilities"][1]
+        if isinstance(width, int) and width != len(self.classes):
+            raise OnnxModelError(f"{self.path} names {len(self.classes)} classes for {width} output columns.")
+        shape = self.session.get_inputs()[0].shape
+        if len(shape) != 4 or (all(isinstance(v, int) for v in shape[1:3]) and list(shape[1:3]) != crop) \
+                or size < 1:
+            raise OnnxModelError(f"{self.path}'s input {shape} is not the crop {crop} its metadata "
+                                 f"describes.")
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The graph's outputs for a uint8 (N, H, W, 3) batch."""
-        return dict(zip(self.outputs, self.session.run(self.outputs, {"pixels": pixels})))
+        try:
+            return dict(zip(self.outputs, self.session.run(self.outputs, {"pixels": pixels})))
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error types: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise OnnxModelError(f"{self.path} failed on a batch of {len(pixels)}: {first}") from None
+
+    @property
+    def uncalibrated_svm(self) -> bool:
+        return self.info.get("classifier") == "svm" and self.temperature is None
 
     def predict(self, paths, batch_size: int = 32, workers: int = 2) -> list[OnnxPrediction]:
         """Classify image files; an image that cannot be decoded is a row with its error."""
@@ -141,8 +195,8 @@ class OnnxClassifier:
         def load(i):
             try:
                 return i, preprocess(paths[i], self.resize, self.decode), ""
-            except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for bad images
-                return i, None, f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - any image Pillow refuses (a decompression bomb too)
+                return i, None, f"{type(e).__name__}: {e}"[:500]
 
         with ThreadPoolExecutor(max(1, workers)) as pool:   # Pillow decodes outside the GIL
             for lo in range(0, len(paths), batch_size):
@@ -158,7 +212,9 @@ class OnnxClassifier:
                 for j, (i, _) in enumerate(good):
                     b = int(best[j])
                     out[i].label = self.classes[b]
-                    out[i].probability = float(proba[j, b])
+                    # an SVM exported without a temperature (saved before calibration) has no
+                    # probabilities, as its saved model has none
+                    out[i].probability = None if self.uncalibrated_svm else float(proba[j, b])
                     s = scores[j]   # as `predict` of the saved probe: one column for a binary SVM
                     out[i].score = float(s[b] if s.shape[0] > 1 else s[0])
         return out

@@ -30,6 +30,7 @@ class CVPath:
     by n / (K n_class), counted on that model's own training rows (scikit-learn's
     ``sample_weight`` of those weights). ``select`` (:data:`~..metrics.SELECT`) ranks the C
     values; the out-of-fold decision scores of the best one are kept (``held_scores``).
+    ``cv_tol`` is the folds' gradient tolerance (:data:`CV_TOL`).
     Without ``splits``, :meth:`refit` fits one C on all rows, with no cross-validation.
 
     Examples
@@ -40,8 +41,10 @@ class CVPath:
     """
 
     def __init__(self, X: np.ndarray, y: np.ndarray, splits, classifier: str, norm: str,
-                 device: str = "auto", class_weight: str | None = None, select: str = "accuracy"):
+                 device: str = "auto", class_weight: str | None = None, select: str = "accuracy",
+                 cv_tol: float = CV_TOL):
         self.ops = ops = backend(device)
+        self.cv_tol = cv_tol
         self.classifier, self.norm = classifier, norm
         if select not in SELECT:
             raise ValueError(f"select must be one of {', '.join(SELECT)}, got {select!r}.")
@@ -107,7 +110,7 @@ class CVPath:
             guess = None
             if self.loss == "log_loss" and prev is not None:
                 guess = (2 * state[0] - prev[0], 2 * state[1] - prev[1])
-            prev, state = state, problem.solve(grid[g], state, tol=CV_TOL, guess=guess)
+            prev, state = state, problem.solve(grid[g], state, tol=self.cv_tol, guess=guess)
             held = self._score(self.design.block_scores(*state), g, scores, oof)
             self._best_so_far(grid[g], g, state, held)
         return [scores[g] for g in range(len(grid))], oof
@@ -157,7 +160,7 @@ class CVPath:
         oof = np.empty((len(grid), len(self.y_np)), dtype=self.y_np.dtype)
         theta = None
         for g in sorted(range(len(grid)), key=lambda g: grid[g]):   # warm starts, as above
-            theta = newton.solve(grid[g], theta, tol=CV_TOL)
+            theta = newton.solve(grid[g], theta, tol=self.cv_tol)
             held = self._score(newton.block_scores(theta), g, scores, oof)
             self._best_so_far(grid[g], g, theta, held)
         return [scores[g] for g in range(len(grid))], oof
