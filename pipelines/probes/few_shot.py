@@ -27,9 +27,9 @@ from cnncodes.pipelines.probes.metrics import classification_scores
 # The folds' gradient tolerance in an episode, looser than a whole fit's (3e-4): an episode's
 # folds hold a few images a class, so one image moves its CV accuracy by about a point, far more
 # than the tolerance does. Measured on Caltech's codes (101 classes, K = 1, 5, 10, 5 episodes):
-# the SVM's episodes chose the same C in every episode and took 20% less time (39.6 -> 31.7 s
-# on the busy machine); the softmax's choices moved between near-ties, its mean test accuracy
-# by +0.1 to +0.3 points.
+# the SVM's episodes chose the same C in every episode and took 28% less time (28.9 -> 20.9 s
+# on the quiet 2-core machine); the softmax's choices moved between near-ties, its mean test
+# accuracy by +0.1 to +0.3 points.
 EPISODE_CV_TOL = 1e-3
 
 
