@@ -228,3 +228,26 @@ def test_sweep_with_the_knn_probe_reuses_the_cache_and_reports_k(swept, r18_weig
     assert list(knn["layer"]) == ["stage4", "stage5"] and knn["fitted"].all()
     assert knn["C"].isin([1, 5, 10, 20, 50, 100, 200]).all()  # the chosen k
     assert "C (k for knn)" in (tmp / "knn" / "sweep.md").read_text()
+
+
+def test_sweep_select_and_class_weights_key_the_fits_and_show_what_chose(swept, r18_weights):
+    """--select balanced_accuracy: the table shows the score that chose C and the best layer, the
+    conclusion names it; the fits are keyed apart from the plain ones (k-NN's class weight not)."""
+    _, root, tmp = swept
+    result = sweep(root, ["resnet18"], "stage4,stage5", ["svm", "knn"], weights=str(r18_weights),
+                   cache=tmp / "c.h5", report=tmp / "selected", select="balanced_accuracy",
+                   class_weight="balanced", **FAST)
+    df = result.table
+    assert df["cv_balanced_accuracy"].notna().all() and df["cv_macro_f1"].notna().all()
+    assert "CV balanced acc" in (tmp / "selected" / "sweep.md").read_text()
+    assert "CV balanced accuracy" in result.conclusion[0]
+    best = df.loc[df["cv_balanced_accuracy"].idxmax()]
+    assert result.best["cv_balanced_accuracy"] == pytest.approx(best["cv_balanced_accuracy"])
+    again = sweep(root, ["resnet18"], "stage4,stage5", ["svm", "knn"], weights=str(r18_weights),
+                  cache=tmp / "c.h5", report=tmp / "selected", select="balanced_accuracy", **FAST)
+    # without the class weights the SVM fits anew; k-NN (which has none) reads its stored fits
+    knn = lambda t: list(t[t["classifier"] == "knn"]["fit_seconds"])
+    assert knn(again.table) == knn(df)
+    with pytest.raises(SettingsError, match="--select"):
+        sweep(root, ["resnet18"], "stage4", ["svm"], weights=str(r18_weights), cache=tmp / "c.h5",
+              report=tmp / "bad", select="f1", **FAST)

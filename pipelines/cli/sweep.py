@@ -42,7 +42,7 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
                    "report": result.report, "files": result.files, "seconds": result.seconds,
                    **(extra or {})})
         return
-    head, rows = table_rows(result.table)
+    head, rows = table_rows(result.table, getattr(result.settings, "select", "accuracy"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     click.echo("  ".join(h.rjust(w) if i > 2 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths))))
     for r in rows:

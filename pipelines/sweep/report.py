@@ -184,22 +184,25 @@ def plot_sweep(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def table_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """The table a person reads: the main columns, formatted."""
-    head = ["model", "layer", "classifier", "dim", "depth", "LogME", "CV acc", "+-", "C (k for knn)",
-            "test acc", "fit s"]
+def table_rows(df: pd.DataFrame, select: str = "accuracy") -> tuple[list[str], list[list[str]]]:
+    """The table a person reads: the main columns, formatted (with ``select`` other than
+    accuracy, its CV score too: what chose C and the best layer)."""
+    extra = None if select == "accuracy" else f"cv_{select}"
+    head = ["model", "layer", "classifier", "dim", "depth", "LogME", "CV acc", "+-",
+            *([f"CV {select.replace('_accuracy', ' acc').replace('macro_f1', 'macro-F1')}"] if extra else []),
+            "C (k for knn)", "test acc", "fit s"]
     rows = []
     for _, r in df.iterrows():
         rows.append([r["model"], r["layer"], r["classifier"], str(r["dim"]), f"{r['relative_depth']:.0%}",
                      fmt_cell(r["logme"], ".3f"),
                      fmt_cell(r["cv_accuracy"]) if r["fitted"] else "(pre-screened out)",
-                     fmt_cell(r["cv_std"]), fmt_cell(r["C"], "g"), fmt_cell(r["test_accuracy"]),
-                     fmt_cell(r["fit_seconds"], ".1f")])
+                     fmt_cell(r["cv_std"]), *([fmt_cell(r.get(extra))] if extra else []),
+                     fmt_cell(r["C"], "g"), fmt_cell(r["test_accuracy"]), fmt_cell(r["fit_seconds"], ".1f")])
     return head, rows
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    return markdown_table(*table_rows(df))
+def _markdown(df: pd.DataFrame, select: str = "accuracy") -> str:
+    return markdown_table(*table_rows(df, select))
 
 
 def write_sweep_report(result: SweepResult, fit_records: dict) -> dict[str, Path]:
@@ -227,7 +230,8 @@ def write_sweep_report(result: SweepResult, fit_records: dict) -> dict[str, Path
                "versions": library_versions()}
     write_text_atomic(files["json"], json.dumps(summary, indent=2, default=str) + "\n")
     md = ["# Layer sweep", "", *[f"- {c}" for c in result.conclusion], "",
-          f"LogME vs CV accuracy, Kendall's tau: {tau_text or '-'}", "", _markdown(df), "",
+          f"LogME vs CV accuracy, Kendall's tau: {tau_text or '-'}", "",
+          _markdown(df, result.settings.select), "",
           "![accuracy vs depth](sweep.png)", ""]
     if "confusion" in files:
         md += ["![confusion matrix of the best layer](confusion.png)", ""]
@@ -244,7 +248,7 @@ def _plot_best_confusion(best: dict, record: dict, path: Path) -> None:
 
 
 def _html(df, files, conclusion, tau_text, summary) -> str:
-    head, rows = table_rows(df)
+    head, rows = table_rows(df, (summary.get("settings") or {}).get("select", "accuracy"))
     best = summary.get("best") or {}
     marks = ["best" if (r["model"], r["layer"], r["classifier"]) ==
              (best.get("model"), best.get("layer"), best.get("classifier")) else None
