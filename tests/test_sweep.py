@@ -251,3 +251,20 @@ def test_sweep_select_and_class_weights_key_the_fits_and_show_what_chose(swept, 
     with pytest.raises(SettingsError, match="--select"):
         sweep(root, ["resnet18"], "stage4", ["svm"], weights=str(r18_weights), cache=tmp / "c.h5",
               report=tmp / "bad", select="f1", **FAST)
+
+
+def test_sweep_shots_runs_the_few_shot_protocol_per_layer(swept, r18_weights):
+    _, root, tmp = swept
+    result = sweep(root, ["resnet18"], "stage4,stage5", ["svm", "knn"], weights=str(r18_weights),
+                   cache=tmp / "c.h5", report=tmp / "shots", shots="1,2", episodes=2, **FAST)
+    rows = [(f["layer"], f["classifier"], f["shots"]) for f in result.few_shot]
+    assert rows == [("stage4", "svm", 1), ("stage4", "svm", 2), ("stage5", "svm", 1), ("stage5", "svm", 2)]
+    assert all(0 <= f["test_accuracy_mean"] <= 1 for f in result.few_shot)
+    assert (tmp / "shots" / "few_shot.csv").read_text().count("\n") == 5
+    assert json.loads((tmp / "shots" / "sweep.json").read_text())["settings"]["shots"] == [1, 2]
+    r = CliRunner().invoke(cli, ["sweep", str(root), "-m", "resnet18", "-w", str(r18_weights), "-c",
+                                 str(tmp / "c.h5"), "--report", str(tmp / "shots"), "-l", "stage5",
+                                 "--classifier", "softmax", "--folds", "2", "--c-grid", "1", "--shots", "2",
+                                 "--episodes", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "few-shot test accuracy" in r.output and "softmax on stage5 of resnet18, 2 a class" in r.output

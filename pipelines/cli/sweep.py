@@ -40,6 +40,7 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
         echo_json({"rows": result.table.drop(columns=["model_file"]).to_dict("records"),
                    "conclusion": result.conclusion, "best": result.best, "kendall_tau": result.kendall_tau,
                    "report": result.report, "files": result.files, "seconds": result.seconds,
+                   **({"few_shot": result.few_shot} if getattr(result, "few_shot", None) else {}),
                    **(extra or {})})
         return
     head, rows = table_rows(result.table, getattr(result.settings, "select", "accuracy"))
@@ -54,6 +55,11 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
     if tau:
         click.echo("LogME ranked the layers with Kendall's tau " +
                    ", ".join(f"{v:+.2f} ({k})" for k, v in tau.items()) + " against CV accuracy.")
+    if getattr(result, "few_shot", None):
+        click.echo("few-shot test accuracy (mean +- std over the episodes):")
+        for f in result.few_shot:
+            click.echo(f"  {f['classifier']} on {f['layer']} of {f['model']}, {f['shots']} a class: "
+                       f"{f['test_accuracy_mean']:.4f} +- {f['test_accuracy_std']:.4f}")
     for label, value in (extra or {}).items():
         click.echo(f"{label}: {value}")
     click.echo(f"report: {result.files['html']} ({result.seconds:.0f}s)")
@@ -85,10 +91,14 @@ def _print_sweep(result, extra: dict | None = None, as_json: bool = False) -> No
 @_sweep_options
 @SELECT_OPTIONS[0]
 @SELECT_OPTIONS[1]
+@click.option("--shots", help="Also the few-shot protocol on every fitted layer (linear probes): K training "
+              "images a class, comma-separated K values; few_shot.csv in the report.")
+@click.option("--episodes", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Draws per K of --shots.")
 @fail_cleanly
 def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, prescreen, holdout, pool,
               runtime, c_grid, folds, seed, norm, solver, device, batch_size, quiet, as_json, select,
-              class_weight) -> None:
+              class_weight, shots, episodes) -> None:
     """Which layer should the classifier read? Depth vs accuracy across layers and backbones.
 
     Extracts every requested layer in one forward pass per backbone (an existing cache gains
@@ -103,13 +113,14 @@ def sweep_cmd(data, models, weights, layers, classifiers, cache, report_dir, pre
       cnncodes sweep data/birds --model resnet50 --model efficientnet_lite0 --classifier svm
       cnncodes sweep data/birds --layers layer2,layer3,layer4 --prescreen 2 --json
       cnncodes sweep data/sketches --class-weight balanced --select balanced_accuracy
+      cnncodes sweep data/birds --layers stage3,stage4,stage5 --shots 1,5,10
     """
     from cnncodes.pipelines.sweep.runner import sweep
     result = sweep(data, list(models), layers, [c.strip() for c in classifiers.split(",") if c.strip()],
                weights=list(weights), cache=cache, report=report_dir, c_grid=c_grid, folds=folds, seed=seed,
                norm=norm, solver=solver, holdout=holdout, prescreen=prescreen, pool=pool,
                batch_size=batch_size, device=device, progress=False if quiet else None, runtime=runtime,
-               select=select, class_weight=class_weight)
+               select=select, class_weight=class_weight, shots=shots, episodes=episodes)
     _print_sweep(result, as_json=as_json)
 
 

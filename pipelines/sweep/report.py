@@ -63,7 +63,7 @@ class SweepResult:
     caches: dict = field(default_factory=dict)
     seconds: float | None = None
     files: dict = field(default_factory=dict)
-
+    few_shot: list = field(default_factory=list)   # with --shots: per layer, probe and K
 
 def _fitted(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["fitted"] & df["cv_accuracy"].notna()]
@@ -218,6 +218,9 @@ def write_sweep_report(result: SweepResult, fit_records: dict) -> dict[str, Path
     files = {"csv": out / "sweep.csv", "json": out / "sweep.json", "markdown": out / "sweep.md",
              "plot": out / "sweep.png", "html": out / "index.html"}
     df.to_csv(files["csv"], index=False)
+    if result.few_shot:
+        files["few_shot"] = out / "few_shot.csv"
+        pd.DataFrame(result.few_shot).to_csv(files["few_shot"], index=False)
     plot_sweep(df, files["plot"])
     if best:
         files["confusion"] = out / "confusion.png"
@@ -227,6 +230,7 @@ def write_sweep_report(result: SweepResult, fit_records: dict) -> dict[str, Path
     summary = {"rows": [_plain(r) for r in df.to_dict("records")], "conclusion": result.conclusion,
                "best": best, "kendall_tau_logme_vs_cv": result.kendall_tau,
                "settings": result.settings.as_dict(), "caches": result.caches, "seconds": result.seconds,
+               **({"few_shot": result.few_shot} if result.few_shot else {}),
                "versions": library_versions()}
     write_text_atomic(files["json"], json.dumps(summary, indent=2, default=str) + "\n")
     md = ["# Layer sweep", "", *[f"- {c}" for c in result.conclusion], "",

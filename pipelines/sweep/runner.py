@@ -79,7 +79,7 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
           seed: int = 0, norm: str = "standard", solver: str = "auto", holdout: float | None = None,
           prescreen: int | None = None, pool: str = "avg", batch_size: int = 32, device: str = "auto",
           progress: bool | None = None, runtime: str | None = None, select: str = "accuracy",
-          class_weight: str | None = None) -> SweepResult:
+          class_weight: str | None = None, shots=None, episodes: int = 5) -> SweepResult:
     """Extract, score and cross-validate every layer of every backbone; write the report.
 
     Parameters
@@ -102,6 +102,9 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
     c_grid, folds, seed, norm, solver, holdout, select, class_weight
         As for :func:`pipelines.classifiers.fit_linear_probe`; ``select`` also picks the best
         layer (``class_weight`` applies to the linear probes).
+    shots, episodes : optional
+        The few-shot protocol (:func:`pipelines.probes.few_shot.few_shot`) on every fitted layer
+        with each linear probe: ``result.few_shot`` and the report's ``few_shot.csv``.
 
     Returns
     -------
@@ -121,7 +124,7 @@ def sweep(data, models=(DEFAULT_MODEL,), layers="all-stages", classifiers=("svm"
         data, models, layers, classifiers, weights=weights, cache=cache, report=report, c_grid=c_grid,
         progress=progress, folds=folds, seed=seed, norm=norm, solver=solver, holdout=holdout,
         prescreen=prescreen, pool=pool, batch_size=batch_size, device=device, runtime=runtime,
-        select=select, class_weight=class_weight)
+        select=select, class_weight=class_weight, shots=shots, episodes=episodes)
     return run_sweep(settings, t0)
 
 
@@ -129,16 +132,19 @@ def run_sweep(settings: SweepSettings, started: float | None = None) -> SweepRes
     """:func:`sweep` with its settings already checked; ``started`` is when the clock of the
     result's ``seconds`` began (default: now)."""
     t0 = time.perf_counter() if started is None else started
-    rows, fit_records, caches = [], {}, {}
+    rows, fit_records, caches, few = [], {}, {}, []
     for model, model_weights in zip(settings.models, settings.weights):
         codes, depth, caches[model] = _extract_backbone(settings, model, model_weights)
         scores = _logme_scores(settings, model, codes)
-        rows += _fit_rows(settings, model, codes, depth, scores, fit_records)
+        model_rows = _fit_rows(settings, model, codes, depth, scores, fit_records)
+        rows += model_rows
+        if settings.shots:
+            few += _few_shot_rows(settings, model, codes, [r["layer"] for r in model_rows if r["fitted"]])
     table = order_table(pd.DataFrame(rows).reindex(columns=COLUMNS), settings.models, settings.classifiers)
     conclusion, best = conclude(table, settings.select)
     result = SweepResult(table=table, report=str(settings.report), settings=settings, caches=caches,
                          kendall_tau=kendall_taus(table), conclusion=conclusion, best=best,
-                         seconds=round(time.perf_counter() - t0, 2))
+                         seconds=round(time.perf_counter() - t0, 2), few_shot=few)
     result.files = {k: str(v) for k, v in write_sweep_report(result, fit_records).items()}
     return result
 
@@ -224,6 +230,23 @@ def _fit_rows(settings: SweepSettings, model: str, codes: dict, depth: dict, sco
         rows.append(row)
     bar.close()
     return rows
+
+
+def _few_shot_rows(settings: SweepSettings, model: str, codes: dict, layers: list[str]) -> list[dict]:
+    """The few-shot protocol (:mod:`~cnncodes.pipelines.probes.few_shot`) on every fitted layer,
+    for each linear probe of the sweep: one row per layer, probe and K."""
+    from cnncodes.pipelines.probes.few_shot import few_shot
+    out = []
+    for name in dict.fromkeys(layers):
+        for clf in (c for c in settings.classifiers if c != "knn"):
+            r = few_shot(codes[name], name, clf, settings.shots, settings.episodes, seed=settings.seed,
+                         folds=settings.folds, c_grid=settings.c_grid, norm=settings.norm,
+                         holdout=settings.holdout, class_weight=settings.class_weight, select=settings.select)
+            out += [{"model": model, "layer": name, "classifier": clf, "shots": row["shots"],
+                     "test_accuracy_mean": round(row["mean"], 6), "test_accuracy_std": round(row["std"], 6),
+                     "balanced_accuracy_mean": round(row["balanced_mean"], 6), "episodes": settings.episodes}
+                    for row in r.rows]
+    return out
 
 
 def _layer_row(model: str, name: str, clf: str, codes, depth: tuple, score: float, fitted: bool) -> dict:

@@ -76,6 +76,8 @@ class SweepSettings:
     runtime: str | None = None
     select: str = "accuracy"
     class_weight: str | None = None   # balanced: the linear probes' (k-NN has none)
+    shots: tuple | None = None        # the few-shot protocol per layer (linear probes), or None
+    episodes: int = 5
 
     @classmethod
     def from_arguments(cls, data, models=None, layers="all-stages",
@@ -112,6 +114,11 @@ class SweepSettings:
             options["class_weight"] = None
         if options.get("class_weight") not in (None, "balanced"):
             raise SettingsError(f"--class-weight takes none or balanced, got {options['class_weight']!r}.")
+        if options.get("shots"):
+            from cnncodes.pipelines.probes.few_shot import parse_shots
+            options["shots"] = parse_shots(options["shots"])
+            if options.get("episodes", 5) < 1:
+                raise SettingsError(f"--episodes must be >= 1, got {options['episodes']}.")
         prescreen = options.get("prescreen")
         if prescreen is not None and prescreen < 1:
             raise SettingsError(f"--prescreen must be >= 1, got {prescreen}.")
@@ -142,6 +149,7 @@ class SweepSettings:
     def as_dict(self) -> dict:
         """The ``settings`` entry of ``sweep.json``."""
         return {**self.fit_settings(), "classifiers": self.classifiers, "prescreen": self.prescreen,
+                **({"shots": list(self.shots), "episodes": self.episodes} if self.shots else {}),
                 "pool": self.pool, "models": self.models, "data": str(self.data)}
 
 
