@@ -375,7 +375,9 @@ def fit_linear_probe(cache, layer: str | None = None, classifier: str = "svm", *
         held = dict([path.held_scores])
     else:
         scores, oof, _ = _cv_scores(X, y, splits, grid, classifier, norm, pca, seed, n_jobs, class_weight)
-    metrics = np.stack([fold_scores(y, oof[g], splits) for g in range(len(grid))])   # (C, folds, 3)
+    # (C, folds, 3): accuracy, balanced accuracy, macro-F1; the batched path scored them already
+    metrics = path.fold_metrics if solver == "batched" and not knn else \
+        np.stack([fold_scores(y, oof[g], splits) for g in range(len(grid))])
     table = [{"C": c, "mean": float(s.mean()), "std": float(s.std()),
               "folds": [round(float(v), 6) for v in s],
               "balanced_accuracy": float(m[:, 1].mean()), "macro_f1": float(m[:, 2].mean())}

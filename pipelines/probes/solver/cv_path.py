@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnncodes.pipelines.probes.linear_model import LinearProbe
-from cnncodes.pipelines.probes.metrics import SELECT, balanced_weights, classification_scores
+from cnncodes.pipelines.probes.metrics import SELECT, balanced_weights, fold_scores
 from cnncodes.pipelines.probes.normalise import normalise_rows
 from cnncodes.pipelines.probes.solver.backends import backend
 from cnncodes.pipelines.probes.solver.dual import dual_design
@@ -148,9 +148,8 @@ class CVPath:
             picked = S[self.ops.asarray(f), :, self.ops.asarray(np.arange(len(f)))]
             held_scores[blk] = self.ops.to_numpy(picked)
         oof[g] = self.classes[held_scores.argmax(1)]
-        for f, (_, held) in enumerate(self.splits):
-            self.fold_metrics[g, f] = classification_scores(self.y_np[held], oof[g, held])
-            scores[g, f] = self.fold_metrics[g, f, 0]
+        self.fold_metrics[g] = fold_scores(self.y_np, oof[g], self.splits)
+        scores[g] = self.fold_metrics[g, :, 0]
         return held_scores
 
     def _run_newton(self, newton: NewtonSVM, grid):
