@@ -11,8 +11,10 @@
 - ``gpu``: nvJPEG and tensor resizing on a CUDA device (:mod:`.device_decode`).
 
 ``auto`` resolves before the recipe is written: an existing cache keeps the path it was made
-with (as ``--runtime auto`` keeps a cache's runtime), a new one is ``reduced``. No torch here:
-readers of caches use it.
+with (as ``--runtime auto`` keeps a cache's runtime), a new one is the backbone's own default:
+``reduced``, except for models whose preprocessing is a library's own processor (``hf:``,
+``openclip:``), whose codes users compare with that library's and which stay ``exact``. No
+torch here: readers of caches use it.
 """
 from __future__ import annotations
 
@@ -37,12 +39,13 @@ def requested_decode(name: str | None) -> str:
     return name
 
 
-def resolve_decode(name: str | None, cached: str | None = None) -> str:
-    """The decode path of a run: the one named, else the existing cache's, else the default."""
+def resolve_decode(name: str | None, cached: str | None = None, default: str = DEFAULT_DECODE) -> str:
+    """The decode path of a run: the one named, else the existing cache's, else ``default``
+    (the backbone's, ``Backbone.decode``)."""
     name = requested_decode(name)
     if name != "auto":
         return name
-    return canonical_decode(cached) if cached else DEFAULT_DECODE
+    return canonical_decode(cached) if cached else default
 
 
 def decode_min_size(decode: str, preprocessing: dict) -> tuple[int, int] | None:

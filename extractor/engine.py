@@ -165,7 +165,7 @@ def _run_extraction(ranks: Dist, t_start: float, data: Path, out, a: _Settings) 
         bb = load_backbone(a.model, a.weights)
     cached = ranks.decide(lambda: _cached_recipe(out) if not a.overwrite else None)
     wanted = resolve_runtime(a.runtime, dev, prec, cached.runtime if cached else None)
-    decode = resolve_decode(a.decode, cached.decode if cached else None)
+    decode = resolve_decode(a.decode, cached.decode if cached else None, bb.decode)
     # checked once resolved: `auto` keeps a cache's path, which this run must be able to take too
     # (a `gpu` cache resumed on a CPU would mix libjpeg's rows with nvJPEG's)
     check_decode(decode, dev, bb.split, bb.name,

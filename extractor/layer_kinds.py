@@ -183,6 +183,9 @@ class Classifier:
             return Layout(INTERNAL, shape, why=f"inside the attention module '{attn}' (tap '{attn}' itself)")
         if len(shape) == 1:
             return Layout(VECTOR, shape)
+        if len(shape) == 2 and shape[-1] == 1:  # (C, 1): a 1-d pool's output (Swin's pooler), not C tokens
+            return Layout(INTERNAL, shape,
+                          why="a (C, 1) pooled tensor, not tokens (tap the layer that reads it)")
         if len(shape) == 2:
             return self._tokens(shape)
         if len(shape) == 3:

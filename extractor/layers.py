@@ -9,11 +9,14 @@ short, so nothing after it is computed.
 
 Names: any module name (``layer3``, ``blocks.4``, ``features.28``), or an alias:
 
-- ``stage1``..``stage5``: for CNNs and hierarchical transformers (Swin), the end of the stage at
-  stride 2, 4, 8, 16, 32; for transformers whose blocks all work on one token grid (ViT, DeiT,
+- ``stage1``..``stage5``: for CNNs and hierarchical transformers (Swin, whether its stages
+  write channels-last maps as timm's or token sequences as Hugging Face's), the end of the
+  stage at stride 2, 4, 8, 16, 32; for transformers whose blocks all work on one token grid (ViT, DeiT,
   DINOv2), ``stage1``..``stage4`` are the ends of the four quarters of the blocks;
 - ``penultimate``: the input of the classifier, i.e. the pre-logits features (after the final
   norm and the model's own pooling);
+- ``projection``: of an image tower trained with text (OpenCLIP, CLIP), the image embedding
+  projected into the joint image-text space (``penultimate`` is the embedding before it);
 - ``block:K``: the K-th block (``block:-1`` the last); blocks are the modules held in the
   model's ``Sequential``/``ModuleList`` trunks that contain no other block (ViT's ``blocks.K``,
   Swin's ``layers.S.blocks.J``, ResNet's ``layer2.1``).
@@ -125,6 +128,8 @@ class Probe:
     def __init__(self, model: nn.Module, input_size: int, model_name: str = "the model"):
         self.model_name = model_name
         self.input_size = input_size
+        # aliases a model names itself (``projection``: the wrappers of extractor.backbones)
+        self.model_aliases: dict[str, str] = dict(getattr(model, "layer_aliases", None) or {})
         self.layers: list[LayerInfo] = []
         self.classifier: tuple[str, int] | None = None  # (module, input dim) of the classifier
         records: list[Record] = []
@@ -237,6 +242,11 @@ class Probe:
         names -= lone
         return [b for b in found if b.name in names and not any(o.startswith(b.name + ".") for o in names)]
 
+    def is_hierarchical(self) -> bool:
+        """Whether the token blocks work at several strides (Swin as Hugging Face writes it:
+        token sequences merged stage by stage), so that stages are strides, as for CNNs."""
+        return len({b.stride for b in self.blocks if b.kind == TOKENS}) > 1
+
     def is_token_model(self) -> bool:
         """Whether the deepest block works on tokens (ViT, DeiT, DINOv2; hybrids with a CNN stem)."""
         return bool(self.blocks) and self.blocks[-1].kind == TOKENS
@@ -245,16 +255,20 @@ class Probe:
         """``stageK`` and ``penultimate`` -> the layer each means for this model (``block:K``
         is :meth:`block`)."""
         out = {}
-        if self.is_token_model():
-            tokens = [b for b in self.blocks if b.kind == TOKENS]
+        tokens = [b for b in self.blocks if b.kind == TOKENS]
+        if self.is_token_model() and not self.is_hierarchical():
             for k in range(1, 5):
                 out[f"stage{k}"] = tokens[math.ceil(k * len(tokens) / 4) - 1]
         else:
-            strides = sorted({l.stride for l in self.layers if l.stride and l.kind in (MAP, MAP_NHWC)})
+            kinds = (MAP, MAP_NHWC, TOKENS) if self.is_hierarchical() else (MAP, MAP_NHWC)
+            strides = sorted({l.stride for l in self.layers if l.stride and l.kind in kinds})
             for k in range(1, 6):
-                at_s = [l for l in self.layers if l.stride == 2 ** k and l.kind in (MAP, MAP_NHWC)]
+                at_s = [l for l in self.layers if l.stride == 2 ** k and l.kind in kinds]
                 if at_s:
                     out[f"stage{k}"] = self._stage_end(2 ** k, at_s, strides)
+        for alias, module in self.model_aliases.items():  # OpenCLIP's and CLIP's `projection`
+            if module in self.by_name:
+                out[alias] = self.by_name[module]
         if self.classifier:
             name, dim = self.classifier
             out["penultimate"] = LayerInfo(name, "input of " + self.by_name[name].type, (dim,), None,
@@ -304,6 +318,8 @@ class Probe:
             raise LayerNotFoundError(
                 f"{self.model_name} has no Linear classifier, so 'penultimate' is not "
                 f"defined for it; pick a layer from 'cnncodes list-layers'.")
+        if name in self.model_aliases and name in aliases:
+            return aliases[name]
         if name in ALIASES:
             if name not in aliases:
                 have = ", ".join(a for a in aliases if a.startswith("stage")) or "none"

@@ -148,21 +148,40 @@ class _Tapped(torch.nn.Module):
 
     def forward(self, x):
         if self.split is not None:
-            x = normalised_pixels(x, self.mean, self.std)
+            x = normalised_pixels(x, self.mean, self.std, self.split.pixel_scale)
         with Tapper(self.net, self.taps, self.pooling) as tap:
             out = tap(x)
         return tuple(out[t.name] for t in self.taps)
 
 
-def normalised_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def normalised_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      scale: float = 255.0) -> torch.Tensor:
     """A uint8 N x H x W x C batch as the network's normalised float N x C x H x W input (``mean``
     and ``std`` shaped (1, C, 1, 1)): to_tensor's div(255) and convert_image_dtype's uint8 ->
-    float agree, x / 255."""
-    return (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    float agree, x / 255; ``scale`` is the split's :attr:`~.backbones.backbone.SplitTransform.pixel_scale`
+    (1 where the 1/255 is folded into mean and std, as transformers' processors do)."""
+    x = x.permute(0, 3, 1, 2).float()
+    return ((x / scale if scale != 1 else x) - mean) / std
 
 
 def runtime_dir() -> Path:
     return Path(torch.hub.get_dir()) / "cnncodes-runtimes"
+
+
+@contextlib.contextmanager
+def onnx_tracing():
+    """What ``torch.onnx.export`` (TorchScript tracing) of a network needs around it: no
+    autograd, the tracer's notes on Python control flow in hooks and its stdout quiet, and
+    nn.MultiheadAttention's inference fast path off: that is one fused operator ONNX has no
+    export for (torchvision's ViT, OpenCLIP's towers), where its ordinary path exports."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad(), warnings.catch_warnings(), _no_stdout():
+        warnings.simplefilter("ignore")
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def export_onnx(net: torch.nn.Module, taps: list[Tap], pooling: Pooling, input_size: int, model: str,
@@ -175,8 +194,7 @@ def export_onnx(net: torch.nn.Module, taps: list[Tap], pooling: Pooling, input_s
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8) if split is not None else \
         torch.zeros(2, 3, input_size, input_size)
-    with atomic_write(path) as tmp, torch.no_grad(), warnings.catch_warnings(), _no_stdout():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in hooks
+    with atomic_write(path) as tmp, onnx_tracing():
         # TorchScript tracing (dynamo=False): it follows the forward hooks and the exception
         # that stops the pass, which torch.export's graph capture does not.
         torch.onnx.export(_Tapped(net, taps, pooling, split).eval(), (x,), str(tmp), input_names=["x"],

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..decoding import DEFAULT_DECODE
 from ..resize import pass_order, resize_center_crop
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -34,6 +35,13 @@ class SplitTransform:
         if resize_crop:
             pass_order()  # its one-off self-check belongs to setup, not to the first image
 
+    @property
+    def pixel_scale(self) -> float:
+        """What a uint8 pixel is divided by before ``mean`` and ``std`` apply: 255, or 1 where the
+        1/255 is folded into them (``float``, transformers' processors). Runtimes that take the
+        uint8 batch into their graph (:func:`extractor.runtimes.normalised_pixels`) read it."""
+        return 1.0 if self.to_float == "float" else 255.0
+
     def pil(self, img):
         from torchvision.transforms import functional as F
         if self.resize_crop:
@@ -42,7 +50,8 @@ class SplitTransform:
                 return F.pil_to_tensor(out)
         for op in self.pil_ops:
             img = op(img)
-        return F.pil_to_tensor(img)
+        # a library's own resize and crop (transformers' processors) may hand back the tensor
+        return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
 
     def __call__(self, img) -> torch.Tensor:
         """The whole transform on one image, bitwise the weights' own (with the faster resize)."""
@@ -56,13 +65,31 @@ class SplitTransform:
         # 9 ms per batch of 32), and give the same bits.
         if self.to_float == "div255":
             x = x.to(dtype=torch.get_default_dtype()).div_(255)
+        elif self.to_float == "float":  # the 1/255 is folded into mean and std (transformers' way)
+            x = x.to(dtype=torch.float32)
         else:
             x = F.convert_image_dtype(x, torch.float)
         return F.normalize(x, mean=self.mean, std=self.std, inplace=True)
 
 
+def need_extra(module: str, extra: str, name: str):
+    """Import an optional library a model family needs, or one line naming the extra that
+    installs it (``pip install 'cnncodes[hf]'``)."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        from ..errors import ModelNotFoundError
+        raise ModelNotFoundError(f"{name} needs the {module} library: "
+                                 f"pip install 'cnncodes[{extra}]'.") from None
+
+
 def split_transform(transform) -> SplitTransform | None:
-    """Cut a timm ``Compose`` or a torchvision ``ImageClassification`` preset; None otherwise."""
+    """Cut a timm ``Compose`` or a torchvision ``ImageClassification`` preset, or ask a transform
+    that knows its own cut (``as_split()``, transformers' processors); None otherwise."""
+    own = getattr(transform, "as_split", None)
+    if callable(own):
+        return own()
     from torchvision import transforms as T
     from torchvision.transforms import _presets
     from torchvision.transforms import functional as F
@@ -119,6 +146,11 @@ class Backbone:
         The resolved preprocessing values (resize, crop, interpolation, mean, std).
     weights : dict
         ``name`` (enum member, package, file name or ``none``), ``file`` and ``sha256``.
+    decode : str
+        The decode path a new cache of this backbone takes under ``--decode auto``
+        (:mod:`extractor.decoding`): ``reduced`` for the families whose preprocessing cnncodes
+        runs itself, ``exact`` where it is a library's own processor that users compare codes
+        with (``hf:``, ``openclip:``).
     """
 
     name: str
@@ -127,6 +159,7 @@ class Backbone:
     preprocessing: dict
     weights: dict
     warnings: list[str] = field(default_factory=list)
+    decode: str = DEFAULT_DECODE
 
     @property
     def input_size(self) -> int:

@@ -85,7 +85,8 @@ def timm_file(cfg: dict) -> Path:
         raise WeightsNotFoundError(f"timm weights {repo} are not in the Hugging Face cache ({HF_HUB_CACHE}), "
                                    f"and the network is off (--offline / CNNCODES_OFFLINE / HF_HUB_OFFLINE): "
                                    f"{todo}.")
-    _check_reachable(repo)
+    check_reachable(repo, "rerun when online (or --offline with the file in the Hugging Face cache), or pass "
+                          "--weights PATH or --weights none")
     for filename in _TIMM_FILES:
         try:
             return Path(hf_hub_download(repo, filename))
@@ -101,9 +102,10 @@ def timm_file(cfg: dict) -> Path:
                                f"--weights none.")
 
 
-def _check_reachable(repo: str) -> None:
+def check_reachable(repo: str, todo: str) -> None:
     """One quick connection to the hub first: huggingface_hub retries an unreachable host for
-    about a minute, where a user without network should hear it in seconds."""
+    about a minute, where a user without network should hear it in seconds (``todo``: what to
+    do instead, in the one-line error)."""
     import socket
     from urllib.parse import urlparse
 
@@ -114,5 +116,4 @@ def _check_reachable(repo: str) -> None:
                                  timeout=DOWNLOAD_TIMEOUT_S).close()
     except OSError as e:
         raise WeightsNotFoundError(f"could not reach {url.hostname} to download {repo} ({e.strerror or e}): "
-                                   f"rerun when online (or --offline with the file in the Hugging Face "
-                                   f"cache), or pass --weights PATH or --weights none.") from None
+                                   f"{todo}.") from None

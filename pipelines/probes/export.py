@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -131,13 +130,13 @@ class RunNetwork(nn.Module):
 
     def __init__(self, net: nn.Module, split):
         super().__init__()
-        self.net = net
+        self.net, self.scale = net, split.pixel_scale
         self.register_buffer("mean", torch.tensor([float(v) for v in split.mean]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([float(v) for v in split.std]).view(1, 3, 1, 1))
 
     def forward(self, pixels):
         from cnncodes.extractor.runtimes import normalised_pixels
-        logits = self.net(normalised_pixels(pixels, self.mean, self.std)).float()
+        logits = self.net(normalised_pixels(pixels, self.mean, self.std, self.scale)).float()
         return torch.softmax(logits, 1), logits
 
 
@@ -184,7 +183,7 @@ def _write(module: nn.Module, out: Path, input_size: int, outputs: list[str], me
     """Trace ``module`` on a uint8 batch into ``out`` (atomically) with ``meta`` as its metadata,
     after checking ONNX Runtime's outputs against PyTorch's on three random images (a graph the
     tracer got wrong is never published)."""
-    from cnncodes.extractor.runtimes import _no_stdout, _one_line
+    from cnncodes.extractor.runtimes import _one_line, onnx_tracing
     x = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cnncodes_format": ONNX_FORMAT, "cnncodes_format_version": str(ONNX_FORMAT_VERSION),
@@ -193,8 +192,7 @@ def _write(module: nn.Module, out: Path, input_size: int, outputs: list[str], me
     module = module.eval()
     with atomic_write(out) as tmp:
         try:
-            with torch.no_grad(), warnings.catch_warnings(), _no_stdout():
-                warnings.simplefilter("ignore")   # the tracer's notes on Python control flow in hooks
+            with onnx_tracing():
                 torch.onnx.export(module, (x,), str(tmp), input_names=["pixels"], output_names=outputs,
                                   dynamic_axes={"pixels": {0: "n"}, **{o: {0: "n"} for o in outputs}},
                                   opset_version=OPSET, dynamo=False)
