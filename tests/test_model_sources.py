@@ -317,3 +317,50 @@ def test_openvino_runs_both_sources_with_the_processors_normalisation_in_its_gra
     for res in cli_runs(runs, hub["home"]):
         assert res["code"] == 0, res
         assert json.loads(res["out"])["runtime"].startswith("openvino"), res["out"]
+
+
+_TAGGED = r"""
+import json, pathlib
+import torch
+import open_clip
+import open_clip.pretrained as registry
+from click.testing import CliRunner
+from PIL import Image
+from cnncodes.extractor import load_backbone, open_cache
+from cnncodes.pipelines.cli import cli
+from tests.hub_models import OPENCLIP_CONFIG
+
+data, tmp, repo = ARGS
+# An architecture and a pretrained tag registered as OpenCLIP registers its own (a config file
+# on its config path; the tag's entry in its table of pretrained weights), whose weights are the
+# tiny hub repository's and whose preprocessing differs from the architecture's defaults.
+folder = pathlib.Path(tmp) / "openclip-configs"
+folder.mkdir(exist_ok=True)
+(folder / "cnncodes-tiny.json").write_text(json.dumps(OPENCLIP_CONFIG["model_cfg"]))
+open_clip.add_model_config(folder)
+registry._PRETRAINED["cnncodes-tiny"] = {"t": registry._pcfg(
+    hf_hub=f"{repo}/", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1), interpolation="bilinear")}
+bb = load_backbone("openclip:cnncodes-tiny/t", "DEFAULT")
+out = f"{tmp}/tagged.h5"
+r = CliRunner().invoke(cli, ["extract", data, "-m", "openclip:cnncodes-tiny/t", "-l", "projection",
+                             "--out", out, "-q"])
+assert r.exit_code == 0, r.output
+with open_cache(out) as c:
+    paths, got = c.paths, torch.from_numpy(c.codes("projection"))
+model, _, pre = open_clip.create_model_and_transforms("cnncodes-tiny", pretrained="t")
+x = torch.stack([pre(Image.open(f"{data}/{p}").convert("RGB")) for p in paths])
+with torch.no_grad():
+    ref = model.eval().encode_image(x)
+print(json.dumps({"pre": bb.preprocessing, "weights": bb.weights, "diff": float((got - ref).abs().max())}))
+"""
+
+
+@needs_shared
+def test_an_architecture_and_tag_from_the_cache_keep_the_tags_preprocessing(hub):
+    """open_clip #1068: OpenCLIP given a weights file instead of a tag uses the architecture's
+    default preprocessing; cnncodes hands it the cached file with the tag's preprocessing named."""
+    args = (str(hub["data"]), str(hub["tmp"]), hub["repos"]["openclip"])
+    got = child(f"ARGS = {args!r}\n" + _TAGGED, hub["home"])
+    assert got["pre"]["mean"] == [0.1, 0.2, 0.3] and got["pre"]["interpolation"] == "bilinear"
+    assert got["weights"]["tag"] == "t" and got["weights"]["file"].endswith("open_clip_model.safetensors")
+    assert got["diff"] <= 1e-5

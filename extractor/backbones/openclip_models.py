@@ -100,8 +100,13 @@ def _cached_tag_file(cfg: dict) -> tuple[Path | None, str]:
         from huggingface_hub import try_to_load_from_cache
         from huggingface_hub.constants import HF_HUB_CACHE
         repo, filename = _hub_repo(cfg), os.path.split(hub)[1]
-        names = [filename] if filename else list(reversed(_HUB_FILES))
-        names = [n[:-4] + ".safetensors" for n in names if n.endswith((".bin", ".pth"))] + names
+        # what OpenCLIP's download_pretrained_from_hf reads, in its order: a safetensors twin first
+        if not filename or filename == _HUB_FILES[1]:
+            names = list(_HUB_FILES)
+        elif filename.endswith((".bin", ".pth")):
+            names = [filename[:-4] + ".safetensors", filename]
+        else:
+            names = [filename]
         for n in names:
             hit = try_to_load_from_cache(repo, n)
             if isinstance(hit, str):
