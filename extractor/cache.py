@@ -40,6 +40,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .decoding import canonical_decode
 from .errors import CacheError
 from .files import atomic_write
 from .journal import CONTENT, Journal
@@ -275,6 +276,7 @@ class Cache:
             "weights": self.attrs.get("weights"), "preprocessing": self.attrs.get("preprocessing"),
             "pooling": self.attrs.get("pooling"), "dtype": self.attrs.get("dtype"),
             "precision": self.attrs.get("precision"), "runtime": self.attrs.get("runtime") or "torch",
+            "decode": canonical_decode(self.attrs.get("decode")),
             "layers": {name: {"dim": self.dim(name),
                               **{k: v for k, v in self.layer_attrs(name).items() if k != "dim"}}
                        for name in self.layers},

@@ -9,10 +9,11 @@ short, so nothing after it is computed.
 
 Names: any module name (``layer3``, ``blocks.4``, ``features.28``), or an alias:
 
-- ``stage1``..``stage5``: for CNNs and hierarchical transformers (Swin, whether its stages
-  write channels-last maps as timm's or token sequences as Hugging Face's), the end of the
-  stage at stride 2, 4, 8, 16, 32; for transformers whose blocks all work on one token grid (ViT, DeiT,
-  DINOv2), ``stage1``..``stage4`` are the ends of the four quarters of the blocks;
+- ``stage1``..``stage5``: for CNNs and hierarchical transformers whose stages write maps
+  (timm's Swin: channels-last), the end of the stage at stride 2, 4, 8, 16, 32; for
+  transformers whose blocks work on token sequences (ViT, DeiT, DINOv2; also a Swin written
+  with tokens, Hugging Face's), ``stage1``..``stage4`` are the ends of the four quarters of the
+  blocks;
 - ``penultimate``: the input of the classifier, i.e. the pre-logits features (after the final
   norm and the model's own pooling);
 - ``projection``: of an image tower trained with text (OpenCLIP, CLIP), the image embedding
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import LayerNotFoundError
+from .errors import LayerNotFoundError, ModelNotFoundError
 from .layer_kinds import INTERNAL, MAP, MAP_NHWC, TOKENS, VECTOR, Classifier, Layout, Record, layout_of_shape
 from .pooling import Pooling
 
@@ -189,7 +190,12 @@ class Probe:
                 # two images: an output whose first dimension is not 2 is not one row per image
                 x = torch.zeros(_PROBE_BATCH, 3, input_size, input_size,
                                 device=param.device if param is not None else "cpu")
-                model(x)
+                try:
+                    model(x)
+                except Exception as e:  # noqa: BLE001 - a model's own forward: one line, whatever it raises
+                    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise ModelNotFoundError(f"{model_name} cannot run on its preprocessing's "
+                                             f"{input_size} px input: {text}") from None
         finally:
             for h in handles:
                 h.remove()
@@ -242,11 +248,6 @@ class Probe:
         names -= lone
         return [b for b in found if b.name in names and not any(o.startswith(b.name + ".") for o in names)]
 
-    def is_hierarchical(self) -> bool:
-        """Whether the token blocks work at several strides (Swin as Hugging Face writes it:
-        token sequences merged stage by stage), so that stages are strides, as for CNNs."""
-        return len({b.stride for b in self.blocks if b.kind == TOKENS}) > 1
-
     def is_token_model(self) -> bool:
         """Whether the deepest block works on tokens (ViT, DeiT, DINOv2; hybrids with a CNN stem)."""
         return bool(self.blocks) and self.blocks[-1].kind == TOKENS
@@ -255,15 +256,14 @@ class Probe:
         """``stageK`` and ``penultimate`` -> the layer each means for this model (``block:K``
         is :meth:`block`)."""
         out = {}
-        tokens = [b for b in self.blocks if b.kind == TOKENS]
-        if self.is_token_model() and not self.is_hierarchical():
+        if self.is_token_model():
+            tokens = [b for b in self.blocks if b.kind == TOKENS]
             for k in range(1, 5):
                 out[f"stage{k}"] = tokens[math.ceil(k * len(tokens) / 4) - 1]
         else:
-            kinds = (MAP, MAP_NHWC, TOKENS) if self.is_hierarchical() else (MAP, MAP_NHWC)
-            strides = sorted({l.stride for l in self.layers if l.stride and l.kind in kinds})
+            strides = sorted({l.stride for l in self.layers if l.stride and l.kind in (MAP, MAP_NHWC)})
             for k in range(1, 6):
-                at_s = [l for l in self.layers if l.stride == 2 ** k and l.kind in kinds]
+                at_s = [l for l in self.layers if l.stride == 2 ** k and l.kind in (MAP, MAP_NHWC)]
                 if at_s:
                     out[f"stage{k}"] = self._stage_end(2 ** k, at_s, strides)
         for alias, module in self.model_aliases.items():  # OpenCLIP's and CLIP's `projection`

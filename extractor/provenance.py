@@ -6,7 +6,8 @@ import hashlib
 import os
 from importlib import metadata
 
-_DISTRIBUTIONS = ("cnncodes", "torch", "torchvision", "timm", "h5py", "numpy", "pillow", "scikit-learn")
+_DISTRIBUTIONS = ("cnncodes", "torch", "torchvision", "timm", "h5py", "numpy", "pillow", "scikit-learn",
+                  "transformers", "open_clip_torch")
 
 
 def library_versions() -> dict[str, str]:

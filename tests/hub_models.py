@@ -73,3 +73,40 @@ def write_openclip_model(home: Path, repo: str = "cnncodes-test/tiny-openclip") 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(snap / "open_clip_model.safetensors"))
     return repo
+
+
+# OpenCLIP towers of timm trunks: a ViT whose own classifier is the projection (timm_proj null,
+# as EVA02's), and a ResNet with a linear projection after its pool
+OPENCLIP_TIMM_TOWERS = {
+    # OpenCLIP builds the trunk at timm's own size (224 for this ViT), whatever image_size says
+    "timm-token": {"image_size": 224, "timm_model_name": "vit_tiny_patch16_224",
+                   "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": None},
+    "timm-linear": {"image_size": 32, "timm_model_name": "resnet10t", "timm_model_pretrained": False,
+                    "timm_pool": "avg", "timm_proj": "linear"},
+}
+
+
+def write_openclip_folder(folder: Path, vision_cfg: dict) -> Path:
+    """An OpenCLIP model as a local folder (``openclip:local-dir:<folder>``)."""
+    import open_clip
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    cfg = {**OPENCLIP_CONFIG["model_cfg"], "vision_cfg": vision_cfg}
+    model = open_clip.CLIP(**cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": cfg, "preprocess_cfg": OPENCLIP_CONFIG["preprocess_cfg"]}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def write_vitmae(home: Path, repo: str = "cnncodes-test/tiny-vitmae") -> str:
+    """A ViTMAE, whose forward pass masks patches at random."""
+    import transformers as tr
+    torch.manual_seed(0)
+    snap = snapshot(home, repo)
+    tr.ViTMAEModel(tr.ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(snap)
+    tr.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(snap)
+    return repo

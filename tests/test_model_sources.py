@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 from .conftest import IMAGENET_CHECK, needs_shared
-from .hub_models import write_hf_models, write_openclip_model
+from .hub_models import (
+    OPENCLIP_TIMM_TOWERS,
+    write_hf_models,
+    write_openclip_folder,
+    write_openclip_model,
+    write_vitmae,
+)
 
 pytest.importorskip("transformers")
 pytest.importorskip("open_clip")
@@ -34,6 +40,9 @@ def hub(tmp_path_factory) -> dict:
     home = tmp / "hf"
     repos = write_hf_models(home)
     repos["openclip"] = write_openclip_model(home)
+    repos["vitmae"] = write_vitmae(home)
+    for name, vision in OPENCLIP_TIMM_TOWERS.items():
+        repos[name] = str(write_openclip_folder(tmp / name, vision))
     data = tmp / "data"
     photos = sorted(IMAGENET_CHECK.glob("*.JPEG"))[:8] if IMAGENET_CHECK.is_dir() else []
     for i, f in enumerate(photos):
@@ -54,16 +63,19 @@ def child(code: str, home: Path, offline: bool = True, **env_extra) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cli(args: list[str], home: Path, offline: bool = True, block: str | None = None, **env_extra):
-    """``cnncodes ARGS`` in a fresh interpreter (``block``: a library made unimportable)."""
+def cli(args: list[str], home: Path, offline: bool = True, block: str | None = None, cwd: Path = ROOT,
+        **env_extra):
+    """``cnncodes ARGS`` in a fresh interpreter (``block``: a library made unimportable), run in
+    ``cwd`` (where default cache/ and reports/ folders go)."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "CNNCODES_OFFLINE")}
     env.update(HF_HOME=str(home), **env_extra)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     pre = f"import sys; sys.modules[{block!r}] = None; " if block else "import sys; "
     code = pre + "from cnncodes.pipelines.cli import main; sys.argv = ['cnncodes'] + sys.argv[1:]; main()"
+    env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=ROOT)
+                          timeout=600, cwd=cwd)
 
 
 def cli_runs(runs: list[list[str]], home: Path, block: str | None = None, **env_extra) -> list[dict]:
@@ -138,6 +150,14 @@ with torch.no_grad():
     proj = model.encode_image(x)
 h.remove()
 emb = proj @ torch.linalg.pinv(model.visual.proj)  # the pre-projection embedding, recovered
+for tower in ("timm-token", "timm-linear"):  # towers of timm trunks: projection = encode_image
+    folder = repos[tower]
+    paths, tgot, tattrs = codes(f"openclip:local-dir:{folder}", ["projection", "penultimate"], "avg")
+    tmodel, _, tpre = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tx = torch.stack([tpre(im) for im in images(paths)])
+    with torch.no_grad():
+        tref = tmodel.eval().encode_image(tx)
+    report[tower] = {"projection": diff(tgot["projection"], tref), "dim": int(tgot["penultimate"].shape[1])}
 report["openclip"] = {"block:-1": diff(got["block:-1"], seen["t"][:, 0]),
                       "projection": diff(got["projection"], proj),
                       "reprojected": diff(got["penultimate"] @ model.visual.proj, proj),
@@ -154,10 +174,12 @@ def test_codes_equal_each_librarys_own_preprocessing_and_forward_offline(hub):
     assert all(got[m]["scale"] > 0.1 for m in ("vit", "dinov2", "clip", "swin"))
     for model, layers in got.items():
         for layer, d in layers.items():
-            if layer not in ("prefix", "scale"):
+            if layer not in ("prefix", "scale", "dim"):
                 assert d <= 1e-5, (model, layer, d)
     assert got["vit"]["prefix"] == 1 and got["dinov2"]["prefix"] == 5 and got["clip"]["prefix"] == 1
     assert got["openclip"]["prefix"] == 1
+    # the embedding before the projection: the ViT trunk's 192 features, the ResNet's 512
+    assert got["timm-token"]["dim"] == 192 and got["timm-linear"]["dim"] == 512
 
 
 _DESCRIBE = r"""
@@ -191,15 +213,15 @@ def test_weights_preprocessing_and_aliases_are_recorded_from_the_repositories(hu
     assert vit["aliases"]["stage4"] == "model.layers.2" and vit["aliases"]["penultimate"] == "head"
     assert vit["kinds"]["model.layers.2"] == "tokens"
     # CLIP: the vision tower, its projection an alias, penultimate its input
-    assert clip["aliases"]["projection"] == "projection" and clip["aliases"]["penultimate"] == "projection"
+    assert clip["aliases"]["projection"] == "projection" and clip["aliases"]["penultimate"] == "head"
     assert clip["pre"]["interpolation"] == "bicubic"
     assert clip["pre"]["crop_size"] == {"height": 32, "width": 32}
-    # Swin's token stages are strides, as timm's channels-last Swin's are; its (C, 1) pool is internal
-    assert swin["aliases"]["stage2"] == "model.encoder.layers.0.blocks.0"
-    assert swin["aliases"]["stage3"] == "model.encoder.layers.1.blocks.0"
+    # Swin written with tokens: quarters of its blocks, as other token models; its (C, 1) pool is internal
+    assert swin["aliases"]["stage1"] == "model.encoder.layers.0.blocks.0"
+    assert swin["aliases"]["stage4"] == "model.encoder.layers.2.blocks.1"
     assert swin["kinds"]["model.pooler"] == "internal"
     # OpenCLIP: the projection is a layer; the tower's transformer blocks are token blocks
-    assert oc["aliases"]["projection"] == "projection" and oc["aliases"]["penultimate"] == "projection"
+    assert oc["aliases"]["projection"] == "projection" and oc["aliases"]["penultimate"] == "head"
     assert oc["aliases"]["stage4"] == "visual.transformer.resblocks.1"
     assert oc["pre"]["mean"] == [0.4, 0.45, 0.5] and oc["pre"]["interpolation"] == "bicubic"
     assert oc["split"] and oc["decode"] == "exact"
@@ -227,7 +249,7 @@ def test_a_sweep_across_timm_hf_and_openclip_writes_one_report(hub):
                "-w", "DEFAULT", "-m", f"hf:{r['vit']}", "-m", f"openclip:hf-hub:{r['openclip']}",
                "--layers", "stage2,penultimate", "--classifier", "softmax", "--folds", "2",
                "--holdout", "0.25", "--report", str(report), "--json"],
-              hub["home"])
+              hub["home"], cwd=hub["tmp"])  # its caches go to cache/ there
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((report / "sweep.json").read_text())
     models = {row["model"] for row in summary["rows"]}
@@ -248,7 +270,15 @@ def test_a_missing_extra_an_unknown_name_and_offline_without_files_are_one_line_
                (["openclip:ViT-B-32/no-such-tag"], "is not a pretrained tag of OpenCLIP's ViT-B-32"),
                (["openclip:ViT-B-99/openai"], "is not an OpenCLIP architecture"),
                (["openclip:ViT-B-32"], "names no pretrained tag"),
-               (["hf:cnncodes-test/tiny-vit", "--weights", "x.pt"], "hf:/path/to/folder")],
+               (["hf:cnncodes-test/tiny-vit", "--weights", "x.pt"], "hf:/path/to/folder"),
+               (["hf:cnncodes-test/tiny-vitmae"], "gives another output each time"),
+               (["hf:cnncodes-test/tiny-openclip"], "an OpenCLIP repository? use openclip:hf-hub:"),
+               (["openclip:hf-hub:cnncodes-test/tiny-vit"], "a transformers model? use hf:"),
+               (["openclip:hf-hub:cnncodes-test/tiny-openclip@v2"], "take no @revision"),
+               ([f"openclip:local-dir:{tmp_path / 'none'}"], "is not a folder with an open_clip_config.json"),
+               ([f"hf:{tmp_path / 'nothing'}"], "there is no folder"),
+               ([f"hf:{data / 'x.png'}"], "is not a folder written by save_pretrained"),
+               (["openclip:ViT-B-32", "--weights", str(data / "x.png")], "could not load openclip:ViT-B-32")],
     }
     for block, runs in cases.items():
         results = cli_runs([args + extra for extra, _ in runs], hub["home"], block=block)
@@ -339,7 +369,7 @@ folder.mkdir(exist_ok=True)
 (folder / "cnncodes-tiny.json").write_text(json.dumps(OPENCLIP_CONFIG["model_cfg"]))
 open_clip.add_model_config(folder)
 registry._PRETRAINED["cnncodes-tiny"] = {"t": registry._pcfg(
-    hf_hub=f"{repo}/", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1), interpolation="bilinear")}
+    hf_hub=f"{repo}/", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1), interpolation="bilinear", quick_gelu=True)}
 bb = load_backbone("openclip:cnncodes-tiny/t", "DEFAULT")
 out = f"{tmp}/tagged.h5"
 r = CliRunner().invoke(cli, ["extract", data, "-m", "openclip:cnncodes-tiny/t", "-l", "projection",
@@ -347,11 +377,15 @@ r = CliRunner().invoke(cli, ["extract", data, "-m", "openclip:cnncodes-tiny/t", 
 assert r.exit_code == 0, r.output
 with open_cache(out) as c:
     paths, got = c.paths, torch.from_numpy(c.codes("projection"))
-model, _, pre = open_clip.create_model_and_transforms("cnncodes-tiny", pretrained="t")
+# the library's own model with the activation the tag was trained with (OpenCLIP only warns)
+model, _, pre = open_clip.create_model_and_transforms("cnncodes-tiny", pretrained="t", force_quick_gelu=True)
+acts = sorted({type(m).__name__ for m in bb.model.modules() if "GELU" in type(m).__name__})
 x = torch.stack([pre(Image.open(f"{data}/{p}").convert("RGB")) for p in paths])
 with torch.no_grad():
     ref = model.eval().encode_image(x)
-print(json.dumps({"pre": bb.preprocessing, "weights": bb.weights, "diff": float((got - ref).abs().max())}))
+none = load_backbone("openclip:cnncodes-tiny/t", "none")  # random weights, the tag's preprocessing still
+print(json.dumps({"pre": bb.preprocessing, "weights": bb.weights, "diff": float((got - ref).abs().max()),
+                  "acts": acts, "none_mean": none.preprocessing["mean"]}))
 """
 
 
@@ -364,3 +398,5 @@ def test_an_architecture_and_tag_from_the_cache_keep_the_tags_preprocessing(hub)
     assert got["pre"]["mean"] == [0.1, 0.2, 0.3] and got["pre"]["interpolation"] == "bilinear"
     assert got["weights"]["tag"] == "t" and got["weights"]["file"].endswith("open_clip_model.safetensors")
     assert got["diff"] <= 1e-5
+    assert got["acts"] == ["QuickGELU"]  # what the tag was trained with, which OpenCLIP only warns about
+    assert got["none_mean"] == [0.1, 0.2, 0.3]

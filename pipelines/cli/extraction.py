@@ -155,7 +155,7 @@ def info_cmd(cache: str, check: bool, as_json: bool) -> None:
     click.echo(f"  preprocessing resize {pre.get('resize')} {pre.get('interpolation')}, "
                f"crop {pre.get('crop')}, mean {pre.get('mean')}, std {pre.get('std')}")
     click.echo(f"  pooling       {s['pooling']}, {s['dtype']}, precision {s['precision']}, "
-               f"runtime {s.get('runtime') or 'torch'}")
+               f"runtime {s.get('runtime') or 'torch'}, decode {s.get('decode')}")
     click.echo(f"  images        {s['images']}: {s['done']} done, {s['failed']} failed, "
                f"{s['pending']} pending; "
                f"{s['classes']} classes; splits " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))

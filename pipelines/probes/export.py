@@ -153,8 +153,9 @@ def _preprocessing(split, model: str, input_size: int, decode: str) -> dict:
 
     from cnncodes.pipelines.probes.onnx_model import PREPROCESS_RULES
     if split is None or not split.resize_crop:
-        raise ExportError(f"the preprocessing of {model}'s weights is not 'resize the short side, "
-                          f"centre-crop': export keeps those outside the graph and needs them to be.")
+        raise ExportError(f"the preprocessing of {model}'s weights is not Pillow's 'resize the short side, "
+                          f"centre-crop' (hf: models use their image processor's own resize): export keeps "
+                          f"those outside the graph and needs them to be.")
     size, crop, filt = split.resize_crop
     if tuple(int(c) for c in crop) != (input_size, input_size):
         raise ExportError(f"{model}'s crop {tuple(crop)} is not its square input ({input_size}): "
