@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cnncodes.extractor.backbones.loading import load_backbone
-from cnncodes.extractor.decoding import decode_min_size, resolve_decode
+from cnncodes.extractor.decoding import decode_min_size, requested_decode, resolve_decode
 from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.layers import Probe
 from cnncodes.extractor.provenance import library_versions
@@ -114,10 +114,8 @@ class _Run(Passes):
     """One fine-tuning run; ``finetune`` is its public face."""
 
     def __init__(self, cfg: FinetuneConfig, ctx: Dist, progress: bool):
-        decode = resolve_decode(cfg.decode)  # `cpu` is `exact`, `auto` the default
-        if decode == "gpu":
+        if requested_decode(cfg.decode) == "gpu":  # `cpu` is `exact`; `auto` resolves with the backbone
             raise FinetuneError("fine-tuning decodes with Pillow: decode must be reduced or exact, not gpu.")
-        cfg = dataclasses.replace(cfg, decode=decode)
         if cfg.from_scratch and cfg.bn != "train":  # a random network's statistics mean nothing
             cfg = dataclasses.replace(cfg, bn="train")
         if cfg.init_head not in INIT_HEADS:
@@ -140,6 +138,8 @@ class _Run(Passes):
         self.splits = make_splits(cfg.data, cfg.val_fraction, cfg.seed)
         torch.manual_seed(cfg.seed)  # random initialisation (from scratch) and the new head
         self.bb = load_backbone(cfg.model, "none" if cfg.from_scratch else cfg.weights, seed=cfg.seed)
+        # `auto` is the backbone's default (exact for hf: and openclip: models)
+        self.cfg = cfg = dataclasses.replace(cfg, decode=resolve_decode(cfg.decode, None, self.bb.decode))
         self.probe = Probe(self.bb.model, self.bb.input_size, cfg.model)
         self.stages = resolve_stages(self.probe, parse_stages(cfg.stages))
         self.model = self.bb.model
