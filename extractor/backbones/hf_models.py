@@ -39,7 +39,6 @@ from .weights_files import NO_WEIGHTS
 log = logging.getLogger(__name__)
 
 PREFIX = "hf:"
-_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
 def parse_name(name: str) -> tuple[str, str | None]:
