@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import OutputError
@@ -29,10 +30,13 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike):
+def atomic_write(path: str | os.PathLike, durable: bool = True):
     """Yield a temporary path beside ``path``; write the file there. On a normal exit it is
     fsynced and renamed over ``path`` (and the folder fsynced); on an exception it is deleted
-    and ``path`` is left as it was.
+    and ``path`` is left as it was. ``durable=False`` renames without the fsyncs: still never
+    half a file under the name after a kill, but a power cut may lose it (for copies that are
+    checked when read and made again, such as prepared images: an fsync per image costs more
+    than the image).
 
     Examples
     --------
@@ -40,10 +44,14 @@ def atomic_write(path: str | os.PathLike):
     ...     tmp.write_text("{}")
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # the thread too: threads of one process may write the same file (two copies of one photo)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         yield tmp
-        publish(tmp, path)
+        if durable:
+            publish(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

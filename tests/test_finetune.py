@@ -43,12 +43,12 @@ def tiny_config(data, out, **kw) -> FinetuneConfig:
     return FinetuneConfig(str(data), str(out), **base)
 
 
-def write_many(root: Path, per_class: int = 12, classes=("a", "b", "c")) -> Path:
+def write_many(root: Path, per_class: int = 12, classes=("a", "b", "c"), size=(48, 40)) -> Path:
     for c, cls in enumerate(classes):
         for i in range(per_class):
-            write_image(root / "train" / cls / f"{i}.png", seed=1000 + 50 * c + i, size=(48, 40))
+            write_image(root / "train" / cls / f"{i}.png", seed=1000 + 50 * c + i, size=size)
         for i in range(3):
-            write_image(root / "test" / cls / f"{i}.png", seed=3000 + 50 * c + i, size=(48, 40))
+            write_image(root / "test" / cls / f"{i}.png", seed=3000 + 50 * c + i, size=size)
     return root
 
 
@@ -327,10 +327,15 @@ TRAIN_ARGS = ["--model", TINY, "--weights", "none", "-b", "2", "--val-fraction",
               "--patience", "0", "-q"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--mix", "both", "--lr-decay", "0.7", "--ema", "0.9"]],
-                         ids=["plain", "mixed"])
+# "prepared": photos larger than the tiny model's training side (271 px), so the run reads its
+# training and evaluation copies (--prepare, the default) and resumes from them
+@pytest.mark.parametrize("extra", [["prepared"], ["--mix", "both", "--lr-decay", "0.7", "--ema", "0.9"]],
+                         ids=["prepared", "mixed"])
 def test_killed_mid_epoch_then_resumed_matches_the_uninterrupted_run(tmp_path, extra):
-    data = write_many(tmp_path / "data", per_class=30)
+    prepared = extra == ["prepared"]
+    data = write_many(tmp_path / "data", per_class=30, size=(300, 280) if prepared else (48, 40))
+    if prepared:
+        extra = ["--prepared-dir", tmp_path / "prepared"]
     args = ["finetune", data, "--stages", "head:1,stage4:2,all:1", *TRAIN_ARGS, *extra]
     subprocess.run(_cnncodes(*args, "--out", tmp_path / "whole"), check=True, env=_env(), cwd=REPO)
     want = load_checkpoint(tmp_path / "whole" / "last.pt")
@@ -356,6 +361,8 @@ def test_killed_mid_epoch_then_resumed_matches_the_uninterrupted_run(tmp_path, e
         assert torch.equal(got["model"][k], v), k
     assert [json.loads(l)["val_loss"] for l in metrics.read_text().splitlines()] == \
         [json.loads(l)["val_loss"] for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    if prepared:
+        assert len(list((tmp_path / "prepared").glob("train-*/*.npy"))) > 50
 
 
 def test_ddp_on_gloo_ends_with_identical_weights_on_both_ranks(tmp_path, data):

@@ -74,11 +74,19 @@ def _train_options(fn):
                      help="probe: the new head starts as the softmax probe of the training images' "
                           "penultimate codes (probe, then fine-tune; one extraction pass first); "
                           "random: a fresh Linear layer."),
+        click.option("--prepare/--no-prepare", default=True, show_default=True,
+                     help="Decode once: every image larger than a run reads is decoded and resized "
+                          "once into --prepared-dir (training copies at training resolution, "
+                          "evaluation copies as the network sees them) and read from there every "
+                          "epoch, by every run on the same photos."),
+        click.option("--prepared-dir", type=click.Path(file_okay=False), default="cache/prepared",
+                     show_default=True, help="Where prepared images are kept."),
         click.option("--device", type=DEVICE, default="auto", show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                      show_default=True, help="auto: bf16 autocast on CUDA (AMP), fp32 elsewhere."),
         click.option("--workers", "-j", type=click.IntRange(min=0), default=None,
-                     help="Decoding worker processes [default: min(4, cores)]."),
+                     help="Decoding worker processes [default: 0 on a CPU (decoded in turn with the steps), "
+                          "min(4, cores) beside a GPU]."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
     ]

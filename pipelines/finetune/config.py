@@ -21,8 +21,8 @@ from cnncodes.pipelines.finetune.freezing import FinetuneError
 
 @dataclass
 class FinetuneConfig:
-    """Every setting of a fine-tuning run; all but ``out``, ``device`` and ``workers`` are part
-    of the recipe a resume must match."""
+    """Every setting of a fine-tuning run; all but ``out``, ``device``, ``workers`` and
+    ``prepared_dir`` are part of the recipe a resume must match."""
 
     data: str
     out: str
@@ -61,19 +61,23 @@ class FinetuneConfig:
     mix: str = "none"
     # exponential moving average of the weights (0: off): validation and test score the average
     ema: float = 0.0
+    # images decoded once (prepared.py): training copies at training resolution and evaluation
+    # copies as the network sees them, in `prepared_dir`, read back every epoch
+    prepare: bool = True
     precision: str = "auto"
     device: str = "auto"
     workers: int | None = None
+    prepared_dir: str = "cache/prepared"
 
 
-_NOT_RECIPE = {"data", "out", "device", "workers"}
+_NOT_RECIPE = {"data", "out", "device", "workers", "prepared_dir"}
 # What the settings added since runs were first written did before they existed: a checkpoint
 # whose recipe lacks one was made that way, and resumes as such.
 # Defaults that changed (measured: docs/finetune.md): a run made with the former ones resumes
 # only when they are asked for, and the refusal says which.
 CHANGED_DEFAULTS = {"lr": 5e-3, "optimizer": "sgd", "bn": "frozen", "augment": "standard"}
 FORMER_DEFAULTS = {"decode": "exact", "init_head": "random", "augment": "standard", "clip_grad": 0.0,
-                   "lr_decay": 1.0, "mix": "none", "ema": 0.0}
+                   "lr_decay": 1.0, "mix": "none", "ema": 0.0, "prepare": False}
 
 
 def recipe_settings(cfg: FinetuneConfig) -> dict:

@@ -88,12 +88,17 @@ def train_min_size(decode: str, preprocessing: dict, augment: str = "standard") 
     resize needs fewer: :func:`~cnncodes.extractor.decoding.decode_min_size`)."""
     if decode != "reduced":
         return None
+    side = training_side(preprocessing, augment)
+    return side, side
+
+
+def training_side(preprocessing: dict, augment: str = "standard") -> int:
+    """The short side at which the smallest random crop of ``augment`` still holds the crop
+    size's pixels (the weights' resize for ``none``): what training reads of an image."""
     smallest = AUGMENTS[augment][0]
     if smallest is None:
-        size = int(preprocessing["resize"])
-        return size, size
-    side = math.ceil(int(preprocessing["crop"]) / math.sqrt(smallest))
-    return side, side
+        return int(preprocessing["resize"])
+    return math.ceil(int(preprocessing["crop"]) / math.sqrt(smallest))
 
 
 def train_transform(preprocessing: dict, augment: str = "standard"):
@@ -127,12 +132,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ImageDataset(torch.utils.data.Dataset):
     """``(tensor or None, label, row)`` per image; an image that fails to decode gives None
     (the collate function drops it and reports its row) instead of stopping the run.
-    ``min_size`` asks for a reduced decode (:func:`cnncodes.extractor.images.decode_rgb`)."""
+    ``min_size`` asks for a reduced decode (:func:`cnncodes.extractor.images.decode_rgb`);
+    ``store`` (:class:`~.prepared.PreparedImages`) holds the copies of the rows that have one:
+    a training copy goes through ``transform`` as a decoded file would, an evaluation copy is
+    already what ``transform`` makes."""
 
     def __init__(self, table: ImageTable, rows, transform, seed: int | None = None,
-                 min_size: tuple[int, int] | None = None):
+                 min_size: tuple[int, int] | None = None, store=None):
         self.table, self.rows, self.transform, self.seed = table, np.asarray(rows), transform, seed
-        self.min_size = min_size
+        self.min_size, self.store = min_size, store
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -145,7 +153,12 @@ class ImageDataset(torch.utils.data.Dataset):
         row = int(self.rows[i])
         label = int(self.table.labels[row])
         try:
-            img = self.table.load(row, min_size=self.min_size)
+            if self.store is not None and row in self.store:
+                img = self.store.load(row)
+                if self.store.finish is not None:
+                    return img, label, row
+            else:
+                img = self.table.load(row, min_size=self.min_size)
         except Exception as e:  # any decode failure: recorded, skipped
             log.debug("skipping %s: %s", self.table.paths[row], e)
             return None, label, row

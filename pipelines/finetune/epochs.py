@@ -77,7 +77,10 @@ class Passes:
 
     @property
     def _memory_format(self):
-        return torch.channels_last if self.dev.type == "cuda" else torch.contiguous_format
+        # channels_last on CPUs too: oneDNN's convolutions in that layout made Lite0's training
+        # step 1.6x faster on 2 cores (67-78 -> 42-49 ms an image, batch 32, forward + backward
+        # + AdamW)
+        return torch.channels_last
 
     def _autocast(self):
         return autocast(self.prec)

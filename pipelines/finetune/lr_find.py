@@ -91,7 +91,7 @@ def lr_find(config: FinetuneConfig, start: str = "all", *, min_lr: float = 1e-7,
     cfg = dataclasses.replace(config, stages=f"{start}:1", accumulate=1)  # a step per batch
     run = _Run(cfg, _Dist(), progress)
     run.head_init = run._start_head()
-    run.model.to(run.dev)
+    run.model.to(run.dev, memory_format=run._memory_format)  # as finetune's
     train_ds, loader, _ = run._loaders()
     stage = run.stages[0]
     frozen = frozen_modules(run.model, run.probe, stage, run.head)

@@ -29,11 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from cnncodes.extractor.backbones.loading import load_backbone
+from cnncodes.extractor.batching import tune_cpu_allocator
 from cnncodes.extractor.decoding import decode_min_size, requested_decode, resolve_decode
 from cnncodes.extractor.devices import resolve_device, resolve_precision
 from cnncodes.extractor.layers import Probe
@@ -65,6 +67,7 @@ from cnncodes.pipelines.finetune.data import (
     make_splits,
     train_min_size,
     train_transform,
+    training_side,
 )
 from cnncodes.pipelines.finetune.epochs import (
     MIXES,
@@ -86,6 +89,7 @@ from cnncodes.pipelines.finetune.freezing import (
     resolve_stages,
 )
 from cnncodes.pipelines.finetune.head_init import INIT_HEADS, HeadInit, apply_head, fit_probe_head
+from cnncodes.pipelines.finetune.prepared import EvalCopy, PreparedImages, TrainCopy
 from cnncodes.pipelines.finetune.report import write_finetune_report
 from cnncodes.pipelines.finetune.result import FinetuneResult, stage_summary
 
@@ -108,6 +112,14 @@ class _StageRun:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     bad: int = 0  # epochs in a row without a new best val accuracy
+
+
+def default_workers(dev: torch.device) -> int:
+    """Decoding worker processes when ``--workers`` is not given: none on a CPU, where the cores
+    are the training step's (2 workers beside its threads made Lite0's epochs 1.5-3x slower on 2
+    cores, most of it the kernel's time: processes fighting the step's threads and batches
+    copied through shared memory), and ``min(4, cores)`` beside an accelerator."""
+    return 0 if dev.type == "cpu" else min(4, os.cpu_count() or 1)
 
 
 class _Run(Passes):
@@ -146,7 +158,9 @@ class _Run(Passes):
         self.head = replace_head(self.model, self.probe, len(self.splits.classes))
         self.depth = depth_groups(self.model, self.probe) if cfg.lr_decay < 1 else None
         self.recipe = self._recipe()
-        self.workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
+        self.workers = cfg.workers if cfg.workers is not None else default_workers(self.dev)
+        if self.dev.type == "cpu":
+            tune_cpu_allocator(heap_only=True)
 
     def _recipe(self) -> dict:
         r = recipe_settings(self.cfg)
@@ -197,16 +211,47 @@ class _Run(Passes):
     def _loaders(self):
         cfg, ctx, pin = self.cfg, self.ctx, self.dev.type == "cuda"
         size = decode_min_size(cfg.decode, self.bb.preprocessing)
+        train_store, eval_store = self._prepared()
         train_ds = ImageDataset(self.splits.table, self.splits.train,
                                 train_transform(self.bb.preprocessing, cfg.augment), seed=cfg.seed,
-                                min_size=train_min_size(cfg.decode, self.bb.preprocessing, cfg.augment))
+                                min_size=train_min_size(cfg.decode, self.bb.preprocessing, cfg.augment),
+                                store=train_store)
         kw = dict(rank=ctx.rank, world=ctx.world, workers=self.workers, pin_memory=pin, seed=cfg.seed)
         train = make_loader(train_ds, cfg.batch_size, shuffle=True, **kw)
         evals = {part: make_loader(ImageDataset(self.splits.table, rows, self.bb.split or self.bb.transform,
-                                                min_size=size),
+                                                min_size=size, store=eval_store),
                                    cfg.batch_size, shuffle=False, **kw)
                  for part, rows in (("val", self.splits.val), ("test", self.splits.test)) if len(rows)}
         return train_ds, train, evals
+
+    def _prepared(self):
+        """``--prepare``: the stores of training and evaluation copies, filled by rank 0 (one
+        pass over the images the first time, a ``stat`` per file after), or (None, None)."""
+        cfg, pre, table = self.cfg, self.bb.preprocessing, self.splits.table
+        if not cfg.prepare:
+            return None, None
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.functional import pil_modes_mapping
+        side = training_side(pre, cfg.augment)
+        interp = pre.get("interpolation", "bilinear")
+        make = TrainCopy(train_min_size(cfg.decode, pre, cfg.augment), side,
+                         pil_modes_mapping[InterpolationMode(interp)])
+        train = PreparedImages(cfg.prepared_dir, table, "train", cfg.decode, side, make,
+                               {"interpolation": interp, "min_size": make.min_size})
+        evals = None
+        if self.bb.split is not None and isinstance(pre.get("resize"), (int, float)):
+            make = EvalCopy(decode_min_size(cfg.decode, pre), self.bb.split)
+            evals = PreparedImages(cfg.prepared_dir, table, "eval", cfg.decode, int(pre["resize"]), make,
+                                   {"preprocessing": pre, "min_size": make.min_size}, finish=make.finish)
+        eval_rows = np.concatenate([self.splits.val, self.splits.test])
+
+        def fill():
+            return (train.prepare(self.splits.train, progress=self.progress),
+                    evals.prepare(eval_rows, progress=self.progress) if evals else {})
+        train.shas, eval_shas = self.ctx.decide(fill, "preparing images")
+        if evals:
+            evals.shas = eval_shas
+        return train, evals
 
     def _resume(self, ckpt: dict | None) -> Progress:
         """A new run's progress, or the checkpoint's: weights, history, best, position, RNG."""
