@@ -6,6 +6,7 @@ line can offer them as choices (``--device``, ``--precision``) without loading t
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 
 from .errors import SettingsError
@@ -15,6 +16,14 @@ _CUDA_INDEX = re.compile(r"cuda:\d+")  # one GPU of several, as torch names it
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")  # what runs the network: extractor.runtimes
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and ``taskset``
+    narrow), not every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _mps_available() -> bool:

@@ -30,13 +30,10 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, durable: bool = True):
+def atomic_write(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; write the file there. On a normal exit it is
     fsynced and renamed over ``path`` (and the folder fsynced); on an exception it is deleted
-    and ``path`` is left as it was. ``durable=False`` renames without the fsyncs: still never
-    half a file under the name after a kill, but a power cut may lose it (for copies that are
-    checked when read and made again, such as prepared images: an fsync per image costs more
-    than the image).
+    and ``path`` is left as it was.
 
     Examples
     --------
@@ -48,10 +45,7 @@ def atomic_write(path: str | os.PathLike, durable: bool = True):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         yield tmp
-        if durable:
-            publish(tmp, path)
-        else:
-            os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

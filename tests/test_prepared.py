@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from cnncodes.extractor.sources import find_images
 from cnncodes.pipelines.cli import cli
 from cnncodes.pipelines.finetune.checkpoints import load_checkpoint
 from cnncodes.pipelines.finetune.data import training_side
-from cnncodes.pipelines.finetune.prepared import EvalCopy, PreparedImages, TrainCopy
+from cnncodes.pipelines.finetune.prepared import EvalCopy, PreparedImages, TrainCopy, make_stores
 from cnncodes.pipelines.finetune.training import finetune
 
 from .conftest import write_image
@@ -129,3 +131,34 @@ def test_a_store_that_cannot_be_written_is_one_line(tmp_path):
                                  "--val-fraction", "0.5", "--stages", "head:1", "--init-head", "random"])
     assert r.exit_code != 0 and "Traceback" not in r.output, r.output
     assert str(prep) in r.output and "--no-prepare" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_a_photo_twice_is_made_once_and_a_store_inside_the_data_is_not_data(tmp_path):
+    data = write_photos(tmp_path / "data", per_class=3)
+    for i in range(3):  # the same photo under three more names
+        shutil.copy(data / "train" / "a" / "0.jpg", data / "train" / "c" / f"copy{i}.jpg")
+    table, _, store = _store(tmp_path, data, "train")
+    shas = store.prepare(np.arange(len(table)), threads=4)
+    assert store.made == len(set(shas.values())) == 12 and len(shas) == 15  # 3 train + 1 test a class
+
+    inside = data / "cache" / "prepared"  # `cnncodes finetune .` with the default --prepared-dir
+    cfg = dict(stages="head:1", prepared_dir=str(inside), val_fraction=0.5)
+    first = finetune(tiny_config(data, tmp_path / "run", **cfg), progress=False)
+    assert copies(inside, "train") and first.classes == ["a", "b", "c"]
+    again = finetune(tiny_config(data, tmp_path / "run", **cfg), overwrite=True, progress=False)
+    assert again.classes == ["a", "b", "c"] and again.status == "trained"
+
+
+def test_evaluation_copies_of_transforms_that_differ_only_in_print_do_not_mix(tmp_path):
+    from torchvision import transforms as T
+    data = write_photos(tmp_path / "data", per_class=1)
+    bb = load_backbone(TINY, "none")
+    cfg = tiny_config(data, tmp_path / "run", prepared_dir=str(tmp_path / "prep"))
+    squash = SimpleNamespace(preprocessing=bb.preprocessing, split=bb.split,
+                             transform=T.Compose([T.Resize((168, 168)), T.CenterCrop(160)]))
+    table = find_images(data)
+    train_a, eval_a = make_stores(cfg, bb, table)
+    train_b, eval_b = make_stores(cfg, squash, table)
+    assert train_a.folder == train_b.folder  # training copies depend on the side and filter only
+    assert eval_a.folder != eval_b.folder
+    assert make_stores(cfg, load_backbone(TINY, "none"), table)[1].folder == eval_a.folder  # stable

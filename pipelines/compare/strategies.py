@@ -30,6 +30,7 @@ from cnncodes.pipelines.compare.report import CompareResult, write_compare_repor
 from cnncodes.pipelines.finetune.config import FORMER_DEFAULTS
 from cnncodes.pipelines.finetune.data import make_splits
 from cnncodes.pipelines.finetune.freezing import FinetuneError
+from cnncodes.pipelines.finetune.prepared import store_exclude
 from cnncodes.pipelines.finetune.result import convergence
 from cnncodes.pipelines.finetune.training import FinetuneConfig, finetune, recipe_settings
 from cnncodes.pipelines.records import read_record, write_record
@@ -156,7 +157,8 @@ def compare(data, model: str = DEFAULT_MODEL, *, weights: str = "DEFAULT", layer
         raise FinetuneError(f"unknown strategy {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}.")
     out = Path(out or default_compare_dir(data, model))
     base = replace(config or FinetuneConfig(str(data), ""), data=str(data), model=model, weights=weights)
-    splits = make_splits(data, base.val_fraction, base.seed)
+    splits = make_splits(data, base.val_fraction, base.seed,
+                         exclude=store_exclude(base) if base.prepare else None)
     if not len(splits.test):
         raise FinetuneError(f"compare needs a test split ({data}/test/<class>/...) so that every "
                             f"strategy is scored on the same images.")

@@ -36,10 +36,11 @@ class Splits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def make_splits(data, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+def make_splits(data, val_fraction: float = 0.1, seed: int = 0, exclude=None) -> Splits:
     """Use the data's split folders; without a ``val`` split, hold out a stratified
-    ``val_fraction`` of train (fixed ``seed``). Unlabelled rows are ignored."""
-    table = find_images(data)
+    ``val_fraction`` of train (fixed ``seed``). Unlabelled rows are ignored. ``exclude``: as
+    :func:`~cnncodes.extractor.sources.find_images`' (a store inside the data folder)."""
+    table = find_images(data, exclude=exclude)
     labelled = np.flatnonzero(table.labels >= 0)
     splits = np.asarray(table.splits)
     if len(table.classes) < 2:

@@ -21,9 +21,11 @@ Layout: ``<folder>/<kind>-<decode>-<settings hash>/<sha256 of the file>.npy`` ho
 named by the content it was made from, so runs of every strategy of ``compare``, and data sets
 that share photos, share the copies; ``index-<hash of the data's folder>.json`` beside them
 remembers each file's size, mtime and sha256, so a later run checks a file by ``stat`` alone and
-reads and hashes it only when it changed (the cache's own content rule). A copy is written to a
-temporary name and renamed (a kill never leaves half a copy under a real name), without fsync: a
-copy lost to a power cut fails to load and is made again from its file.
+reads and hashes it only when it changed (the cache's own content rule: a file rewritten with the
+same size and mtime, as ``cp -p`` or ``rsync -t`` can, keeps its old copy). A copy is written as
+every file cnncodes publishes is (``atomic_write``: to a temporary name, flushed, renamed; 0.6 ms
+a copy here, against 20-40 ms to make one), so neither a kill nor a power cut leaves half a copy
+under a real name; one that is deleted or cannot be read is made again from its file.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import io
 import json
 import logging
 import os
+import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +46,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from cnncodes.extractor.devices import usable_cores
 from cnncodes.extractor.errors import OutputError
 from cnncodes.extractor.files import atomic_write, write_text_atomic
 from cnncodes.extractor.images import ImageTable, decode_rgb
@@ -73,6 +78,8 @@ class PreparedImages:
         self.index_path = self.folder / f"index-{_digest(str(Path(table.root).resolve()))}.json"
         self.shas: dict[int, str] = {}  # row -> sha256 of the file its copy was made from
         self.made = 0
+        self._claimed: set[str] = set()  # copies a thread of this pass makes (one per content)
+        self._claim = threading.Lock()
 
     def _copy_path(self, sha: str) -> Path:
         return self.folder / f"{sha}.npy"
@@ -106,7 +113,7 @@ class PreparedImages:
     def _make(self, todo: list[int], index: dict, known: int, progress: bool, threads: int | None) -> None:
         """Read, hash and (where missing) make the copies of ``todo`` on ``threads`` threads
         (Pillow decodes and resizes without the GIL), writing the index every few hundred."""
-        threads = threads or os.cpu_count() or 1
+        threads = threads or usable_cores()
         with ThreadPoolExecutor(threads, thread_name_prefix="cnncodes-prepare") as pool, \
                 tqdm(total=len(todo), desc="preparing images", unit="img", disable=not progress,
                      leave=False) as bar:
@@ -136,7 +143,9 @@ class PreparedImages:
         if min(w, h) <= self.side:
             return entry, False
         sha = hashlib.sha256(data).hexdigest()
-        made = not self._copy_path(sha).is_file()
+        with self._claim:  # the same photo twice in the data: one thread makes its copy
+            made = sha not in self._claimed and not self._copy_path(sha).is_file()
+            self._claimed.add(sha)
         if made:
             try:
                 copy = self.make(data, Path(self.table.paths[row]).name)
@@ -150,7 +159,7 @@ class PreparedImages:
         path = self._copy_path(sha)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path, durable=False) as tmp, open(tmp, "wb") as f:
+            with atomic_write(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(copy), allow_pickle=False)
         except OSError as e:
             raise OutputError(f"cannot write the prepared image {path}: {e.strerror or e}; free space "
@@ -229,3 +238,46 @@ class EvalCopy:
     def finish(self, copy: np.ndarray):
         import torch
         return self.split.batch(torch.from_numpy(copy)[None])[0]
+
+
+def make_stores(cfg, bb, table: ImageTable) -> tuple[PreparedImages, PreparedImages | None]:
+    """A run's two stores (not filled): training copies at :func:`~.data.training_side` of its
+    ``augment``, and evaluation copies where the weights' transform splits into a per-image
+    resize and crop (None otherwise). Each folder's hash names everything its copies depend on:
+    the decode, the side, the filter, the transform as it prints (timm's crop modes differ
+    there, not in the preprocessing dict) and the versions of the libraries that compute them."""
+    import PIL
+    import torchvision
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    from cnncodes.extractor.decoding import decode_min_size
+
+    from cnncodes.pipelines.finetune.data import train_min_size, training_side
+    pre = bb.preprocessing
+    versions = {"pillow": PIL.__version__, "torchvision": torchvision.__version__}
+    side = training_side(pre, cfg.augment)
+    interp = pre.get("interpolation", "bilinear")
+    make = TrainCopy(train_min_size(cfg.decode, pre, cfg.augment), side,
+                     pil_modes_mapping[InterpolationMode(interp)])
+    train = PreparedImages(cfg.prepared_dir, table, "train", cfg.decode, side, make,
+                           {"interpolation": interp, "min_size": make.min_size, **versions})
+    if bb.split is None or not isinstance(pre.get("resize"), (int, float)):
+        return train, None
+    make = EvalCopy(decode_min_size(cfg.decode, pre), bb.split)
+    transform = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(bb.transform))  # no object addresses
+    evals = PreparedImages(cfg.prepared_dir, table, "eval", cfg.decode, int(pre["resize"]), make,
+                           {"preprocessing": pre, "transform": transform, "min_size": make.min_size,
+                            **versions},
+                           finish=make.finish)
+    return train, evals
+
+
+def store_exclude(cfg) -> Path | None:
+    """What ``find_images`` leaves out of the data when ``--prepared-dir`` lies inside the data
+    folder (``cnncodes finetune .`` with the default ``cache/prepared``): its top folder there is
+    neither a class nor a split."""
+    data, store = Path(cfg.data).resolve(), Path(cfg.prepared_dir).resolve()
+    if not data.is_dir() or data == store or data not in store.parents:
+        return None
+    return data / store.relative_to(data).parts[0] / "store"

@@ -67,7 +67,6 @@ from cnncodes.pipelines.finetune.data import (
     make_splits,
     train_min_size,
     train_transform,
-    training_side,
 )
 from cnncodes.pipelines.finetune.epochs import (
     MIXES,
@@ -89,7 +88,7 @@ from cnncodes.pipelines.finetune.freezing import (
     resolve_stages,
 )
 from cnncodes.pipelines.finetune.head_init import INIT_HEADS, HeadInit, apply_head, fit_probe_head
-from cnncodes.pipelines.finetune.prepared import EvalCopy, PreparedImages, TrainCopy
+from cnncodes.pipelines.finetune.prepared import make_stores, store_exclude
 from cnncodes.pipelines.finetune.report import write_finetune_report
 from cnncodes.pipelines.finetune.result import FinetuneResult, stage_summary
 
@@ -147,7 +146,8 @@ class _Run(Passes):
             self.dev = torch.device("cuda", ctx.local_rank)
             torch.cuda.set_device(self.dev)
         self.prec = resolve_precision(cfg.precision, self.dev)
-        self.splits = make_splits(cfg.data, cfg.val_fraction, cfg.seed)
+        self.splits = make_splits(cfg.data, cfg.val_fraction, cfg.seed,
+                                  exclude=store_exclude(cfg) if cfg.prepare else None)
         torch.manual_seed(cfg.seed)  # random initialisation (from scratch) and the new head
         self.bb = load_backbone(cfg.model, "none" if cfg.from_scratch else cfg.weights, seed=cfg.seed)
         # `auto` is the backbone's default (exact for hf: and openclip: models)
@@ -227,22 +227,9 @@ class _Run(Passes):
     def _prepared(self):
         """``--prepare``: the stores of training and evaluation copies, filled by rank 0 (one
         pass over the images the first time, a ``stat`` per file after), or (None, None)."""
-        cfg, pre, table = self.cfg, self.bb.preprocessing, self.splits.table
-        if not cfg.prepare:
+        if not self.cfg.prepare:
             return None, None
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.functional import pil_modes_mapping
-        side = training_side(pre, cfg.augment)
-        interp = pre.get("interpolation", "bilinear")
-        make = TrainCopy(train_min_size(cfg.decode, pre, cfg.augment), side,
-                         pil_modes_mapping[InterpolationMode(interp)])
-        train = PreparedImages(cfg.prepared_dir, table, "train", cfg.decode, side, make,
-                               {"interpolation": interp, "min_size": make.min_size})
-        evals = None
-        if self.bb.split is not None and isinstance(pre.get("resize"), (int, float)):
-            make = EvalCopy(decode_min_size(cfg.decode, pre), self.bb.split)
-            evals = PreparedImages(cfg.prepared_dir, table, "eval", cfg.decode, int(pre["resize"]), make,
-                                   {"preprocessing": pre, "min_size": make.min_size}, finish=make.finish)
+        train, evals = make_stores(self.cfg, self.bb, self.splits.table)
         eval_rows = np.concatenate([self.splits.val, self.splits.test])
 
         def fill():

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from cnncodes.extractor.devices import usable_cores
+
 from cnncodes.pipelines.probes.solver.linalg import NumpyLinalg, ScipyLinalg, TorchLinalg, for_matrix
 
 
@@ -282,7 +284,7 @@ def threads_for_solver() -> int:
     another program waits for the scheduler's time slice at every step. Measured on 2 cores
     with two busy processes beside it, the softmax grid on Caltech codes (1,515 x 1,280, 102
     classes) took 63 s with 2 threads and 19 s with 1 (7 s on the quiet machine)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     looks = []
     for i in range(3):
         if i:
