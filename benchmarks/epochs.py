@@ -37,10 +37,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from extract import run_measured
 from photos import build
 from readme_table import publish, update_readme
 
@@ -76,13 +76,7 @@ def run(data: Path, out: Path, extra: list[str], pythonpath: Path | None) -> dic
         env["PYTHONPATH"] = str(pythonpath)
     cmd = [sys.executable, "-m", "cnncodes", "finetune", str(data), "--out", str(out), "--overwrite",
            "--quiet", "--json", *extra]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=WORK, env=env)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read()[-2000:]}")
-    wall = time.perf_counter() - t0
+    _, wall, _ = run_measured(cmd, cwd=WORK, env=env)
     epochs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"epoch_s": [round(s, 2) for s in epochs], "wall_s": round(wall, 1),
             "later_mean_s": round(statistics.mean(epochs[1:]), 2)}

@@ -71,12 +71,13 @@ def write_manifest(path: Path, files: list[Path]) -> Path:
     return path
 
 
-def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
-    """Run a command; return its JSON stdout, wall seconds and peak RSS (MiB, from wait4())."""
+def run_measured(cmd: list[str], cwd: Path = REPO, env: dict | None = None) -> tuple[dict, float, float]:
+    """Run a command (in ``cwd``, with ``env``); return its JSON stdout, wall seconds and peak RSS
+    (MiB, from wait4())."""
     t0 = time.perf_counter()
     # stderr goes to a file: reading two pipes one after the other can deadlock.
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd, env=env)
         out_chunks = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         err.seek(0)

@@ -54,7 +54,6 @@ from cnncodes.extractor.resize import resized_size
 
 log = logging.getLogger(__name__)
 
-PREPARED_DIR = Path("cache") / "prepared"
 # rows a pass handles between two writes of the index (a killed pass keeps what it made)
 _INDEX_EVERY = 512
 
